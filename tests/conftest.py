@@ -1,0 +1,37 @@
+"""Shared fixtures. One Ray session and one tiny model for the whole test run (2 shared cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Before anything imports ray, deepspeed or vllm.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_BENCHMARKS = PROJECT_ROOT.parent / "shared" / "data" / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs one (logical CPUs > physical: actors take fractions)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, namespace="cir-actors-test", include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The locally built tiny model (built once, reused from .cache)."""
+    from cir_actors.tiny_model import build_tiny_model
+
+    return build_tiny_model()
