@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -200,3 +200,15 @@ class TrainBatch:
 def replace(obj: Any, **changes: Any) -> Any:
     """dataclasses.replace, re-exported so callers need not import dataclasses for one call."""
     return dataclasses.replace(obj, **changes)
+
+
+class Interpreter(Protocol):
+    """What a generator needs from the interpreter pool (a local pool or a Ray actor behind an adapter)."""
+
+    async def run_async(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
+        """Run `code`; never raises for anything the code does."""
+        ...
+
+    async def close_session_async(self, session: str) -> None:
+        """Forget a session's state (no-op when sessions are off or the session is unknown)."""
+        ...
