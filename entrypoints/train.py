@@ -1,0 +1,40 @@
+"""Train: `python entrypoints/train.py --config configs/tiny_cpu.yaml [section.key=value ...] [--dry-run]`.
+
+Runs locally (starts Ray) or under `ray job submit --working-dir . -- python entrypoints/train.py ...`
+(joins the running cluster when cluster.address is set or RAY_ADDRESS is in the environment).
+Re-running with the same logging.run_dir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cir_actors.config import ConfigError, dump_config, load_config  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: the tiny CPU defaults)")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    from cir_actors.trainer import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
