@@ -149,6 +149,8 @@ class ScorerConfig(Section):
     """CPUs reserved per scorer actor."""
     timeout_s: float = Field(5.0, gt=0)
     """Deadline for one equivalence check."""
+    num_workers: int = Field(2, ge=1)
+    """Warm math-verify worker processes per scorer (a timed-out worker is killed and replaced)."""
     reward_correct: float = 1.0
     """Training reward for a correct answer (CIR: +1)."""
     reward_wrong: float = -1.0
