@@ -39,7 +39,10 @@ def compute_advantages(
     centered = [r - r.mean() if r.size else r for r in rewards]
 
     if kind == "grpo":
-        out = [c / (r.std(ddof=1) + eps) if not f else np.zeros_like(r) for r, c, f in zip(rewards, centered, flat)]
+        out = [
+            c / (r.std(ddof=1) + eps) if not f else np.zeros_like(r)
+            for r, c, f in zip(rewards, centered, flat)
+        ]
     elif kind == "mean":
         out = [c if not f else np.zeros_like(c) for c, f in zip(centered, flat)]
     else:
@@ -50,7 +53,9 @@ def compute_advantages(
             if num_tokens_list is None:
                 w = np.ones_like(x)
             else:
-                w = np.concatenate([np.asarray(num_tokens_list[i], dtype=np.float64).reshape(-1) for i in live])
+                w = np.concatenate(
+                    [np.asarray(num_tokens_list[i], dtype=np.float64).reshape(-1) for i in live]
+                )
             mean = float((w * x).sum() / w.sum())
             std = float(np.sqrt((w * (x - mean) ** 2).sum() / w.sum()))
             for i in live:

@@ -9,7 +9,9 @@ from cir_actors.advantages import compute_advantages
 
 
 def test_grpo_group_normalised_with_unbiased_std():
-    adv, stats = compute_advantages([np.array([1.0, -1.0, 1.0, -1.0]), np.array([1.0, -1.0, -1.0, -1.0])], "grpo")
+    adv, stats = compute_advantages(
+        [np.array([1.0, -1.0, 1.0, -1.0]), np.array([1.0, -1.0, -1.0, -1.0])], "grpo"
+    )
     # group 1: mean 0, std (ddof=1) = sqrt(4/3); group 2: mean -0.5, deviations (1.5, -.5, -.5, -.5), std = 1
     np.testing.assert_allclose(adv[0], np.array([1, -1, 1, -1]) / np.sqrt(4 / 3), rtol=1e-5)
     np.testing.assert_allclose(adv[1], [1.5, -0.5, -0.5, -0.5], rtol=1e-5)
@@ -25,7 +27,13 @@ def test_mean_only_is_centered_reward():
 @pytest.mark.parametrize("kind", ["grpo", "mean", "reinforce_pp"])
 def test_all_equal_groups_contribute_nothing_and_are_counted(kind):
     adv, stats = compute_advantages(
-        [np.array([1.0, 1.0, 1.0]), np.array([-1.0, 1.0, 1.0]), np.array([-1.0, -1.0, -1.0]), np.array([0.5])], kind
+        [
+            np.array([1.0, 1.0, 1.0]),
+            np.array([-1.0, 1.0, 1.0]),
+            np.array([-1.0, -1.0, -1.0]),
+            np.array([0.5]),
+        ],
+        kind,
     )
     assert stats["zero_adv_groups"] == 3
     for i in (0, 2, 3):

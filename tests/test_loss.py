@@ -9,7 +9,7 @@ import torch
 
 from cir_actors.loss import policy_loss, token_entropy, token_logprobs
 
-CLIP = dict(clip_low=0.2, clip_high=0.28, is_cap=5.0)
+CLIP = {"clip_low": 0.2, "clip_high": 0.28, "is_cap": 5.0}
 
 
 def one_token(ratio: float, adv: float, w: float = 1.0, **kw):
@@ -101,8 +101,10 @@ def test_micro_batches_with_batch_denominator_sum_to_the_full_batch():
     mask = (torch.rand(6, 7, generator=g) > 0.3).int()
     full, _ = policy_loss(cur, prox, beh, adv, mask, **CLIP, dual_clip=3.0)
     n = int(mask.sum())
-    parts = [policy_loss(cur[s], prox[s], beh[s], adv[s], mask[s], **CLIP, dual_clip=3.0, num_tokens=n)[0]
-             for s in (slice(0, 2), slice(2, 6))]
+    parts = [
+        policy_loss(cur[s], prox[s], beh[s], adv[s], mask[s], **CLIP, dual_clip=3.0, num_tokens=n)[0]
+        for s in (slice(0, 2), slice(2, 6))
+    ]
     assert (parts[0] + parts[1]).item() == pytest.approx(full.item(), rel=1e-6)
 
 
@@ -141,7 +143,9 @@ def test_token_logprobs_alignment():
     assert out.shape == (2, 5) and torch.all(out[:, 0] == 0)
     for b in range(2):
         for t in range(1, 5):
-            assert out[b, t].item() == pytest.approx(torch.log_softmax(logits[b, t - 1], -1)[ids[b, t]].item(), abs=1e-5)
+            assert out[b, t].item() == pytest.approx(
+                torch.log_softmax(logits[b, t - 1], -1)[ids[b, t]].item(), abs=1e-5
+            )
     ent = token_entropy(logits)
     p = torch.softmax(logits[1, 2], -1)
     assert ent[1, 3].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
