@@ -1,0 +1,287 @@
+"""The budget scheduler: the one source of truth for the policy version, the tool-call budget and
+admission of prompt groups.
+
+- Version: the number of learner steps whose weights have been published. `advance(update)` moves
+  it, looks up the tool-call budget for the new version in `scheduler.budget_schedule`, and pushes
+  one `PolicyUpdate` {version, weights, budget} to every registered generator, so a generator never
+  serves new weights with an old budget or the reverse.
+- Admission (AReaL's rule): a generator may start a new group only while
+  admitted - released <= (version + max_staleness + 1) * prompts_per_step, where `released` counts
+  groups that left the system without being trained (dropped, failed). So nothing is generated only
+  to be thrown away, and max_staleness = 0 is synchronous on-policy training through the same code.
+  A generator that still serves an older version is not admitted until it has loaded the new one.
+- The data-loader position (`TaskStream`) lives here, so a checkpoint of the scheduler plus the
+  buffer's complete groups resumes with nothing lost and nothing repeated: groups in flight at the
+  checkpoint are re-queued.
+
+What it does not do: move trajectories (they travel generator -> scorer -> buffer by reference) or
+judge staleness of finished data (the buffer does, at the moment it serves the learner).
+The clock is injected so the logic is tested under plain pytest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cir_actors.config import Config
+from cir_actors.types import GroupRequest, PolicyUpdate, Task
+
+
+class TaskStream:
+    """An endless, deterministic stream of tasks: epoch by epoch, shuffled from (seed, epoch).
+
+    `position()` / `restore()` make it checkpointable; re-queued tasks (from groups lost in flight)
+    are served before new ones.
+    """
+
+    def __init__(self, tasks: list[Task], *, seed: int = 0, shuffle: bool = True):
+        if not tasks:
+            raise ValueError("TaskStream needs at least one task")
+        self._tasks = tasks
+        self._seed = seed
+        self._shuffle = shuffle
+        self._epoch = 0
+        self._index = 0
+        self._requeued: list[int] = []  # task indices
+        self._order = self._order_for(0)
+        self._by_id = {t.task_id: i for i, t in enumerate(tasks)}
+
+    def _order_for(self, epoch: int) -> list[int]:
+        order = list(range(len(self._tasks)))
+        if self._shuffle:
+            random.Random(self._seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next(self) -> Task:
+        if self._requeued:
+            return self._tasks[self._requeued.pop(0)]
+        if self._index >= len(self._order):
+            self._epoch += 1
+            self._index = 0
+            self._order = self._order_for(self._epoch)
+        task = self._tasks[self._order[self._index]]
+        self._index += 1
+        return task
+
+    def requeue(self, task: Task) -> None:
+        self._requeued.append(self._by_id[task.task_id])
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def position(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "index": self._index, "requeued": list(self._requeued)}
+
+    def restore(self, pos: dict[str, Any]) -> None:
+        self._epoch, self._index = int(pos["epoch"]), int(pos["index"])
+        self._order = self._order_for(self._epoch)
+        self._requeued = [int(i) for i in pos["requeued"]]
+
+
+@dataclass
+class _Counts:
+    admitted: int = 0  # groups handed to generators, ever (including before a resume)
+    completed: int = 0  # groups whose n samples all reached the buffer
+    failed: int = 0  # groups lost in flight and re-queued
+    released: int = 0  # groups that left without training (dropped by the buffer, failed)
+    by_generator: dict[str, int] = field(default_factory=dict)
+
+
+class BudgetScheduler:
+    """Plain Python; the system runs it as the async Ray actor named `scheduler`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        tasks: list[Task],
+        *,
+        initial_update: PolicyUpdate | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._cfg = cfg
+        self._batch = cfg.learner.prompts_per_step
+        self._n = cfg.generator.samples_per_prompt
+        self._max_staleness = cfg.scheduler.max_staleness
+        self._total_steps = cfg.scheduler.total_steps
+        self._stream = TaskStream(tasks, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        self._clock = clock
+        self._version = 0
+        self._update = initial_update or PolicyUpdate(version=0, budget=cfg.scheduler.budget_at(0))
+        self._update = PolicyUpdate(**{**self._update.__dict__, "budget": cfg.scheduler.budget_at(self._update.version)})
+        self._version = self._update.version
+        self._counts = _Counts()
+        self._inflight: dict[int, tuple[GroupRequest, str]] = {}
+        self._next_group_id = 0
+        self._generators: dict[str, Any] = {}  # name -> handle with update_weights(update)
+        self._waiting: dict[str, float] = {}  # generator -> since when it waits for admission
+        self._wait_s: dict[str, float] = {}  # accumulated admission wait per generator
+        self._stopped = False
+        self._changed: asyncio.Condition | None = None
+
+    # ---- admission -------------------------------------------------------------------------
+    def capacity(self) -> int:
+        """Groups that may still be admitted at the current version."""
+        live = self._counts.admitted - self._counts.released
+        return (self._version + self._max_staleness + 1) * self._batch - live
+
+    def try_admit(self, generator: str, served_version: int) -> GroupRequest | None:
+        """A new group for `generator`, or None (at capacity, generator behind, stopped, or all steps' data admitted)."""
+        if self._stopped or served_version < self._version or self.capacity() <= 0:
+            return None
+        if self._counts.admitted - self._counts.released >= self._total_steps * self._batch:
+            return None  # every group the run will train on has been admitted
+        task = self._stream.next()
+        req = GroupRequest(
+            group_id=self._next_group_id,
+            task=task,
+            n=self._n,
+            budget=self._update.budget,
+            admitted_version=self._version,
+        )
+        self._next_group_id += 1
+        self._counts.admitted += 1
+        self._counts.by_generator[generator] = self._counts.by_generator.get(generator, 0) + 1
+        self._inflight[req.group_id] = (req, generator)
+        return req
+
+    async def admit(self, generator: str, served_version: int, timeout_s: float = 1.0) -> GroupRequest | None:
+        """Wait (up to timeout_s) for admission; None means ask again (or stop, see `stopped`)."""
+        cond = self._condition()
+        start = self._clock()
+        self._waiting.setdefault(generator, start)
+        try:
+            async with cond:
+                req = self.try_admit(generator, served_version)
+                if req is None and not self._stopped:
+                    try:
+                        await asyncio.wait_for(
+                            cond.wait_for(lambda: self._stopped or self._admissible(served_version)), timeout_s
+                        )
+                    except TimeoutError:
+                        return None
+                    req = self.try_admit(generator, served_version)
+                return req
+        finally:
+            self._wait_s[generator] = self._wait_s.get(generator, 0.0) + self._clock() - self._waiting.pop(generator)
+
+    def _admissible(self, served_version: int) -> bool:
+        return served_version >= self._version and self.capacity() > 0
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _notify(self) -> None:
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+
+    # ---- group lifecycle -------------------------------------------------------------------
+    async def group_completed(self, group_id: int) -> None:
+        """All n samples of the group reached the buffer."""
+        if self._inflight.pop(group_id, None) is not None:
+            self._counts.completed += 1
+
+    async def group_failed(self, group_id: int) -> None:
+        """A group was lost in flight (generator died, engine error): re-queue its task."""
+        entry = self._inflight.pop(group_id, None)
+        if entry is not None:
+            self._stream.requeue(entry[0].task)
+            self._counts.failed += 1
+            self._counts.released += 1
+            await self._notify()
+
+    async def groups_released(self, count: int) -> None:
+        """The buffer dropped `count` complete groups (stale, zero advantage): free their slots."""
+        self._counts.released += count
+        await self._notify()
+
+    def fail_generator(self, generator: str) -> list[int]:
+        """Re-queue every group in flight on a dead generator; returns their ids."""
+        lost = [gid for gid, (_, g) in self._inflight.items() if g == generator]
+        for gid in lost:
+            req, _ = self._inflight.pop(gid)
+            self._stream.requeue(req.task)
+            self._counts.failed += 1
+            self._counts.released += 1
+        return lost
+
+    # ---- versions and budget ---------------------------------------------------------------
+    def register_generator(self, name: str, handle: Any) -> None:
+        self._generators[name] = handle
+
+    async def advance(self, update: PolicyUpdate) -> PolicyUpdate:
+        """A new learner version is published: attach its budget and push it to every generator."""
+        if update.version <= self._version:
+            raise ValueError(f"version must increase: have {self._version}, got {update.version}")
+        self._version = update.version
+        self._update = PolicyUpdate(**{**update.__dict__, "budget": self._cfg.scheduler.budget_at(update.version)})
+        for handle in self._generators.values():
+            handle.update_weights.remote(self._update)  # fire and forget: the generator is not admitted until loaded
+        await self._notify()
+        return self._update
+
+    def current_update(self) -> PolicyUpdate:
+        return self._update
+
+    async def stop(self) -> None:
+        self._stopped = True
+        await self._notify()
+
+    def stopped(self) -> bool:
+        return self._stopped
+
+    # ---- observability and checkpoints -----------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        c = self._counts
+        return {
+            "version": self._version,
+            "budget": self._update.budget,
+            "epoch": self._stream.epoch,
+            "inflight_groups": len(self._inflight),
+            "capacity": self.capacity(),
+            "waiting_generators": len(self._waiting),
+            "admitted_groups": c.admitted,
+            "completed_groups": c.completed,
+            "failed_groups": c.failed,
+            "released_groups": c.released,
+            "admitted_by_generator": dict(c.by_generator),
+            "admission_wait_s": dict(self._wait_s),
+        }
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Loader position with in-flight groups re-queued: they are regenerated after a resume."""
+        pos = self._stream.position()
+        inflight_ids = [self._stream._by_id[req.task.task_id] for req, _ in self._inflight.values()]
+        pos["requeued"] = inflight_ids + pos["requeued"]
+        c = self._counts
+        return {
+            "version": self._version,
+            "stream": pos,
+            "next_group_id": self._next_group_id,
+            # in-flight groups are released: they will be admitted again
+            "admitted": c.admitted,
+            "released": c.released + len(self._inflight),
+            "completed": c.completed,
+            "failed": c.failed,
+        }
+
+    def restore(self, state: dict[str, Any], update: PolicyUpdate) -> None:
+        self._stream.restore(state["stream"])
+        self._next_group_id = int(state["next_group_id"])
+        self._counts = _Counts(
+            admitted=int(state["admitted"]),
+            completed=int(state["completed"]),
+            failed=int(state["failed"]),
+            released=int(state["released"]),
+        )
+        self._inflight.clear()
+        self._version = update.version
+        self._update = PolicyUpdate(**{**update.__dict__, "budget": self._cfg.scheduler.budget_at(update.version)})

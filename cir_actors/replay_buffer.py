@@ -1,0 +1,202 @@
+"""The replay buffer: references to scored trajectories, assembled into complete GRPO groups.
+
+The trajectory data never passes through this actor. A generator puts each ScoredTrajectory into
+the object store with this actor as its *owner* (`ray.put(x, _owner=buffer)`), so an accepted
+trajectory survives the death of the generator that produced it, then hands the buffer the
+reference wrapped in a list (Ray does not resolve references nested in arguments) together with the
+few numbers the buffer decides on: reward and oldest sampling version.
+
+A group is served once all n samples are in. At serve time, groups older than the staleness bound
+(oldest token version < learner version - max_staleness) are dropped and counted, as are, when
+configured, groups whose rewards are all equal (they carry no GRPO signal). Every group is in
+exactly one place: partial, ready, served, or dropped; `stats()` adds them up.
+
+Checkpoints: `checkpoint_groups()` returns the ready groups' data (fetched from the object store
+only then), `restore_groups()` puts it back; partial groups are not saved — the scheduler re-queues
+their tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from cir_actors.types import DropReason, TrainBatch
+
+
+@dataclass
+class _Group:
+    group_id: int
+    n: int
+    admitted_version: int
+    refs: dict[int, Any] = field(default_factory=dict)  # sample_index -> ObjectRef
+    rewards: dict[int, float] = field(default_factory=dict)
+    min_versions: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.refs) == self.n
+
+    def min_version(self) -> int:
+        versions = [v for v in self.min_versions.values() if v >= 0]
+        return min(versions) if versions else self.admitted_version
+
+
+class ReplayBuffer:
+    """Plain Python; the system runs it as the async Ray actor named `buffer`."""
+
+    def __init__(self, max_staleness: int, *, drop_zero_advantage: bool = False, max_groups: int = 1024):
+        self._max_staleness = max_staleness
+        self._drop_zero_adv = drop_zero_advantage
+        self._max_groups = max_groups
+        self._partial: dict[int, _Group] = {}
+        self._ready: dict[int, _Group] = {}  # insertion order = completion order
+        self._served_groups = 0
+        self._served_trajectories = 0
+        self._added_trajectories = 0
+        self._dropped: Counter[str] = Counter()
+        self._served_staleness: Counter[int] = Counter()
+        self._closed: set[int] = set()  # groups served or dropped: a late sample would duplicate data
+        self._changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def add(
+        self,
+        group_id: int,
+        n: int,
+        admitted_version: int,
+        sample_index: int,
+        ref: list[Any],
+        reward: float,
+        min_version: int,
+    ) -> bool:
+        """Accept one sample of a group (`ref` is a one-element list holding the ObjectRef).
+        Returns True when this sample completed the group."""
+        if group_id in self._ready or group_id in self._closed:
+            raise ValueError(f"group {group_id} is already complete; sample {sample_index} would duplicate it")
+        group = self._partial.setdefault(group_id, _Group(group_id, n, admitted_version))
+        if sample_index in group.refs:
+            raise ValueError(f"group {group_id} sample {sample_index} added twice")
+        if not 0 <= sample_index < n:
+            raise ValueError(f"sample_index {sample_index} outside [0, {n})")
+        group.refs[sample_index] = ref[0]
+        group.rewards[sample_index] = float(reward)
+        group.min_versions[sample_index] = int(min_version)
+        self._added_trajectories += 1
+        if not group.complete:
+            return False
+        del self._partial[group_id]
+        self._ready[group_id] = group
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+        return True
+
+    def discard_partial(self, group_id: int) -> int:
+        """Forget an incomplete group (its generator failed); returns how many samples it held."""
+        group = self._partial.pop(group_id, None)
+        if group is None:
+            return 0
+        self._closed.add(group_id)
+        self._dropped[DropReason.ABORTED] += 1
+        return len(group.refs)
+
+    def _take_servable(self, learner_version: int, num_groups: int) -> tuple[list[_Group], Counter[str]]:
+        dropped: Counter[str] = Counter()
+        # Oldest data first: it is the closest to the staleness bound.
+        for gid in sorted(self._ready, key=lambda g: self._ready[g].min_version()):
+            group = self._ready[gid]
+            if group.min_version() < learner_version - self._max_staleness:
+                del self._ready[gid]
+                self._closed.add(gid)
+                dropped[DropReason.STALE] += 1
+            elif self._drop_zero_adv and len(set(group.rewards.values())) == 1:
+                del self._ready[gid]
+                self._closed.add(gid)
+                dropped[DropReason.ZERO_ADVANTAGE] += 1
+        if len(self._ready) < num_groups:
+            return [], dropped
+        chosen = sorted(self._ready.values(), key=lambda g: g.min_version())[:num_groups]
+        for g in chosen:
+            del self._ready[g.group_id]
+            self._closed.add(g.group_id)
+        return chosen, dropped
+
+    async def get_batch(self, num_groups: int, learner_version: int, timeout_s: float = 1.0) -> TrainBatch | None:
+        """`num_groups` complete, fresh-enough groups for the learner at `learner_version`, or None
+        after timeout_s. Stale groups met on the way are dropped and reported in `dropped`."""
+        cond = self._condition()
+        all_dropped: Counter[str] = Counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        async with cond:
+            while True:
+                chosen, dropped = self._take_servable(learner_version, num_groups)
+                all_dropped.update(dropped)
+                self._dropped.update(dropped)
+                if chosen:
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None if not all_dropped else TrainBatch([], [], [], dict(all_dropped))
+                try:
+                    await asyncio.wait_for(cond.wait(), remaining)
+                except TimeoutError:
+                    pass
+        self._served_groups += len(chosen)
+        for g in chosen:
+            self._served_trajectories += len(g.refs)
+            self._served_staleness[learner_version - g.min_version()] += 1
+        return TrainBatch(
+            groups=[[g.refs[i] for i in range(g.n)] for g in chosen],
+            group_ids=[g.group_id for g in chosen],
+            admitted_versions=[g.admitted_version for g in chosen],
+            dropped=dict(all_dropped),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "partial_groups": len(self._partial),
+            "ready_groups": len(self._ready),
+            "served_groups": self._served_groups,
+            "served_trajectories": self._served_trajectories,
+            "added_trajectories": self._added_trajectories,
+            "dropped_groups": dict(self._dropped),
+            "served_staleness": {str(k): v for k, v in sorted(self._served_staleness.items())},
+        }
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpoint_groups(self) -> list[dict[str, Any]]:
+        """The ready groups with their data (resolved from the object store), for a checkpoint."""
+        import ray
+
+        out = []
+        for g in self._ready.values():
+            out.append(
+                {
+                    "group_id": g.group_id,
+                    "n": g.n,
+                    "admitted_version": g.admitted_version,
+                    "samples": ray.get([g.refs[i] for i in range(g.n)]),
+                    "rewards": [g.rewards[i] for i in range(g.n)],
+                    "min_versions": [g.min_versions[i] for i in range(g.n)],
+                }
+            )
+        return out
+
+    def restore_groups(self, groups: list[dict[str, Any]]) -> None:
+        import ray
+
+        for d in groups:
+            g = _Group(d["group_id"], d["n"], d["admitted_version"])
+            for i, sample in enumerate(d["samples"]):
+                g.refs[i] = ray.put(sample)  # owned by this actor
+                g.rewards[i] = d["rewards"][i]
+                g.min_versions[i] = d["min_versions"][i]
+            self._ready[g.group_id] = g
