@@ -34,6 +34,7 @@ class _Group:
     refs: dict[int, Any] = field(default_factory=dict)  # sample_index -> ObjectRef
     rewards: dict[int, float] = field(default_factory=dict)
     min_versions: dict[int, int] = field(default_factory=dict)
+    metas: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -75,8 +76,10 @@ class ReplayBuffer:
         ref: list[Any],
         reward: float,
         min_version: int,
+        meta: dict[str, float] | None = None,
     ) -> bool:
-        """Accept one sample of a group (`ref` is a one-element list holding the ObjectRef).
+        """Accept one sample of a group (`ref` is a one-element list holding the ObjectRef; `meta`
+        a few numbers for the step's metrics, e.g. correct, response_len, num_executed).
         Returns True when this sample completed the group."""
         if group_id in self._ready or group_id in self._closed:
             raise ValueError(f"group {group_id} is already complete; sample {sample_index} would duplicate it")
@@ -88,6 +91,7 @@ class ReplayBuffer:
         group.refs[sample_index] = ref[0]
         group.rewards[sample_index] = float(reward)
         group.min_versions[sample_index] = int(min_version)
+        group.metas[sample_index] = dict(meta or {})
         self._added_trajectories += 1
         if not group.complete:
             return False
@@ -158,6 +162,8 @@ class ReplayBuffer:
             group_ids=[g.group_id for g in chosen],
             admitted_versions=[g.admitted_version for g in chosen],
             dropped=dict(all_dropped),
+            metas=[[{**g.metas.get(i, {}), "reward": g.rewards[i], "staleness": learner_version - g.min_versions[i]}
+                    for i in range(g.n)] for g in chosen],
         )
 
     def stats(self) -> dict[str, Any]:
@@ -186,6 +192,7 @@ class ReplayBuffer:
                     "samples": ray.get([g.refs[i] for i in range(g.n)]),
                     "rewards": [g.rewards[i] for i in range(g.n)],
                     "min_versions": [g.min_versions[i] for i in range(g.n)],
+                    "metas": [g.metas.get(i, {}) for i in range(g.n)],
                 }
             )
         return out
@@ -199,4 +206,5 @@ class ReplayBuffer:
                 g.refs[i] = ray.put(sample)  # owned by this actor
                 g.rewards[i] = d["rewards"][i]
                 g.min_versions[i] = d["min_versions"][i]
+                g.metas[i] = d.get("metas", [{}] * g.n)[i]
             self._ready[g.group_id] = g

@@ -195,6 +195,7 @@ class TrainBatch:
     group_ids: list[int]
     admitted_versions: list[int]
     dropped: dict[str, int] = field(default_factory=dict)
+    metas: list[list[dict[str, float]]] = field(default_factory=list)  # per group, per sample: reward, staleness, ...
 
 
 def replace(obj: Any, **changes: Any) -> Any:
