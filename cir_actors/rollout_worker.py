@@ -1,0 +1,156 @@
+"""The rollout worker: one per inference engine, the Ray actor named `generator-<i>`.
+
+It composes a `Generator` (the vLLM engine and the multi-turn state machine) and runs the
+streaming loop of the design: ask the scheduler for a prompt group, run its n rollouts
+concurrently, and as *each* trajectory finishes send it to a scorer, put the scored trajectory into
+the object store owned by the buffer (so it survives this actor), and hand the buffer the reference.
+Many groups are in flight at once, up to the engine's trajectory capacity.
+
+It does not decide what to generate or when weights change: the scheduler admits groups and pushes
+`PolicyUpdate`s, which this actor forwards to its generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+from cir_actors.config import Config
+from cir_actors.types import FinishReason, GroupRequest, PolicyUpdate, ScoredTrajectory, ServedPolicy
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        cfg: Config,
+        model_path: str,
+        name: str,
+        interpreter: Any,
+        scorers: list[Any],
+        buffer: Any,
+        scheduler: Any,
+        initial_update: PolicyUpdate | None = None,
+    ):
+        from cir_actors.generator import Generator
+        from cir_actors.interpreter import RayInterpreter
+
+        self._cfg = cfg
+        self._name = name
+        interp = RayInterpreter(interpreter) if not hasattr(interpreter, "run_async") else interpreter
+        self._gen = Generator(cfg, model_path, interp, name=name)
+        self._scorers = itertools.cycle(scorers)
+        self._buffer = buffer
+        self._scheduler = scheduler
+        self._initial_update = initial_update
+        self._max_groups = max(1, cfg.generator.max_inflight_trajectories // cfg.generator.samples_per_prompt)
+        self._inflight: set[asyncio.Task] = set()
+        self._active_trajectories = 0
+        self._idle_since: float | None = time.monotonic()
+        self._idle_s = 0.0
+        self._started = time.monotonic()
+        self._counts = {"trajectories": 0, "groups": 0, "failed_groups": 0, "sampled_tokens": 0}
+        self._metrics = None
+
+    # ---- what the scheduler and driver call ---------------------------------------------------
+    async def update_weights(self, update: PolicyUpdate) -> ServedPolicy:
+        served = await self._gen.update_weights(update)
+        if self._metrics is not None:
+            self._metrics.served_version(served.version)
+        return served
+
+    def served_policy(self) -> ServedPolicy:
+        return self._gen.served_policy()
+
+    def stats(self) -> dict[str, Any]:
+        idle = self._idle_s + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)
+        return {**self._counts, "idle_s": idle, "uptime_s": time.monotonic() - self._started,
+                "served_version": self._gen.served_version()}
+
+    async def run(self) -> dict[str, Any]:
+        """The loop: runs until the scheduler stops admitting and every group in flight is done."""
+        from cir_actors import metrics
+
+        self._metrics = metrics.GeneratorMetrics(self._name)
+        if self._initial_update is not None and self._initial_update.weights is not None:
+            await self.update_weights(self._initial_update)
+        while True:
+            if len(self._inflight) >= self._max_groups:
+                await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            req = await self._scheduler.admit.remote(self._name, self._gen.served_version())
+            if req is None:
+                if await self._scheduler.stopped.remote():
+                    break
+                continue
+            task = asyncio.create_task(self._run_group(req))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        if self._inflight:
+            await asyncio.wait(self._inflight)
+        return self.stats()
+
+    # ---- one group --------------------------------------------------------------------------
+    async def _run_group(self, req: GroupRequest) -> None:
+        results = await asyncio.gather(*(self._run_one(req, i) for i in range(req.n)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors or not all(results):
+            self._counts["failed_groups"] += 1
+            if errors:
+                log.error("%s: group %d failed: %r", self._name, req.group_id, errors[0])
+            await self._buffer.discard_partial.remote(req.group_id)
+            await self._scheduler.group_failed.remote(req.group_id)
+            return
+        self._counts["groups"] += 1
+        await self._scheduler.group_completed.remote(req.group_id)
+
+    def _busy(self, delta: int) -> None:
+        now = time.monotonic()
+        if self._active_trajectories == 0 and delta > 0 and self._idle_since is not None:
+            self._idle_s += now - self._idle_since
+            self._idle_since = None
+        self._active_trajectories += delta
+        if self._active_trajectories == 0:
+            self._idle_since = now
+
+    async def _run_one(self, req: GroupRequest, index: int) -> bool:
+        import ray
+
+        self._busy(+1)
+        try:
+            traj = await self._gen.rollout(req.task, index, req.budget)
+        finally:
+            self._busy(-1)
+        if traj.finish_reason == FinishReason.ABORTED:
+            return False
+        scorer = next(self._scorers)
+        verdict = await scorer.score_async.remote(traj.response_text, req.task.gold)
+        reward = self._cfg.scorer.reward_correct if verdict.correct else self._cfg.scorer.reward_wrong
+        scored = ScoredTrajectory(trajectory=traj, verdict=verdict, reward=reward)
+        ref = ray.put(scored, _owner=self._buffer)  # owned by the buffer: survives this actor
+        meta = {
+            "correct": float(verdict.correct),
+            "response_len": float(traj.response_len),
+            "sampled_tokens": float(traj.num_sampled),
+            "code_blocks": float(traj.num_code_blocks),
+            "executed": float(traj.num_executed),
+            "interp_errors": float(traj.num_interp_errors),
+            "interp_timeouts": float(traj.num_interp_timeouts),
+            "finish_" + str(traj.finish_reason): 1.0,
+            "gen_time_s": traj.gen_time_s,
+            "interp_wait_s": traj.interp_wait_s,
+            "budget": float(traj.budget),
+        }
+        await self._buffer.add.remote(
+            req.group_id, req.n, req.admitted_version, index, [ref], reward, traj.min_version(), meta
+        )
+        self._counts["trajectories"] += 1
+        self._counts["sampled_tokens"] += traj.num_sampled
+        return True
+
+    def shutdown(self) -> None:
+        self._gen.shutdown()
