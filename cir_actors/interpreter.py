@@ -1,0 +1,293 @@
+"""The interpreter pool: runs the model's Python in an isolated, warm sandbox and formats the result.
+
+`InterpreterPool` is the supervisor. It starts one zygote process (`sandbox_zygote.py`) that has
+entered its namespaces and filesystem jail and imported sympy and numpy, and forks one sandboxed
+child per call; the two speak length-prefixed msgpack frames over a unix socket (no pickle crosses
+the boundary). The pool is plain Python, blocking (`run`) or asyncio (`run_async`); as a Ray actor
+it is `ray.remote(InterpreterPool).options(num_cpus=0.5, max_concurrency=64).remote(cfg)` and a
+generator talks to it through `RayInterpreter`. Starting fails with `SandboxUnavailable` when a layer
+cannot be applied, unless `allow_weaker_isolation` is set (then the missing layers are logged and
+listed by `isolation_report()`).
+
+What the sandbox stops: network (empty network namespace, seccomp, landlock TCP), reading host files
+(jail with only the interpreter's files, landlock, unprivileged uid), writing outside a private tmpfs
+working dir, seeing the host's environment or processes, signalling the pool, outliving the call
+(pid namespace torn down by SIGKILL at the deadline), fork bombs (RLIMIT_NPROC on a uid of its own),
+memory, CPU and output exhaustion, and mutations leaking into later calls (fresh fork each call).
+What it does not stop: kernel exploits through the syscalls still allowed (the seccomp list denies
+the risky families, it is not an allow-list), CPU side channels, reading the interpreter's own
+files and the world-readable files of /usr, and a session's blocks seeing what earlier blocks of the
+same session left behind (by design).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from cir_actors.config import ConfigError, InterpreterConfig
+from cir_actors.sandbox_layers import FrameReader, pack_frame
+from cir_actors.types import ExecResult
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 120.0
+_ZYGOTE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class SandboxUnavailable(RuntimeError):
+    """The configured isolation cannot be applied on this machine."""
+
+
+def format_output(result: ExecResult, max_chars: int) -> str:
+    """CIR's splice of a result into the model's context: "\\n```output\\n" + text + "\\n```\\n".
+
+    text is stdout stripped when the call succeeded. On failure it is stdout stripped followed, on a
+    new line, by the error line (CIR's executor showed only the error line; keeping the output the
+    code printed before failing gives the model strictly more to go on). Longer than `max_chars`, it
+    keeps the first max_chars//2 and the last max_chars - max_chars//2 characters around "...".
+    """
+    text = result.stdout.strip()
+    if not result.ok:
+        error = result.error or "Error"
+        text = f"{text}\n{error}" if text else error
+    if len(text) > max_chars:
+        head = max_chars // 2
+        text = text[:head] + "..." + text[len(text) - (max_chars - head) :]
+    return "\n```output\n" + text + "\n```\n"
+
+
+def _config(cfg: InterpreterConfig | None, overrides: dict[str, Any]) -> InterpreterConfig:
+    base = cfg if cfg is not None else InterpreterConfig()
+    if not overrides:
+        return base
+    try:
+        return InterpreterConfig.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"InterpreterPool: unknown option interpreter.{key}") from None
+        raise ConfigError(f"InterpreterPool: interpreter.{key} = {first.get('input')!r}: {first['msg']}") from None
+
+
+class _Zygote:
+    """One running zygote process and the calls in flight on it."""
+
+    def __init__(self, cfg: InterpreterConfig) -> None:
+        self.scratch = tempfile.mkdtemp(prefix="cir-sbx-")
+        os.chmod(self.scratch, 0o711)
+        self.pending: dict[int, Future] = {}
+        self.alive = True
+        ours, theirs = socket.socketpair()
+        pkg_parent = str(Path(__file__).resolve().parents[1])
+        boot = (f"import sys; sys.path.insert(0, {pkg_parent!r}); "
+                f"from cir_actors.sandbox_zygote import main; main({theirs.fileno()})")
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-c", boot], pass_fds=[theirs.fileno()],
+                                         env=_ZYGOTE_ENV, stdin=subprocess.DEVNULL, cwd="/")
+        finally:
+            theirs.close()
+        self.sock = ours
+        zcfg = {**cfg.model_dump(), "scratch": self.scratch}
+        ours.sendall(pack_frame(zcfg))
+        ours.settimeout(STARTUP_TIMEOUT_S)
+        reader, frames = FrameReader(), []
+        try:
+            while not frames:
+                data = ours.recv(1 << 20)
+                if not data:
+                    raise SandboxUnavailable("interpreter sandbox: the zygote exited during start-up (see its stderr)")
+                frames = reader.feed(data)
+        except (TimeoutError, SandboxUnavailable) as e:
+            self.close()
+            if isinstance(e, SandboxUnavailable):
+                raise
+            raise SandboxUnavailable(f"interpreter sandbox: no answer from the zygote in {STARTUP_TIMEOUT_S:.0f} s") from None
+        first = frames[0]
+        if first.get("op") != "ready":
+            self.close()
+            raise SandboxUnavailable(
+                f"interpreter sandbox cannot start with full isolation on this machine: {first.get('message')}. "
+                "It needs root or unprivileged user namespaces, landlock and seccomp; set "
+                "interpreter.allow_weaker_isolation=true to run with the missing layers off."
+            )
+        ours.settimeout(None)
+        self.report: dict[str, Any] = first["report"]
+        self.report["off"] = [name for name, on in self.report["layers"].items() if not on]
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, args=(reader,), name="interpreter-reader", daemon=True)
+        self._reader.start()
+
+    def send(self, msg: dict, call_id: int) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if not self.alive:
+                fut.set_result(_crashed(call_id))
+                return fut
+            self.pending[call_id] = fut
+            try:
+                self.sock.sendall(pack_frame({**msg, "id": call_id}))
+            except OSError:
+                self.pending.pop(call_id, None)
+                fut.set_result(_crashed(call_id))
+        return fut
+
+    def _read(self, reader: FrameReader) -> None:
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            for frame in reader.feed(data):
+                fut = self.pending.pop(frame.get("id"), None)
+                if fut is not None:
+                    fut.set_result(frame)
+        with self._lock:
+            self.alive = False
+            lost, self.pending = self.pending, {}
+        for call_id, fut in lost.items():
+            fut.set_result(_crashed(call_id))
+
+    def close(self) -> None:
+        self.alive = False
+        try:
+            self.sock.sendall(pack_frame({"op": "shutdown"}))
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _crashed(call_id: int) -> dict:
+    return {"op": "result", "id": call_id, "ok": False, "stdout": "", "error": "InterpreterCrashed"}
+
+
+class InterpreterPool:
+    """Isolated, warm Python workers. `InterpreterPool()` gives the defaults of `InterpreterConfig`;
+    keyword arguments override single fields (`InterpreterPool(timeout_s=2, sessions=True)`).
+
+    Never raises for anything the code does: every failure is a field of the returned ExecResult.
+    If the zygote itself dies, calls in flight come back with error "InterpreterCrashed" and the next
+    call starts a new one.
+    """
+
+    def __init__(self, cfg: InterpreterConfig | None = None, **overrides: Any) -> None:
+        self.cfg = _config(cfg, overrides)
+        if self.cfg.max_workers + self.cfg.max_sessions > 4000:
+            raise ConfigError("InterpreterPool: interpreter.max_workers + max_sessions must be at most 4000")
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._zygote = self._start()
+
+    def _start(self) -> _Zygote:
+        z = _Zygote(self.cfg)
+        if z.report["off"]:
+            log.warning("interpreter sandbox running with isolation layers OFF: %s (%s)",
+                        ", ".join(z.report["off"]), z.report.get("problems"))
+        return z
+
+    def _submit(self, msg: dict) -> Future:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("InterpreterPool is closed")
+            if not self._zygote.alive:
+                log.warning("interpreter zygote died; starting a new one")
+                self._zygote.close()
+                self._zygote = self._start()
+            zygote, call_id = self._zygote, next(self._ids)
+        return zygote.send(msg, call_id)
+
+    def _run_msg(self, code: str, timeout_s: float | None, session: str | None) -> dict:
+        if not isinstance(code, str):
+            raise TypeError(f"InterpreterPool.run: code must be a str, got {type(code).__name__}")
+        timeout = self.cfg.timeout_s if timeout_s is None else float(timeout_s)
+        if not timeout > 0:
+            raise ValueError(f"InterpreterPool.run: timeout_s must be > 0, got {timeout_s}")
+        # Sessions are opt-in: with them off a session id is ignored and every block runs alone (CIR).
+        return {"op": "run", "code": code, "timeout_s": timeout,
+                "session": str(session) if session is not None and self.cfg.sessions else None}
+
+    @staticmethod
+    def _result(frame: dict) -> ExecResult:
+        return ExecResult(ok=bool(frame["ok"]), stdout=frame.get("stdout", ""), error=frame.get("error"),
+                          timed_out=bool(frame.get("timed_out", False)), truncated=bool(frame.get("truncated", False)),
+                          killed_by=frame.get("killed_by"), duration_s=float(frame.get("duration_s", 0.0)))
+
+    def run(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
+        """Run `code` and wait for its result (blocking)."""
+        return self._result(self._submit(self._run_msg(code, timeout_s, session)).result())
+
+    async def run_async(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
+        """Run `code` without blocking the event loop; many may be in flight at once."""
+        fut = self._submit(self._run_msg(code, timeout_s, session))
+        return self._result(await asyncio.wrap_future(fut))
+
+    def close_session(self, session: str) -> None:
+        """Kill a session's child and forget its history (no-op for unknown sessions or sessions off)."""
+        if self.cfg.sessions:
+            self._submit({"op": "close_session", "session": str(session)}).result()
+
+    async def close_session_async(self, session: str) -> None:
+        if self.cfg.sessions:
+            await asyncio.wrap_future(self._submit({"op": "close_session", "session": str(session)}))
+
+    def isolation_report(self) -> dict[str, Any]:
+        """Which layers are active ({"layers": {name: bool}, "off": [...]}) and how the host looked."""
+        return dict(self._zygote.report)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._zygote.close()
+
+    def __enter__(self) -> InterpreterPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter shutdown
+            pass
+
+
+class RayInterpreter:
+    """The Interpreter protocol over a Ray actor handle of InterpreterPool, so a generator can be
+    handed a local pool or a remote one alike."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    async def run_async(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
+        return await self._handle.run_async.remote(code, timeout_s=timeout_s, session=session)
+
+    async def close_session_async(self, session: str) -> None:
+        await self._handle.close_session_async.remote(session)
