@@ -65,6 +65,8 @@ class DataConfig(Section):
     """Synthetic arithmetic tasks, or a jsonl/parquet file."""
     train_path: str | None = None
     """Training file (source=file)."""
+    eval_path: str | None = None
+    """Held-out file (source=file); None: no held-out tasks from a file."""
     problem_field: str | None = None
     """Field holding the problem (None: infer from known benchmark layouts)."""
     answer_field: str | None = None
