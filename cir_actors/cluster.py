@@ -20,10 +20,19 @@ and GPUs. This module starts nothing and never talks to a cloud.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -178,6 +187,7 @@ def check_cluster_yaml(path: str | Path = CLUSTER_YAML) -> dict[str, Any]:
     code asks for is provided by some node type and no node type carries an unknown one; GPU roles
     land on node types with GPUs; the head carries the head-side roles' resource.
     """
+    import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     source = str(path)
@@ -185,7 +195,9 @@ def check_cluster_yaml(path: str | Path = CLUSTER_YAML) -> dict[str, Any]:
     try:
         prepared = prepare_config(copy.deepcopy(raw))
         validate_config(prepared)
-    except Exception as e:  # jsonschema, KeyError, ValueError: all are the user's file
+    except (jsonschema.ValidationError, ValueError, KeyError, TypeError, AssertionError, RuntimeError,
+            NotImplementedError) as e:
+        # Ray's own checks of the user's file; anything else is a bug and propagates.
         raise ClusterConfigError(_schema_error(e, source)) from None
 
     types: dict[str, Any] = prepared["available_node_types"]
@@ -296,6 +308,160 @@ def fake_cluster_config(
         "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# A private local head (tests, local experiments)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalHead:
+    """A Ray head on this machine, on loopback, with free ports and its own temp dir.
+
+    Started as `ray start --head --block` in a new session, so that `stop()` ends exactly the
+    processes it started (the head's and, with the fake provider, its worker nodes'), never any
+    other Ray on the machine: `ray stop` (and `ray.cluster_utils.AutoscalingCluster`, which runs
+    `ray stop --force`) would end every Ray process of the user. The project venv's bin directory
+    goes first on PATH: a job's entrypoint `python ...` runs with the head's environment, and must
+    find the venv's python. Auth is off (RAY_AUTH_MODE=disabled): loopback only.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_cpus: float = 2,
+        resources: dict[str, float] | None = None,
+        autoscaling_config: dict[str, Any] | None = None,
+        dashboard: bool = False,
+        env: dict[str, str] | None = None,
+    ):
+        self.num_cpus = num_cpus
+        self.resources = resources or {}
+        self.autoscaling_config = autoscaling_config
+        self.dashboard = dashboard
+        self.extra_env = env or {}
+        self.port = free_port()
+        self.dashboard_port = free_port() if dashboard else None
+        self.temp_dir: Path | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        """GCS address for `ray.init(address=...)`."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """Dashboard / job submission address for `ray job submit --address ...`."""
+        if self.dashboard_port is None:
+            raise RuntimeError("this LocalHead was started without a dashboard")
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        """The environment the head runs with (and a client talking to it should use)."""
+        bin_dir = str(Path(sys.executable).parent)
+        env = dict(os.environ)
+        env.pop("RAY_ADDRESS", None)
+        env.update(
+            PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+            RAY_AUTH_MODE="disabled",
+            RAY_USAGE_STATS_ENABLED="0",
+            **self.extra_env,
+        )
+        if self.autoscaling_config is not None:
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        return env
+
+    def start(self, timeout_s: float = 90.0) -> LocalHead:
+        # Short path: Ray's unix sockets live under the temp dir and have a ~107-byte limit.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="cirh", dir="/tmp"))
+        cmd = [
+            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
+            f"--num-cpus={self.num_cpus}", f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
+        ]
+        if self.resources:
+            cmd.append("--resources=" + json.dumps(self.resources))
+        if self.dashboard:
+            cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+        else:
+            cmd.append("--include-dashboard=false")
+        if self.autoscaling_config is not None:
+            cfg_path = self.temp_dir / "autoscaling.json"
+            cfg_path.write_text(json.dumps(self.autoscaling_config))
+            cmd.append(f"--autoscaling-config={cfg_path}")
+        log = open(self.temp_dir / "head.log", "w")  # noqa: SIM115 (the child writes to it until stop)
+        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        ready = self.temp_dir / "ray_current_cluster"  # written by `ray start` once the head is up
+        while not ready.exists() or (self.dashboard and not self._dashboard_up()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.temp_dir / "head.log").read_text()[-2000:]
+                self.stop()
+                raise RuntimeError(f"local Ray head did not start: {tail}")
+            time.sleep(0.5)
+        return self
+
+    def _dashboard_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def pids(self) -> list[int]:
+        """Every live process of this head's session (the head, its services, fake worker nodes)."""
+        import psutil
+
+        if self.proc is None:
+            return []
+        out = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(p.info["pid"]) == self.proc.pid:
+                    out.append(p.info["pid"])
+            except (ProcessLookupError, PermissionError):
+                continue
+        return out
+
+    def stop(self, timeout_s: float = 40.0) -> None:
+        """SIGTERM the `ray start --block` process (it drains and stops its node), then SIGKILL
+        whatever of this session is left."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        for sig, grace_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            for pid in self.pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while self.pids() and time.monotonic() < deadline:
+                time.sleep(0.25)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def main(argv: list[str]) -> int:
