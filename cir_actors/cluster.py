@@ -350,6 +350,17 @@ class LocalHead:
         self.temp_dir: Path | None = None
         self.proc: subprocess.Popen | None = None
 
+    @classmethod
+    def fake_cluster(cls, prepared: dict[str, Any], **fake_options: Any) -> LocalHead:
+        """A head that runs the autoscaler on Ray's fake multi-node provider for the node types of a
+        prepared cluster YAML (`check_cluster_yaml`); see `fake_cluster_config` for the options."""
+        head = cls()
+        head.autoscaling_config = fake_cluster_config(prepared, head.address, **fake_options)
+        head_type = head.autoscaling_config["available_node_types"][FAKE_HEAD_NODE_TYPE]["resources"]
+        head.num_cpus = head_type["CPU"]
+        head.resources = {k: v for k, v in head_type.items() if k != "CPU"}
+        return head
+
     @property
     def address(self) -> str:
         """GCS address for `ray.init(address=...)`."""
