@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cir_actors.types import FinishReason, Task, Trajectory
+from cir_actors.config import InterpreterConfig
+from cir_actors.interpreter import format_output
+from cir_actors.types import ExecResult, FinishReason, Task, Trajectory
 
 SPLITS = ("train", "eval")
 EVAL_FRACTION = 0.1  # share of the problem space that belongs to the eval split
@@ -178,17 +180,13 @@ def run_snippet(code: str) -> str:
     return buf.getvalue()
 
 
-def format_output_segment(stdout: str) -> str:
-    """CIR's interpreter segment for a successful run: "\\n```output\\n{out}\\n```\\n"."""
-    return f"\n```output\n{stdout.strip()}\n```\n"
-
-
 def demonstration_segments(prob: Problem, stdout: str | None = None) -> list[tuple[str, bool]]:
     """The response as (text, sampled-by-model) segments: code block, output, boxed answer.
 
     `stdout` is what the code printed; None runs the code to find out.
     """
-    out = format_output_segment(run_snippet(prob.code) if stdout is None else stdout)
+    result = ExecResult(ok=True, stdout=run_snippet(prob.code) if stdout is None else stdout)
+    out = format_output(result, InterpreterConfig().output_max_chars)  # the generator's own splice
     return [
         (f"```python\n{prob.code}\n```", True),
         (out, False),

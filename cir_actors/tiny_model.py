@@ -32,8 +32,9 @@ from cir_actors.config import TinyModelConfig
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "models"
 
-# Bump when the corpus, the tokenizer pipeline or the saved layout changes: it is part of the
-# directory hash, so an old cached build is never mistaken for a new one.
+# Bump when the tokenizer pipeline or the saved layout changes. With the config and a digest of the
+# tokenizer corpus it makes the directory name, so an old cached build is never mistaken for a new
+# one (the corpus is built from tasks.py and the interpreter's output format, which may change).
 BUILD_VERSION = "1"
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -53,9 +54,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def model_dir_name(cfg: TinyModelConfig) -> str:
-    """`tiny-<hash>`: a function of every config field and the build version."""
-    key = json.dumps({"cfg": cfg.model_dump(), "build": BUILD_VERSION}, sort_keys=True)
+def model_dir_name(cfg: TinyModelConfig, corpus: list[str] | None = None) -> str:
+    """`tiny-<hash>`: a function of every config field, the build version and the tokenizer corpus."""
+    corpus = tokenizer_corpus(cfg.seed) if corpus is None else corpus
+    digest = hashlib.sha256("\x00".join(corpus).encode()).hexdigest()
+    key = json.dumps({"cfg": cfg.model_dump(), "build": BUILD_VERSION, "corpus": digest}, sort_keys=True)
     return "tiny-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -69,14 +72,15 @@ def build_tiny_model(cfg: TinyModelConfig | None = None, cache_dir: str | Path |
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     if not cache.is_absolute():
         cache = PROJECT_ROOT / cache
-    final = cache / model_dir_name(cfg)
+    corpus = tokenizer_corpus(cfg.seed)
+    final = cache / model_dir_name(cfg, corpus)
     if (final / "config.json").is_file():
         return final
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
     try:
         t0 = time.perf_counter()
-        tokenizer = _train_tokenizer(cfg)
+        tokenizer = _train_tokenizer(cfg, corpus)
         _save_tokenizer(tokenizer, tmp, cfg)
         num_params = _save_model(tmp, cfg, tokenizer)
         (tmp / "build_info.json").write_text(
@@ -146,7 +150,7 @@ def tokenizer_corpus(seed: int, num_docs: int = 3000) -> list[str]:
 # ------------------------------------------------------------------------------------- tokenizer
 
 
-def _train_tokenizer(cfg: TinyModelConfig):
+def _train_tokenizer(cfg: TinyModelConfig, corpus: list[str]):
     from tokenizers import (
         AddedToken,
         Regex,
@@ -174,7 +178,7 @@ def _train_tokenizer(cfg: TinyModelConfig):
         min_frequency=2,
         show_progress=False,
     )
-    tok.train_from_iterator(tokenizer_corpus(cfg.seed), trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FENCE_TOKENS])
     return tok
 
