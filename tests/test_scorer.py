@@ -210,3 +210,18 @@ def test_every_benchmark_gold_scores_against_itself(scorer):
     )
     failed = [(name, g, v.reason.value) for (name, g), v in zip(golds, verdicts) if not v.correct]
     assert not failed, f"{len(failed)} gold answers do not match themselves: {failed[:10]}"
+
+
+def test_scorer_as_ray_actor(ray_session):
+    ray = ray_session
+    cfg = ScorerConfig(num_workers=1, timeout_s=1.0)
+    actor = ray.remote(Scorer).options(num_cpus=cfg.num_cpus, max_concurrency=4).remote(cfg)
+    try:
+        refs = [actor.score_async.remote(f"\\boxed{{{i}}}", "1") for i in range(3)]
+        refs.append(actor.score_async.remote(PATHOLOGICAL, "5"))
+        verdicts = ray.get(refs, timeout=120)
+        assert [v.reason for v in verdicts] == [W, C, W, TO]
+        many = ray.get(actor.score_many.remote([("\\boxed{0.5}", "\\frac12"), ("x", "1")]), timeout=60)
+        assert [v.reason for v in many] == [C, NB]
+    finally:
+        ray.kill(actor)
