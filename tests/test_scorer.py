@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -182,24 +183,10 @@ def test_rewards(scorer):
 
 
 def _benchmark_golds() -> list[tuple[str, str]]:
-    # TODO(switch to cir_actors.data.load_benchmarks when it lands): the raw fields, read directly.
-    import json
-    from pathlib import Path
+    from cir_actors.data import load_benchmarks
 
     root = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
-    fields = {
-        "AIME24": "solution",
-        "AIME25": "solution",
-        "amc23": "solution",
-        "MATH_OAI": "answer",
-        "OlymMATH-EN-EASY": "solution",
-    }
-    return [
-        (name, str(json.loads(line)[field]))
-        for name, field in fields.items()
-        for line in (root / f"{name}.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
+    return [(name, row["gold"]) for name, rows in load_benchmarks(root).items() for row in rows]
 
 
 def test_every_benchmark_gold_scores_against_itself(scorer):
