@@ -1,0 +1,440 @@
+"""The generator: one vLLM async engine running many code-integrated trajectories at once.
+
+`Generator` is plain Python; as a Ray actor it is
+`ray.remote(Generator).options(num_cpus=..., max_concurrency=...).remote(cfg, model_path, interpreter)`
+(an async actor: every public coroutine runs on the actor's event loop, many at once). The
+multi-turn logic is `rollout.run_rollout`; this module supplies the engine side of it: streamed,
+token-in/token-out model segments with behaviour log-probs, and live weight updates.
+
+Weights and versions. The engine's weights only change while *no* engine request is running, so
+every request's tokens were sampled by exactly one policy version (the one recorded at submission).
+On `update_weights`, by `generator.update_policy`:
+- "finish": new trajectories wait, in-flight ones finish on the old weights, then the load happens;
+- "interrupt": new requests wait, running ones are aborted at a token boundary (their tokens so far
+  are kept), the load happens, and the trajectories continue from where they were on the new
+  weights (their per-token versions then show both versions).
+Weights travel into the engine process (vLLM's async engine runs its core in a child process)
+through a worker extension, `WeightLoader`: from the object store as packed bytes over vLLM's RPC,
+or by the learner's collective broadcast received directly inside the engine process. The
+extension fingerprints what it received (`weight_sync.fingerprint`) and refuses to load weights
+whose fingerprint differs from the publication's checksum; the generator then reports the version,
+budget and that checksum (`served_policy`).
+
+Behaviour log-probs are those of the distribution sampled from (vLLM `processed_logprobs`:
+temperature applied, top-p renormalised); `compute_logprobs` returns raw (temperature 1) prompt
+log-probs. What this module does not do: decide what to generate (the rollout worker and the
+scheduler do) or score anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cir_actors.config import Config, ConfigError
+from cir_actors.rollout import Delta, RolloutLimits, SegmentEnd, run_rollout
+from cir_actors.types import GroupRequest, Interpreter, PolicyUpdate, ServedPolicy, Task, Trajectory
+
+log = logging.getLogger(__name__)
+
+# vLLM imports a worker extension by its qualified name inside the engine process (its API takes
+# a string; there is no handle to pass).
+_EXTENSION = "cir_actors.generator.WeightLoader"
+
+
+class WeightMismatchError(RuntimeError):
+    """The weights that reached the engine do not have the fingerprint the publication promised."""
+
+
+# --------------------------------------------------------------------------------- engine side
+
+
+class WeightLoader:
+    """vLLM worker extension: mixed into the engine's worker class, so `self.model_runner` is the
+    worker's. Methods are called by name through `AsyncLLM.collective_rpc`; all run in the engine
+    process while no request is running."""
+
+    def cir_load_packed(self, packed: list, expected: str) -> str:
+        """Load [(name, dtype, shape, raw bytes)] (checkpoint names, as saved by transformers)."""
+        weights = [
+            (name, torch.frombuffer(bytearray(blob), dtype=getattr(torch, dtype)).view(tuple(shape)))
+            if len(blob) else (name, torch.empty(tuple(shape), dtype=getattr(torch, dtype)))
+            for name, dtype, shape, blob in packed
+        ]
+        from cir_actors.weight_sync import fingerprint
+
+        got = fingerprint(weights)
+        if expected and got != expected:
+            raise WeightMismatchError(f"weights arrived with fingerprint {got}, the publication says {expected}")
+        self._cir_reload(weights)
+        return got
+
+    def cir_receive_broadcast(self, group: str, version: int, rank: int, expected: str) -> str:
+        """Join (once) and receive one publication of the learner's weight broadcast."""
+        from types import SimpleNamespace
+
+        from cir_actors.weight_sync import StreamingFingerprint, receive_broadcast
+
+        device = "cuda" if torch.cuda.is_available() and group.startswith("nccl") else "cpu"
+        fp = StreamingFingerprint()
+
+        def stream() -> Iterable[tuple[str, torch.Tensor]]:
+            update = SimpleNamespace(broadcast_group=group, version=version)
+            for name, t in receive_broadcast(update, rank=rank, device=device):
+                fp.add(name, t)
+                yield name, t
+
+        # Streamed straight into the parameters (a 7B model is never held twice); the check is
+        # therefore after the load, and a mismatch leaves the engine marked as serving unknown weights.
+        self._cir_reload(stream())
+        got = fp.digest()
+        if expected and got != expected:
+            raise WeightMismatchError(f"broadcast weights arrived with fingerprint {got}, the publication says {expected}")
+        return got
+
+    def _cir_reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        model = self.model_runner.get_model()
+        hf_config = self.model_runner.model_config.hf_config
+        if getattr(hf_config, "tie_word_embeddings", False):
+            # A tied lm_head shares the embedding's weight, but the CPU backend repacks it for its
+            # matmul at load time; the repacked copy must be rebuilt from the reloaded weight.
+            lm_head = getattr(model, "lm_head", None)
+            method = getattr(lm_head, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(lm_head)
+
+
+# ----------------------------------------------------------------------------- generator side
+
+
+class _HFCodec:
+    """The model's tokenizer as rollout.TokenCodec (no special tokens added or shown)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+class _EngineStream:
+    """One engine request streamed as rollout Deltas (see rollout.SegmentStream)."""
+
+    def __init__(self, gen: Generator, request_id: str, version: int, token_ids: Sequence[int], params: Any) -> None:
+        self._gen = gen
+        self.request_id = request_id
+        self.version = version
+        self._token_ids = list(token_ids)
+        self._params = params
+        self._outputs: Any = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[Delta]:
+        from vllm.inputs import TokensPrompt
+
+        if self.request_id in self._gen._interrupted:  # an update began between open and first read
+            yield Delta([], [], "", SegmentEnd.INTERRUPTED)
+            return
+        self._outputs = self._gen._engine.generate(
+            TokensPrompt(prompt_token_ids=self._token_ids), self._params, self.request_id
+        )
+        async for out in self._outputs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs or [], strict=True)] if ids else []
+            end = None
+            if out.finished:
+                end = self._gen._segment_end(self.request_id, c.finish_reason)
+            yield Delta(ids, logprobs, c.text, end)
+            if end is not None:
+                return
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._outputs is not None:
+                await self._outputs.aclose()  # aborts the request when it has not finished
+        finally:
+            self._gen._release(self.request_id)
+
+
+class Generator:
+    """A vLLM engine with many multi-turn trajectories in flight (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model_path: str | Path,
+        interpreter: Interpreter,
+        *,
+        name: str = "generator-0",
+        broadcast_rank: int | None = None,
+        sampling_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        """`broadcast_rank`: this engine's rank in the learner's weight broadcast group (default:
+        1 + the number ending `name`). `sampling_overrides`: extra vLLM SamplingParams fields for
+        every request (e.g. a logit_bias in a benchmark)."""
+        self.cfg = cfg
+        self.name = name
+        self._interpreter = interpreter
+        self._model_path = _check_model_dir(model_path)
+        match = re.search(r"(\d+)$", name)
+        self._broadcast_rank = broadcast_rank if broadcast_rank is not None else 1 + int(match.group(1) if match else 0)
+        self._sampling_overrides = dict(sampling_overrides or {})
+        gcfg = cfg.generator
+        if cfg.model.device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(gcfg.cpu_kv_cache_gb))))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self._model_path)
+        self._codec = _HFCodec(self.tokenizer)
+        self._limits = RolloutLimits(
+            max_response_tokens=gcfg.max_response_tokens,
+            output_max_chars=cfg.interpreter.output_max_chars,
+            use_sessions=cfg.interpreter.sessions,
+        )
+        from cir_actors.interpreter import format_output
+
+        self._format_output = format_output
+        self._engine = self._start_engine()
+
+        self._version = 0
+        self._budget = cfg.scheduler.budget_at(0)
+        self._checksum = ""  # '' until the first update: the weights the engine started with
+        self._ids = itertools.count()
+        self._active: set[str] = set()  # engine requests running now
+        self._interrupted: set[str] = set()  # of those, aborted by the current weight update
+        self._trajectories = 0
+        self._open = asyncio.Event()  # new engine requests may start (cleared by an interrupting update)
+        self._admit = asyncio.Event()  # new trajectories may start (cleared by a finishing update)
+        self._no_requests = asyncio.Event()
+        self._no_trajectories = asyncio.Event()
+        for ev in (self._open, self._admit, self._no_requests, self._no_trajectories):
+            ev.set()
+        self._update_lock = asyncio.Lock()
+        self.stats = {"requests": 0, "interrupted_requests": 0, "updates": 0, "update_s": 0.0}
+
+    def _start_engine(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        gcfg, mcfg = self.cfg.generator, self.cfg.model
+        max_len = gcfg.max_prompt_tokens + gcfg.max_response_tokens
+        args = AsyncEngineArgs(
+            model=self._model_path,
+            dtype=mcfg.dtype,
+            max_model_len=max_len,
+            enforce_eager=gcfg.enforce_eager,
+            seed=gcfg.seed,
+            max_num_seqs=gcfg.max_inflight_trajectories,
+            tensor_parallel_size=gcfg.tensor_parallel_size,
+            gpu_memory_utilization=gcfg.gpu_memory_utilization,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=_EXTENSION,
+            disable_log_stats=True,
+        )
+        t0 = time.perf_counter()
+        engine = AsyncLLM.from_engine_args(args)
+        log.info("%s: vLLM engine for %s up in %.1f s", self.name, self._model_path, time.perf_counter() - t0)
+        return engine
+
+    # ----------------------------------------------------------------------------- rollouts
+    async def rollout(self, task: Task, sample_index: int, budget: int) -> Trajectory:
+        """One multi-turn trajectory of `task` with `budget` interpreter calls."""
+        while not self._admit.is_set():
+            await self._admit.wait()
+        self._trajectories += 1
+        self._no_trajectories.clear()
+        try:
+            return await run_rollout(
+                task, sample_index, budget, sampler=self, interpreter=self._interpreter, codec=self._codec,
+                format_output=self._format_output, limits=self._limits,
+            )
+        finally:
+            self._trajectories -= 1
+            if self._trajectories == 0:
+                self._no_trajectories.set()
+
+    async def generate_group(self, request: GroupRequest) -> list[Trajectory]:
+        """The n rollouts of one admitted prompt group, run concurrently."""
+        return list(await asyncio.gather(*(self.rollout(request.task, i, request.budget) for i in range(request.n))))
+
+    async def open(self, token_ids: Sequence[int], max_tokens: int) -> _EngineStream:
+        """rollout.SegmentSampler: start one model segment (waits while an update is loading)."""
+        while not self._open.is_set():
+            await self._open.wait()
+        return self._register(token_ids, self._params(max_tokens))
+
+    def _params(self, max_tokens: int, **changes: Any) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        fields: dict[str, Any] = {
+            "n": 1, "temperature": self.cfg.generator.temperature, "top_p": self.cfg.generator.top_p,
+            "max_tokens": max_tokens, "logprobs": 0, "output_kind": RequestOutputKind.DELTA,
+        }
+        fields.update(self._sampling_overrides)
+        fields.update(changes)
+        return SamplingParams(**fields)
+
+    def _register(self, token_ids: Sequence[int], params: Any) -> _EngineStream:
+        rid = f"{self.name}-{next(self._ids)}"
+        self._active.add(rid)
+        self._no_requests.clear()
+        self.stats["requests"] += 1
+        return _EngineStream(self, rid, self._version, token_ids, params)
+
+    def _release(self, rid: str) -> None:
+        self._active.discard(rid)
+        if not self._active:
+            self._no_requests.set()
+
+    def _segment_end(self, rid: str, finish_reason: str | None) -> SegmentEnd:
+        if finish_reason == "stop":
+            return SegmentEnd.STOP
+        if finish_reason == "length":
+            return SegmentEnd.LENGTH
+        if rid in self._interrupted:
+            self.stats["interrupted_requests"] += 1
+            return SegmentEnd.INTERRUPTED
+        return SegmentEnd.ABORTED
+
+    # ------------------------------------------------------------------------ weight updates
+    async def update_weights(self, update: PolicyUpdate) -> ServedPolicy:
+        """Load `update`'s weights into the running engine, reset the prefix cache, and record its
+        version, budget and checksum (in-flight trajectories per `generator.update_policy`)."""
+        async with self._update_lock:
+            t0 = time.perf_counter()
+            if update.weights is None and update.broadcast_group is None:
+                # Nothing to load: a budget (or version) change only.
+                self._version, self._budget = update.version, update.budget
+                return self.served_policy()
+            interrupt = self.cfg.generator.update_policy == "interrupt"
+            if interrupt:
+                self._open.clear()
+                while self._active:
+                    ids = list(self._active)
+                    self._interrupted.update(ids)
+                    await self._engine.abort(ids)
+                    try:  # a request added after the abort was sent is aborted on the next pass
+                        await asyncio.wait_for(self._no_requests.wait(), timeout=0.2)
+                    except TimeoutError:
+                        pass
+            else:
+                self._admit.clear()
+                await self._no_trajectories.wait()
+                await self._no_requests.wait()  # compute_logprobs and other one-off requests
+            try:
+                checksum = await self._load(update)
+                await self._engine.reset_prefix_cache()
+                self._version, self._budget, self._checksum = update.version, update.budget, checksum
+            finally:
+                self._interrupted.clear()
+                self._open.set()
+                self._admit.set()
+            self.stats["updates"] += 1
+            self.stats["update_s"] += time.perf_counter() - t0
+            log.info("%s: serving version %d (checksum %s) after %.2f s", self.name, self._version, checksum,
+                     time.perf_counter() - t0)
+            return self.served_policy()
+
+    async def _load(self, update: PolicyUpdate) -> str:
+        if update.broadcast_group is not None:
+            kwargs = {"group": update.broadcast_group, "version": update.version, "rank": self._broadcast_rank,
+                          "expected": update.checksum}
+            results = await self._engine.collective_rpc("cir_receive_broadcast", kwargs=kwargs)
+        else:
+            weights = update.weights
+            if not isinstance(weights, dict):
+                weights = await weights  # an ObjectRef: resolved without blocking the event loop
+            packed = [_pack(name, t) for name, t in weights.items()]
+            results = await self._engine.collective_rpc("cir_load_packed", args=(packed, update.checksum))
+        if len(set(results)) != 1:
+            raise WeightMismatchError(f"engine workers loaded different weights: fingerprints {results}")
+        return results[0]
+
+    def served_policy(self) -> ServedPolicy:
+        return ServedPolicy(generator=self.name, version=self._version, budget=self._budget, checksum=self._checksum)
+
+    def served_version(self) -> int:
+        return self._version
+
+    # ----------------------------------------------------------------------- helpers for tests
+    async def sample(self, token_ids: Sequence[int], max_tokens: int, **params: Any) -> tuple[list[int], list[float]]:
+        """One plain request (no tools): the sampled ids and their log-probs (greedy unless
+        `temperature` is given). For tests and benchmarks."""
+        params.setdefault("temperature", 0.0)
+        async with self._update_lock:
+            stream = self._register(token_ids, self._params(max_tokens, **params))
+            ids: list[int] = []
+            logprobs: list[float] = []
+            try:
+                async for delta in stream:
+                    ids += delta.token_ids
+                    logprobs += delta.logprobs
+            finally:
+                await stream.aclose()
+        return ids, logprobs
+
+    async def compute_logprobs(self, token_ids_B: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Raw (temperature 1) log-prob of every token given its prefix, per sequence; entry 0 is 0."""
+        from vllm.inputs import TokensPrompt
+
+        async def one(ids: Sequence[int]) -> np.ndarray:
+            rid = f"{self.name}-lp-{next(self._ids)}"
+            from vllm.sampling_params import RequestOutputKind
+
+            params = self._params(1, temperature=0.0, logprobs=None, prompt_logprobs=0,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
+            out = None
+            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, rid):
+                pass
+            lp = np.zeros(len(ids), dtype=np.float32)
+            for t, entry in enumerate(out.prompt_logprobs):
+                if entry is not None:
+                    lp[t] = entry[ids[t]].logprob
+            return lp
+
+        async with self._update_lock:
+            return list(await asyncio.gather(*(one(ids) for ids in token_ids_B)))
+
+    def shutdown(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+
+def _pack(name: str, t: torch.Tensor) -> tuple[str, str, list[int], bytes]:
+    """A tensor as msgpack-safe parts (vLLM's RPC decodes untyped arguments, so no tensors)."""
+    t = t.detach().to("cpu").contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return name, str(t.dtype).removeprefix("torch."), list(t.shape), raw
+
+
+def _check_model_dir(path: str | Path) -> str:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"model path '{p}' is not a Hugging Face model directory (no config.json)")
+    return str(p)
