@@ -18,6 +18,7 @@ format interpreter output (the generator passes interpreter.format_output in).
 
 from __future__ import annotations
 
+import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -121,7 +122,7 @@ class BlockScanner:
         end = close + len(FENCE)
         self.pos = end
         code = self.text[body:close]
-        return CodeBlock(code=code.removeprefix("\n").strip("\n"), end=end)
+        return CodeBlock(code=textwrap.dedent(code).strip(), end=end)
 
     def reset(self) -> None:
         """Forget everything (after an interpreter segment: nothing before it can open a block)."""
