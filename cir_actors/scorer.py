@@ -336,16 +336,34 @@ def score(response: str, gold: str, *, timeout_s: float = 5.0) -> Verdict:
     return _verdict(response, gold, _default_pool, timeout_s)
 
 
+def _actor_name() -> str | None:
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray.get_runtime_context().get_actor_name() or None
+    except Exception:  # noqa: BLE001 -- a driver, or an older Ray: no actor name, not an error
+        return None
+
+
 class Scorer:
     """A pool of warm math-verify workers behind the scoring calls other roles make."""
 
-    def __init__(self, cfg: ScorerConfig) -> None:
+    def __init__(self, cfg: ScorerConfig, *, name: str | None = None) -> None:
+        """`name` tags this scorer's Prometheus series (default: the Ray actor's name, or "scorer")."""
+        from cir_actors.metrics import ScorerMetrics  # imports ray: kept out of the worker processes
+
         self.cfg = cfg
+        self.name = name or _actor_name() or "scorer"
+        self._metrics = ScorerMetrics(self.name)
         self._pool = _WorkerPool(cfg.num_workers)
         self._executor = ThreadPoolExecutor(max_workers=cfg.num_workers, thread_name_prefix="scorer")
 
     def score(self, response: str, gold: str) -> Verdict:
-        return _verdict(response, gold, self._pool, self.cfg.timeout_s)
+        verdict = _verdict(response, gold, self._pool, self.cfg.timeout_s)
+        self._metrics.verdict(verdict.duration_s, verdict.reason)
+        return verdict
 
     async def score_async(self, response: str, gold: str) -> Verdict:
         loop = asyncio.get_running_loop()
