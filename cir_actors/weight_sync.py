@@ -2,16 +2,33 @@
 
 `fingerprint` is the checksum a publication carries and a generator echoes back after loading: cheap
 (two reductions per tensor, no full-bytes hash, so it is affordable for 7B models) and sensitive to
-any change of any tensor's values, names or shapes. This module does not decide *when* to publish:
-that is the scheduler's.
+any change of any tensor's values, names or shapes.
+
+Two transports (`learner.publish`):
+- object store: the learner's rank 0 puts a {hf_name: tensor} state dict once; `PolicyUpdate.weights`
+  is its reference and every generator reads it (zero-copy on the same node). Nothing here.
+- collective broadcast: `BroadcastSender` (learner rank 0) and `receive_broadcast` (each generator)
+  form their own process group, independent of the learner's DeepSpeed world and of any group the
+  generator's engine has: a gloo (CPU) or NCCL (GPU) group built on a TCPStore that the sender
+  hosts. Rank 0 is the sender, ranks 1..G the generators. Each publication is a small header
+  (version and the list of (name, dtype, shape)) followed by the tensors packed into flat byte
+  buckets, so per-tensor latency is paid once per bucket.
+This module does not decide *when* to publish: that is the scheduler's.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlparse
 
+import msgpack
 import torch
+import torch.distributed as dist
 
 
 def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -19,5 +36,261 @@ def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
     for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
         t64 = t.detach().to(torch.float64)
-        h.update(f"{name}|{tuple(t.shape)}|{t64.sum().item():.10e}|{t64.square().sum().item():.10e};".encode())
+        h.update(
+            f"{name}|{tuple(t.shape)}|{t64.sum().item():.10e}|{t64.square().sum().item():.10e};".encode()
+        )
     return h.hexdigest()[:16]
+
+
+class StreamingFingerprint:
+    """`fingerprint` computed one tensor at a time (for weights that are gathered and sent in a
+    stream and never all held at once); `digest()` equals `fingerprint` over the same tensors."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[str, torch.Size, float, float]] = []
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t64 = t.detach().to(torch.float64)
+        self._entries.append((name, t.shape, t64.sum().item(), t64.square().sum().item()))
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for name, shape, s, sq in sorted(self._entries, key=lambda e: e[0]):
+            h.update(f"{name}|{tuple(shape)}|{s:.10e}|{sq:.10e};".encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype (torch name without the prefix, e.g. "float32") and shape of one published tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * _dtype(self.dtype).itemsize
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype '{name}' in a weight broadcast header")
+    return dtype
+
+
+_ALIGN = 64  # every tensor starts 64-byte aligned inside a bucket, so byte views cast to any dtype
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[tuple[int, int]]]:
+    """Consecutive tensors packed into buckets of at most `bucket_bytes` (a larger tensor gets a
+    bucket of its own): per bucket, (spec index, byte offset). Both ends compute the same plan."""
+    buckets: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    used = 0
+    for i, spec in enumerate(specs):
+        size = _aligned(spec.nbytes)
+        if current and used + size > bucket_bytes:
+            buckets.append(current)
+            current, used = [], 0
+        current.append((i, used))
+        used += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def _bucket_size(specs: list[TensorSpec], bucket: list[tuple[int, int]]) -> int:
+    last, offset = bucket[-1]
+    return offset + _aligned(specs[last].nbytes)
+
+
+def group_address(backend: str, host: str, port: int, world_size: int) -> str:
+    """What `PolicyUpdate.broadcast_group` holds: e.g. "gloo://10.0.0.3:41234?world=3"."""
+    return f"{backend}://{host}:{port}?world={world_size}"
+
+
+def parse_group_address(address: str) -> tuple[str, str, int, int]:
+    """(backend, host, port, world size) from `group_address`'s form."""
+    u = urlparse(address)
+    world = parse_qs(u.query).get("world")
+    if u.scheme not in ("gloo", "nccl") or not u.hostname or not u.port or not world:
+        raise ValueError(
+            f"broadcast group address '{address}' is not of the form gloo|nccl://host:port?world=N"
+        )
+    return u.scheme, u.hostname, u.port, int(world[0])
+
+
+def node_ip() -> str:
+    """This node's IP as other nodes see it (Ray's view when Ray is up, else the outbound interface)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def _make_group(backend: str, store: dist.Store, rank: int, world: int, host: str, timeout: timedelta) -> Any:
+    """A process group object of its own (not registered with torch.distributed's default world)."""
+    prefixed = dist.PrefixStore("cir-weights", store)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return dist.ProcessGroupGloo(prefixed, rank, world, opts)
+    if not hasattr(dist, "ProcessGroupNCCL"):
+        raise RuntimeError("the weight broadcast asks for nccl but this torch build has no NCCL")
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return dist.ProcessGroupNCCL(prefixed, rank, world, opts)
+
+
+def _broadcast(pg: Any, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    pg.broadcast([tensor], opts).wait()
+
+
+class BroadcastSender:
+    """The learner's end of the weight broadcast: rank 0 of a group of 1 + `num_receivers`.
+
+    Construction only opens the rendezvous store (non-blocking); the first `send` forms the group
+    and blocks until every receiver has called `receive_broadcast` with this address. Each `send`
+    must be matched by one `receive_broadcast` per receiver, in the same order.
+    """
+
+    def __init__(
+        self,
+        num_receivers: int,
+        backend: str = "gloo",
+        *,
+        host: str | None = None,
+        port: int = 0,
+        device: str = "cpu",
+        bucket_bytes: int = 64 << 20,
+        timeout_s: float = 600.0,
+    ) -> None:
+        if num_receivers < 1:
+            raise ValueError(f"a weight broadcast needs at least one receiver, got {num_receivers}")
+        self.host = host or node_ip()
+        self.world_size = num_receivers + 1
+        self.backend = backend
+        self.device = torch.device(device)
+        self.bucket_bytes = bucket_bytes
+        self._timeout = timedelta(seconds=timeout_s)
+        self._store = dist.TCPStore(
+            self.host, port, self.world_size, is_master=True, timeout=self._timeout, wait_for_workers=False
+        )
+        self.address = group_address(backend, self.host, self._store.port, self.world_size)
+        self._pg: Any = None
+
+    def send(self, version: int, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> str:
+        """Broadcast one publication: `tensors` in the order of `specs` (a stream is fine: each is
+        copied into a bucket as it comes). Returns the fingerprint of what was sent."""
+        if self._pg is None:
+            self._pg = _make_group(self.backend, self._store, 0, self.world_size, self.host, self._timeout)
+        header = msgpack.packb(
+            {
+                "version": version,
+                "bucket_bytes": self.bucket_bytes,
+                "specs": [[s.name, s.dtype, list(s.shape)] for s in specs],
+            }
+        )
+        _broadcast(self._pg, torch.tensor([len(header)], dtype=torch.int64, device=self.device))
+        _broadcast(self._pg, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device))
+        fp = StreamingFingerprint()
+        it = iter(tensors)
+        for bucket in plan_buckets(specs, self.bucket_bytes):
+            buf = torch.empty(_bucket_size(specs, bucket), dtype=torch.uint8, device=self.device)
+            for i, offset in bucket:
+                spec, t = specs[i], next(it)
+                if tuple(t.shape) != spec.shape or str(t.dtype).removeprefix("torch.") != spec.dtype:
+                    raise ValueError(
+                        f"tensor '{spec.name}' is {t.dtype}{tuple(t.shape)}, its spec says {spec}"
+                    )
+                buf[offset : offset + spec.nbytes].view(t.dtype).copy_(t.reshape(-1))
+                fp.add(spec.name, t)
+            _broadcast(self._pg, buf)
+        return fp.digest()
+
+    def close(self) -> None:
+        self._pg = None
+        self._store = None
+
+
+_RECEIVER_GROUPS: dict[tuple[str, int], Any] = {}  # (address, rank) -> group; one per generator process
+
+
+def receive_broadcast(
+    update: Any,
+    specs: list[TensorSpec] | None = None,
+    *,
+    rank: int,
+    device: str = "cpu",
+    timeout_s: float = 600.0,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The generator's end: yields (hf_name, tensor) for one publication sent by `BroadcastSender`.
+
+    `update` is the `PolicyUpdate` whose `broadcast_group` names the group; `rank` is this
+    receiver's rank in it, 1 + the generator's index (rank 0 is the learner). The first call in a
+    process joins the group (blocking until all members have joined) and keeps it for later
+    updates. The header's version must equal `update.version` (a mismatch means the receivers and
+    the sender fell out of step; it raises). `specs`, when given, must match the header exactly.
+
+    Tensors are views into a freshly allocated bucket, valid after the iteration goes on (copy
+    them into the engine's parameters, e.g. vLLM's `reload_weights(weights_iterator=...)`), on
+    `device` ("cuda" for NCCL). Consume the iterator to the end: every receiver must take part in
+    every bucket's broadcast, or the whole group stalls until `timeout_s`.
+    """
+    if not update.broadcast_group:
+        raise ValueError(f"PolicyUpdate version {update.version} carries no broadcast_group")
+    backend, host, port, world = parse_group_address(update.broadcast_group)
+    if not 1 <= rank < world:
+        raise ValueError(f"receiver rank {rank} outside 1..{world - 1} for group {update.broadcast_group}")
+    key = (update.broadcast_group, rank)
+    dev = torch.device(device)
+    if key not in _RECEIVER_GROUPS:
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+        _RECEIVER_GROUPS[key] = (store, _make_group(backend, store, rank, world, node_ip(), timeout))
+    pg = _RECEIVER_GROUPS[key][1]
+
+    length = torch.zeros(1, dtype=torch.int64, device=dev)
+    _broadcast(pg, length)
+    raw = torch.empty(int(length.item()), dtype=torch.uint8, device=dev)
+    _broadcast(pg, raw)
+    header = msgpack.unpackb(raw.cpu().numpy().tobytes())
+    sent = [TensorSpec(n, d, tuple(s)) for n, d, s in header["specs"]]
+    if header["version"] != update.version:
+        raise RuntimeError(
+            f"weight broadcast out of step: expected version {update.version}, sender sent {header['version']}"
+        )
+    if specs is not None and list(specs) != sent:
+        raise RuntimeError("weight broadcast header does not match the expected tensor specs")
+    for bucket in plan_buckets(sent, header["bucket_bytes"]):
+        buf = torch.empty(_bucket_size(sent, bucket), dtype=torch.uint8, device=dev)
+        _broadcast(pg, buf)
+        for i, offset in bucket:
+            spec = sent[i]
+            yield spec.name, buf[offset : offset + spec.nbytes].view(_dtype(spec.dtype)).view(spec.shape)
+
+
+def close_receivers() -> None:
+    """Forget this process's receiver groups (e.g. before joining a new learner's group)."""
+    _RECEIVER_GROUPS.clear()

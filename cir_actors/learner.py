@@ -1,0 +1,644 @@
+"""The learner: DeepSpeed data-parallel ranks, one Ray actor each, and the driver-side facade.
+
+`LearnerRank` is plain Python (Ray is applied in `Learner.__init__`): it holds one DeepSpeed engine
+(ZeRO 2 by default, 0/1/3 by config; a client torch AdamW, because DeepSpeed's own CPU Adam takes
+minutes to compile) in one torch.distributed world (gloo on CPU, nccl on GPU).
+
+A training step, for a batch of complete GRPO groups:
+1. The driver shards groups over ranks (whole groups; round-robin inside each optimizer
+   mini-batch) and passes *references*: each rank `ray.get`s only its own trajectories.
+2. Advantages: every rank all-gathers the rewards of the whole batch (a few floats per sample)
+   and runs the same `compute_advantages` on them, so GRPO's group statistics and the batch
+   whitening of REINFORCE++-baseline are those of the full batch whatever the sharding.
+3. Samples with advantage exactly 0 (their groups' rewards were all equal) are not run when no
+   KL or entropy term is configured: their policy-gradient term is exactly zero. They are not in
+   the token-mean denominator either (as if the buffer had dropped those groups, DAPO-style).
+4. Proximal log-probs (the weights at the start of the step) are computed once per step, no grad.
+   With a single optimizer update per step they are the first forward's own values, detached
+   (same weights, same numbers), which saves a forward pass.
+5. Per mini-batch: micro-batches by token count (padded length x rows <= micro_batch_tokens);
+   every rank runs the same number of micro-batches (an empty one pads a short rank; ZeRO-2/3
+   communicate inside each backward); the loss is normalised by the mini-batch's masked tokens
+   summed over all ranks, times the world size (DeepSpeed averages gradients over ranks), so
+   sharding and micro-batching do not change the update. Then one optimizer step.
+Token alignment: the logits at position t predict token t+1, so `loss.token_logprobs` shifts them;
+its column t lines up with a trajectory's `logprobs_T[t]` and `loss_mask_T[t]`.
+
+Publishing (`Learner.publish`) takes full weights under every ZeRO stage (ZeRO-3 parameters are
+gathered one at a time) under their Hugging Face names, in the configured model dtype, either into
+the object store (rank 0 puts one state dict) or through `weight_sync.BroadcastSender` on rank 0.
+Checkpoints (`save_checkpoint`): an HF model directory (loads in transformers and vLLM), DeepSpeed's
+module + optimizer state per rank, each rank's RNG states, step and version; resume needs the same
+number of ranks and ZeRO stage. The learning rate is constant, so there is no scheduler state.
+What this module does not do: decide when to train or publish (the training loop and scheduler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cir_actors.advantages import compute_advantages
+from cir_actors.config import Config
+from cir_actors.loss import policy_loss, token_entropy, token_logprobs
+from cir_actors.types import PolicyUpdate, ScoredTrajectory, Trajectory
+
+MAX_SUMS = ("ratio_max", "is_weight_max")
+MEAN_DIAGS = (
+    "clip_frac_low",
+    "clip_frac_high",
+    "dual_clip_frac",
+    "ratio_mean",
+    "is_weight_mean",
+    "is_cap_frac",
+    "kl_prox_behav",
+    "logprob_abs_diff",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def plan_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into micro-batches whose padded size (rows x longest) is <= max_tokens;
+    longest first so rows of similar length share a batch. A row longer than max_tokens is alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@dataclass
+class _Sample:
+    """One trajectory on a rank, with what the step computed for it."""
+
+    traj: Trajectory
+    advantage: float
+    minibatch: int
+    proximal_T: torch.Tensor | None = None
+
+
+def _collate(samples: list[_Sample], device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded [B, T] tensors; the first token never has a log-prob, so its mask is 0."""
+    T = max(len(s.traj.token_ids_T) for s in samples) if samples else 2
+    B = max(len(samples), 1)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T)
+    behav = torch.zeros(B, T)
+    prox = torch.zeros(B, T)
+    adv = torch.zeros(B)
+    for b, s in enumerate(samples):
+        n = len(s.traj.token_ids_T)
+        ids[b, :n] = torch.from_numpy(s.traj.token_ids_T.astype(np.int64))
+        attn[b, :n] = 1
+        mask[b, :n] = torch.from_numpy(s.traj.loss_mask_T.astype(np.float32))
+        behav[b, :n] = torch.from_numpy(s.traj.logprobs_T.astype(np.float32))
+        if s.proximal_T is not None:
+            prox[b, :n] = s.proximal_T
+        adv[b] = s.advantage
+    if not samples:  # an empty micro-batch that keeps a short rank in step with the others
+        attn[0] = 1
+    mask[:, 0] = 0
+    out = {"input_ids": ids, "attention_mask": attn, "mask": mask, "behav": behav, "prox": prox, "adv": adv}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LearnerRank:
+    """One DeepSpeed data-parallel rank (a Ray actor in `Learner`; usable alone for world size 1)."""
+
+    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int) -> None:
+        self.cfg, self.model_path = cfg, str(model_path)
+        self.rank, self.world_size = rank, world_size
+        self.lcfg = cfg.learner
+        self.device = torch.device("cuda" if cfg.model.device == "cuda" else "cpu")
+        self.engine: Any = None
+        self.sender: Any = None
+        torch.set_num_threads(max(1, int(self.lcfg.num_cpus)))
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the torch.distributed rendezvous."""
+        from cir_actors.weight_sync import node_ip
+
+        ip = node_ip()
+        return ip, _free_port(ip)
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the world, load the model, build the engine (blocks until every rank joined)."""
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",  # under Ray each rank sees only its own device
+        )
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        seed = self.lcfg.seed
+        random.seed(seed + self.rank)
+        np.random.seed(seed + self.rank)
+        torch.manual_seed(seed)  # identical on every rank: the model is loaded, not initialised
+        deepspeed.init_distributed(dist_backend=self.lcfg.backend, auto_mpi_discovery=False, verbose=False)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        self.publish_dtype = getattr(torch, self.cfg.model.dtype)
+        self.ref_model = None
+        if self.lcfg.kl_coef > 0:
+            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.publish_dtype)
+            self.ref_model.to(self.device).eval().requires_grad_(False)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=self.lcfg.lr, weight_decay=self.lcfg.weight_decay
+        )
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            # we call backward once per micro-batch and step() once per mini-batch ourselves
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": self.lcfg.grad_clip,
+            "zero_optimization": {"stage": self.lcfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.lcfg.bf16},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine.train()
+        self.zero3 = self.lcfg.zero_stage == 3
+        return {
+            "rank": self.rank,
+            "num_params": sum(self._shape_numel(p) for p in self.engine.module.parameters()),
+        }
+
+    # ---------------------------------------------------------------- collectives
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _all_gather_object(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    # ---------------------------------------------------------------- forward passes
+    def _logprobs(self, batch: dict[str, torch.Tensor], model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_logprobs(logits, batch["input_ids"]), logits
+
+    def _micro_batches(self, samples: list[_Sample]) -> list[list[_Sample]]:
+        plan = plan_micro_batches([len(s.traj.token_ids_T) for s in samples], self.lcfg.micro_batch_tokens)
+        return [[samples[i] for i in mb] for mb in plan]
+
+    @torch.no_grad()
+    def _fill_proximal(self, samples: list[_Sample]) -> None:
+        for mb in self._micro_batches(samples):
+            batch = _collate(mb, self.device)
+            lp, _ = self._logprobs(batch, self.engine)
+            for b, s in enumerate(mb):
+                s.proximal_T = lp[b, : len(s.traj.token_ids_T)].float().cpu()
+
+    def _run_minibatch(self, samples: list[_Sample], loss_fn: Any) -> tuple[dict, float]:
+        """Forward/backward over micro-batches in step with the other ranks, then one optimizer step.
+        Returns summed diagnostics and this rank's share of the (global token-mean) loss."""
+        micro = self._micro_batches(samples)
+        (n_micro,) = self._all_reduce([len(micro)], "max")
+        (n_tokens,) = self._all_reduce([sum(float(s.traj.loss_mask_T[1:].sum()) for s in samples)])
+        sums: dict[str, float] = {"loss": 0.0}
+        if n_tokens == 0:  # nothing to learn from on any rank: no update (all ranks agree)
+            return sums, 0.0
+        for k in range(int(n_micro)):
+            batch = _collate(micro[k] if k < len(micro) else [], self.device)
+            lp, logits = self._logprobs(batch, self.engine)
+            loss, diag = loss_fn(batch, lp, logits, n_tokens)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            sums["loss"] += float(loss.item())
+            n = diag.pop("num_tokens", 0.0)
+            for key, v in diag.items():
+                if key in MAX_SUMS:
+                    sums[key] = max(sums.get(key, 0.0), v)
+                else:
+                    sums[key] = sums.get(key, 0.0) + v * n
+            sums["tokens"] = sums.get("tokens", 0.0) + n
+            sums["seq_tokens"] = sums.get("seq_tokens", 0.0) + float(batch["attention_mask"].sum()) * (
+                k < len(micro)
+            )
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        sums["grad_norm"] = float(norm) if norm is not None else float("nan")
+        return sums, sums["loss"]
+
+    # ---------------------------------------------------------------- steps
+    def train_step(self, shard: list[tuple[int, int, list[Any]]]) -> dict:
+        """`shard`: (global group index, mini-batch index, the group's ScoredTrajectory or refs to
+        them). Returns this rank's sums; the driver merges ranks (`Learner.train_step`)."""
+        import ray
+
+        t0 = time.perf_counter()
+        groups: dict[int, tuple[int, list[ScoredTrajectory]]] = {}
+        for gidx, mb, items in shard:
+            refs = [i for i in items if isinstance(i, ray.ObjectRef)]
+            got = iter(ray.get(refs)) if refs else iter(())
+            groups[gidx] = (mb, [next(got) if isinstance(i, ray.ObjectRef) else i for i in items])
+        local = {
+            g: ([s.reward for s in st], [s.trajectory.num_sampled for s in st])
+            for g, (_, st) in groups.items()
+        }
+        merged: dict[int, Any] = {}
+        for part in self._all_gather_object(local):
+            merged.update(part)
+        order = sorted(merged)
+        advs, adv_stats = compute_advantages(
+            [np.asarray(merged[g][0]) for g in order],
+            self.lcfg.advantage,
+            num_tokens_list=[np.asarray(merged[g][1]) for g in order],
+        )
+        adv_of = dict(zip(order, advs))
+        extra_terms = self.lcfg.kl_coef > 0 or self.lcfg.entropy_coef > 0
+        samples = [
+            _Sample(st.trajectory, float(a), mb)
+            for g, (mb, sts) in sorted(groups.items())
+            for st, a in zip(sts, adv_of[g])
+            if a != 0.0 or extra_terms
+        ]
+        n_mb = int(self._all_reduce([max([mb for mb, _ in groups.values()], default=-1) + 1], "max")[0])
+        reuse_forward = n_mb == 1
+        if not reuse_forward:
+            self._fill_proximal(samples)
+
+        def loss_fn(batch, lp, logits, n_tokens):
+            prox = lp.detach() if reuse_forward else batch["prox"]
+            loss, diag = policy_loss(
+                lp, prox, batch["behav"], batch["adv"], batch["mask"],
+                clip_low=self.lcfg.clip_low, clip_high=self.lcfg.clip_high, is_cap=self.lcfg.is_cap,
+                dual_clip=self.lcfg.dual_clip, num_tokens=n_tokens,
+            )  # fmt: skip
+            return self._extra_terms(loss, diag, batch, lp, logits, n_tokens)
+
+        totals: dict[str, float] = {"loss": 0.0, "updates": 0}
+        for mb in range(n_mb):
+            sums, share = self._run_minibatch([s for s in samples if s.minibatch == mb], loss_fn)
+            for k, v in sums.items():
+                if k in MAX_SUMS:
+                    totals[k] = max(totals.get(k, 0.0), v)
+                elif k == "grad_norm":
+                    totals.setdefault("grad_norms", []).append(v)
+                else:
+                    totals[k] = totals.get(k, 0.0) + v
+            totals["updates"] += "grad_norm" in sums
+        totals.update(
+            trajectories=sum(len(st) for _, st in groups.values()),
+            trained_trajectories=len(samples),
+            minibatches=n_mb,
+            adv_stats=adv_stats,
+            time_s=time.perf_counter() - t0,
+        )
+        return totals
+
+    def _extra_terms(self, loss, diag, batch, lp, logits, n_tokens):
+        """Optional KL (k3, against the frozen initial model) and entropy-bonus terms, token-mean."""
+        mask = batch["mask"]
+        if self.lcfg.entropy_coef > 0:
+            ent = token_entropy(logits)
+            loss = loss - self.lcfg.entropy_coef * (ent * mask).sum() / n_tokens
+        else:
+            with torch.no_grad():
+                ent = token_entropy(logits)
+        diag["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref, _ = self._logprobs(batch, self.ref_model)
+            d = ref.float() - lp
+            kl = torch.exp(d) - d - 1.0
+            loss = loss + self.lcfg.kl_coef * (kl * mask).sum() / n_tokens
+            diag["kl_ref"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
+        return loss, diag
+
+    def sft_step(self, trajectories: list[Trajectory]) -> dict:
+        """One optimizer update of cross-entropy on the loss-masked tokens (token mean over ranks)."""
+        t0 = time.perf_counter()
+        samples = [_Sample(t, 0.0, 0) for t in trajectories]
+
+        def loss_fn(batch, lp, logits, n_tokens):
+            mask = batch["mask"]
+            n = float(mask.sum())
+            return -(lp * mask).sum() / n_tokens, {"num_tokens": n}
+
+        sums, _ = self._run_minibatch(samples, loss_fn)
+        sums.update(trajectories=len(trajectories), time_s=time.perf_counter() - t0)
+        return sums
+
+    # ---------------------------------------------------------------- weights
+    @staticmethod
+    def _shape_numel(p: torch.nn.Parameter) -> int:
+        return int(np.prod(getattr(p, "ds_shape", p.shape)))
+
+    def weight_specs(self) -> list:
+        from cir_actors.weight_sync import TensorSpec
+
+        dtype = str(self.publish_dtype).removeprefix("torch.")
+        return [
+            TensorSpec(name, dtype, tuple(getattr(p, "ds_shape", p.shape)))
+            for name, p in self.engine.module.named_parameters()
+        ]
+
+    def iter_full_weights(self, clone: bool):
+        """(hf_name, full tensor on CPU in the publish dtype) per parameter; under ZeRO-3 every rank
+        must iterate (each parameter is gathered collectively) and only rank 0 gets tensors."""
+        import deepspeed
+
+        for name, p in self.engine.module.named_parameters():
+            if self.zero3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    t = p.data.detach().to("cpu", self.publish_dtype)
+                    yield name, (t.clone() if clone and t.data_ptr() == p.data.data_ptr() else t)
+            else:
+                t = p.detach().to("cpu", self.publish_dtype)
+                yield name, (t.clone() if clone and t.data_ptr() == p.data_ptr() else t)
+
+    def publish_object_store(self) -> tuple[list[Any], str] | None:
+        """Rank 0: ([ref to the state dict], fingerprint). Other ranks (ZeRO-3 only) help gather."""
+        import ray
+
+        from cir_actors.weight_sync import fingerprint
+
+        if self.rank != 0:
+            for _ in self.iter_full_weights(clone=False):
+                pass
+            return None
+        state = dict(self.iter_full_weights(clone=True))
+        return [ray.put(state)], fingerprint(state.items())
+
+    def full_fingerprint(self) -> str | None:
+        from cir_actors.weight_sync import StreamingFingerprint
+
+        fp = StreamingFingerprint()
+        for name, t in self.iter_full_weights(clone=False):
+            fp.add(name, t)
+        return fp.digest() if self.rank == 0 else None
+
+    def broadcast_address(self, num_receivers: int) -> str:
+        """Rank 0: open (once) the weight broadcast group's rendezvous; its address."""
+        from cir_actors.weight_sync import BroadcastSender
+
+        if self.sender is None or self.sender.world_size != num_receivers + 1:
+            self.sender = BroadcastSender(num_receivers, self.lcfg.backend, device=str(self.device))
+        return self.sender.address
+
+    def publish_broadcast(self, version: int) -> str | None:
+        """Rank 0 streams the weights to the receivers (other ranks help gather under ZeRO-3)."""
+        weights = (t for _, t in self.iter_full_weights(clone=False))
+        if self.rank != 0:
+            for _ in weights:
+                pass
+            return None
+        return self.sender.send(version, self.weight_specs(), weights)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, path: str, step: int, version: int) -> None:
+        from safetensors.torch import save_file
+
+        root = Path(path)
+        state = dict(self.iter_full_weights(clone=self.rank == 0))
+        if self.rank == 0:
+            hf = root / "hf"
+            hf.mkdir(parents=True, exist_ok=True)
+            for f in Path(self.model_path).iterdir():
+                if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+                    shutil.copy2(f, hf / f.name)
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(hf / "model.safetensors"), {"format": "pt"}
+            )
+        del state
+        self.engine.save_checkpoint(
+            str(root / "deepspeed"), tag="state", client_state={"step": step, "version": version}
+        )
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, root / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            meta = {
+                "step": step,
+                "version": version,
+                "num_ranks": self.world_size,
+                "zero_stage": self.lcfg.zero_stage,
+            }
+            (root / "learner_state.json").write_text(json.dumps(meta))
+
+    def load_checkpoint(self, path: str) -> dict:
+        root = Path(path)
+        _, client = self.engine.load_checkpoint(
+            str(root / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        rng = torch.load(root / f"rng_rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        return {"step": client["step"], "version": client["version"]}
+
+
+def _merge_rank_sums(parts: list[dict], extra_keys: tuple[str, ...] = ()) -> dict:
+    """Token-weighted means and maxima over ranks (each rank sent sums)."""
+    tokens = sum(p.get("tokens", 0.0) for p in parts)
+    out: dict[str, Any] = {"loss": sum(p["loss"] for p in parts), "tokens": tokens}
+    for key in MEAN_DIAGS + ("entropy", "kl_ref") + extra_keys:
+        if any(key in p for p in parts):
+            out[key] = sum(p.get(key, 0.0) for p in parts) / max(tokens, 1.0)
+    for key in MAX_SUMS:
+        if any(key in p for p in parts):
+            out[key] = max(p.get(key, 0.0) for p in parts)
+    out["seq_tokens"] = sum(p.get("seq_tokens", 0.0) for p in parts)
+    return out
+
+
+class Learner:
+    """Driver-side facade: creates the rank actors (named `{name}-rank-{i}`) and drives them."""
+
+    def __init__(
+        self, cfg: Config, model_path: str | Path, *, name: str = "learner", num_receivers: int | None = None
+    ):
+        import ray
+
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model path '{path}' has no config.json (expected a Hugging Face model directory)"
+            )
+        self.cfg, self.model_path = cfg, str(path)
+        self.num_receivers = num_receivers or cfg.generator.num_generators
+        lcfg = cfg.learner
+        env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(lcfg.num_cpus)))}
+        if cfg.model.device == "cpu":
+            env["DS_ACCELERATOR"] = "cpu"
+        self.ranks = [
+            ray.remote(LearnerRank)
+            .options(
+                name=f"{name}-rank-{i}",
+                num_cpus=lcfg.num_cpus,
+                num_gpus=lcfg.num_gpus,
+                runtime_env={"env_vars": env},
+                max_concurrency=1,
+            )
+            .remote(cfg, self.model_path, i, lcfg.num_ranks)
+            for i in range(lcfg.num_ranks)
+        ]
+        addr, port = ray.get(self.ranks[0].address.remote())
+        info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        self.num_params = info[0]["num_params"]
+        self._step = 0
+        self._pending: list[Any] = []  # an unfinished broadcast publication
+
+    @property
+    def version(self) -> int:
+        """The version of the current weights: optimizer steps (train or SFT) taken so far."""
+        return self._step
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def _wait_pending(self) -> None:
+        import ray
+
+        if self._pending:
+            pending, self._pending = self._pending, []
+            ray.get(pending)
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
+
+    def train_step(self, groups: list[list[Any]]) -> dict:
+        """One RL step on complete groups (each a list of ScoredTrajectory or ObjectRefs to them).
+
+        Returns metrics: loss (token mean, averaged over optimizer updates), the loss diagnostics
+        (token-weighted over ranks), entropy, grad_norm, tokens and trajectories trained,
+        zero-advantage groups, tokens/s, time, step and version."""
+        import ray
+
+        self._wait_pending()
+        mbp = self.cfg.learner.mini_batch_prompts
+        world = len(self.ranks)
+        shards: list[list[tuple[int, int, list[Any]]]] = [[] for _ in range(world)]
+        for g, group in enumerate(groups):
+            shards[(g % mbp) % world].append((g, g // mbp, list(group)))
+        t0 = time.perf_counter()
+        parts = ray.get([r.train_step.remote(s) for r, s in zip(self.ranks, shards)])
+        elapsed = time.perf_counter() - t0
+        self._step += 1
+        out = _merge_rank_sums(parts)
+        updates = max(parts[0]["updates"], 1)
+        out["loss"] /= updates
+        out["grad_norm"] = float(np.mean(parts[0].get("grad_norms", [float("nan")])))
+        out.update(
+            updates=parts[0]["updates"],
+            trajectories=sum(p["trajectories"] for p in parts),
+            trained_trajectories=sum(p["trained_trajectories"] for p in parts),
+            zero_adv_groups=parts[0]["adv_stats"]["zero_adv_groups"],
+            groups=len(groups),
+            adv_abs_mean=parts[0]["adv_stats"]["adv_abs_mean"],
+            time_s=elapsed,
+            tokens_per_s=out["seq_tokens"] / elapsed if elapsed > 0 else 0.0,
+            step=self._step,
+            version=self.version,
+        )
+        return out
+
+    def sft_step(self, trajectories: list[Trajectory]) -> dict:
+        """One optimizer update of cross-entropy on loss-masked tokens; returns loss and tokens/s."""
+        import ray
+
+        self._wait_pending()
+        world = len(self.ranks)
+        t0 = time.perf_counter()
+        parts = ray.get([r.sft_step.remote(trajectories[i::world]) for i, r in enumerate(self.ranks)])
+        elapsed = time.perf_counter() - t0
+        self._step += 1
+        out = _merge_rank_sums(parts)
+        out.update(time_s=elapsed, tokens_per_s=out["seq_tokens"] / elapsed if elapsed > 0 else 0.0,
+                   step=self._step, version=self.version)  # fmt: skip
+        return out
+
+    def publish(self, via: str | None = None) -> PolicyUpdate:
+        """Publish the current weights as version `self.version` (`via`: "object_store" or
+        "broadcast", default from the config). The object-store path returns once the state dict
+        is in the store. The broadcast path returns at once with the group address: rank 0 sends
+        when the generators call `weight_sync.receive_broadcast`; the next learner call waits for
+        that to finish. `budget` is the schedule's value at this version (the scheduler owns it)."""
+        import ray
+
+        self._wait_pending()
+        via = via or self.cfg.learner.publish
+        budget = self.cfg.scheduler.budget_at(self.version)
+        involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
+        if via == "object_store":
+            results = ray.get([r.publish_object_store.remote() for r in involved])
+            (ref,), checksum = results[0]
+            return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum)
+        if via != "broadcast":
+            raise ValueError(f"publish via '{via}': expected 'object_store' or 'broadcast'")
+        address = ray.get(self.ranks[0].broadcast_address.remote(self.num_receivers))
+        checksum = ray.get([r.full_fingerprint.remote() for r in involved])[0]
+        self._pending = [r.publish_broadcast.remote(self.version) for r in involved]
+        return PolicyUpdate(version=self.version, budget=budget, checksum=checksum, broadcast_group=address)
+
+    def wait_published(self) -> None:
+        """Block until a broadcast publication has been received by every generator."""
+        self._wait_pending()
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        self._wait_pending()
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self._all("save_checkpoint", str(path), self._step, self.version)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        self._wait_pending()
+        meta_file = Path(path) / "learner_state.json"
+        if not meta_file.is_file():
+            raise ValueError(f"checkpoint '{path}' has no learner_state.json (not a learner checkpoint)")
+        meta = json.loads(meta_file.read_text())
+        want = (len(self.ranks), self.cfg.learner.zero_stage)
+        if (meta["num_ranks"], meta["zero_stage"]) != want:
+            raise ValueError(
+                f"checkpoint '{path}' was saved with {meta['num_ranks']} ranks and ZeRO {meta['zero_stage']}; "
+                f"learner.num_ranks and learner.zero_stage must match ({want[0]}, {want[1]} now)"
+            )
+        states = self._all("load_checkpoint", str(path))
+        self._step = states[0]["step"]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for r in self.ranks:
+            ray.kill(r)
+        self.ranks = []
