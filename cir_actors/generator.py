@@ -177,6 +177,16 @@ class _EngineStream:
             self._gen._release(self.request_id)
 
 
+class _SamplerWith:
+    """The generator's sampler with some SamplingParams fields changed (one trajectory's)."""
+
+    def __init__(self, gen: Generator, changes: dict[str, Any]) -> None:
+        self._gen, self._changes = gen, changes
+
+    async def open(self, token_ids: Sequence[int], max_tokens: int) -> _EngineStream:
+        return await self._gen.open(token_ids, max_tokens, **self._changes)
+
+
 class Generator:
     """A vLLM engine with many multi-turn trajectories in flight (see the module docstring)."""
 
@@ -261,15 +271,22 @@ class Generator:
         return engine
 
     # ----------------------------------------------------------------------------- rollouts
-    async def rollout(self, task: Task, sample_index: int, budget: int) -> Trajectory:
-        """One multi-turn trajectory of `task` with `budget` interpreter calls."""
+    async def rollout(
+        self, task: Task, sample_index: int, budget: int, *, sampling: dict[str, Any] | None = None
+    ) -> Trajectory:
+        """One multi-turn trajectory of `task` with `budget` interpreter calls. `sampling`: vLLM
+        SamplingParams fields for this trajectory only (e.g. an evaluation's temperature)."""
+        if sampling and {"n", "max_tokens", "output_kind"} & set(sampling):
+            raise ValueError("rollout sampling may not set n, max_tokens or output_kind "
+                             "(generator.max_response_tokens limits a response)")
         while not self._admit.is_set():
             await self._admit.wait()
         self._trajectories += 1
         self._no_trajectories.clear()
+        sampler = self if not sampling else _SamplerWith(self, sampling)
         try:
             return await run_rollout(
-                task, sample_index, budget, sampler=self, interpreter=self._interpreter, codec=self._codec,
+                task, sample_index, budget, sampler=sampler, interpreter=self._interpreter, codec=self._codec,
                 format_output=self._format_output, limits=self._limits,
             )
         finally:
@@ -281,11 +298,11 @@ class Generator:
         """The n rollouts of one admitted prompt group, run concurrently."""
         return list(await asyncio.gather(*(self.rollout(request.task, i, request.budget) for i in range(request.n))))
 
-    async def open(self, token_ids: Sequence[int], max_tokens: int) -> _EngineStream:
+    async def open(self, token_ids: Sequence[int], max_tokens: int, **changes: Any) -> _EngineStream:
         """rollout.SegmentSampler: start one model segment (waits while an update is loading)."""
         while not self._open.is_set():
             await self._open.wait()
-        return self._register(token_ids, self._params(max_tokens))
+        return self._register(token_ids, self._params(max_tokens, **changes))
 
     def _params(self, max_tokens: int, **changes: Any) -> Any:
         from vllm import SamplingParams
@@ -424,6 +441,32 @@ class Generator:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
+
+
+class LocalGenerator:
+    """A Generator on an event loop of its own (a daemon thread), for scripts, benchmarks and tests
+    that run without Ray: `local.run(local.gen.rollout(task, 0, 2))` blocks until it is done. vLLM's
+    async engine binds to the loop it is first used on, so one loop must serve it for its lifetime."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="generator-loop", daemon=True)
+        self._thread.start()
+        self.gen = Generator(*args, **kwargs)
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def _shutdown() -> None:
+            self.gen.shutdown()
+
+        if self.loop.is_running():
+            self.run(_shutdown(), timeout=60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
 
 
 def _pack(name: str, t: torch.Tensor) -> tuple[str, str, list[int], bytes]:

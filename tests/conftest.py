@@ -35,3 +35,20 @@ def tiny_model_dir() -> Path:
     from cir_actors.tiny_model import build_tiny_model
 
     return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_model_dir):
+    """One vLLM Generator on the tiny model (real engine, real InterpreterPool) for the whole run,
+    on its own event loop: `tiny_generator.run(tiny_generator.gen.rollout(task, 0, 2))`.
+    Tests may change `gen.cfg.generator.update_policy`; they restore it."""
+    from cir_actors.config import load_config
+    from cir_actors.generator import LocalGenerator
+    from cir_actors.interpreter import InterpreterPool
+
+    cfg = load_config(None, ["generator.max_response_tokens=96", "generator.max_inflight_trajectories=16"])
+    pool = InterpreterPool(cfg.interpreter)
+    local = LocalGenerator(cfg, str(tiny_model_dir), pool)
+    yield local
+    local.close()
+    pool.close()
