@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from enum import StrEnum
 from pathlib import Path
@@ -328,7 +329,7 @@ class LocalHead:
     other Ray on the machine: `ray stop` (and `ray.cluster_utils.AutoscalingCluster`, which runs
     `ray stop --force`) would end every Ray process of the user. The project venv's bin directory
     goes first on PATH: a job's entrypoint `python ...` runs with the head's environment, and must
-    find the venv's python. Auth is off (RAY_AUTH_MODE=disabled): loopback only.
+    find the venv's python. Auth is off (RAY_AUTH_MODE=disabled: loopback only) unless `env` says otherwise.
     """
 
     def __init__(
@@ -378,14 +379,10 @@ class LocalHead:
         bin_dir = str(Path(sys.executable).parent)
         env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)
-        env.update(
-            PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-            RAY_AUTH_MODE="disabled",
-            RAY_USAGE_STATS_ENABLED="0",
-            **self.extra_env,
-        )
+        env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
         if self.autoscaling_config is not None:
             env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout_s: float = 90.0) -> LocalHead:
@@ -423,6 +420,8 @@ class LocalHead:
         try:
             with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
                 return r.status == 200
+        except urllib.error.HTTPError:  # it answered (401 under token authentication): it is up
+            return True
         except OSError:
             return False
 

@@ -48,8 +48,13 @@ def test_yaml_passes_ray_and_project_checks(prepared):
     assert "GPU" not in types["interpreter.cpu"]["resources"] and "GPU" not in types["ray.head.default"]["resources"]
     assert prepared["idle_timeout_minutes"] > 0
     assert all(spec["max_workers"] >= 1 for name, spec in types.items() if name != "ray.head.default")
-    # Setup installs the project with the GPU extra on every node.
+    # Setup installs the project with the GPU extra on every node; Ray runs from that venv with its
+    # bin first on PATH (the job's `python`), token authentication on, the token mounted everywhere.
     assert any("make venv" in c and "EXTRA=gpu" in c for c in prepared["setup_commands"])
+    for start in (prepared["head_start_ray_commands"][-1], prepared["worker_start_ray_commands"][-1]):
+        assert "PATH=$HOME/cir-actors/.venv/bin:$PATH" in start and "RAY_AUTH_MODE=token" in start
+    assert prepared["file_mounts"] == {"~/cir-actors": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+    assert ".gitignore" in prepared["rsync_filter"]
 
 
 def test_yaml_provides_exactly_the_role_resources_the_code_asks_for(prepared):
