@@ -23,6 +23,7 @@ same session left behind (by design).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -34,7 +35,7 @@ import tempfile
 import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydantic import ValidationError
 
@@ -265,18 +266,16 @@ class InterpreterPool:
             self._closed = True
         self._zygote.close()
 
-    def __enter__(self) -> InterpreterPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best effort at interpreter shutdown
             if not self._closed:
                 self.close()
-        except Exception:  # noqa: BLE001 - best effort at interpreter shutdown
-            pass
 
 
 class RayInterpreter:

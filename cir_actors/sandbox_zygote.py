@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import errno
 import fcntl
+import gc
 import os
 import resource
 import selectors
@@ -46,26 +48,24 @@ WORKDIR_MB = 64
 
 def _run_block(code: str, scope: dict) -> tuple[bool, str | None]:
     try:
-        exec(compile(code, "<code>", "exec"), scope)
+        exec(compile(code, "<code>", "exec"), scope)  # noqa: S102 - running it is the point
         ok, err = True, None
     except SystemExit as e:
         ok = e.code in (None, 0)
         err = None if ok else f"SystemExit: {e.code}"
     except BaseException as e:  # noqa: BLE001 - everything the code raises is a result
         ok, err = False, traceback.format_exception_only(type(e), e)[-1].strip()
-    try:
+    with contextlib.suppress(BaseException):  # the code may have replaced or closed stdout
         sys.stdout.flush()
-    except BaseException:  # noqa: BLE001
-        pass
     if err is not None and len(err) > MAX_ERROR_CHARS:
         err = err[: MAX_ERROR_CHARS // 2] + "..." + err[-MAX_ERROR_CHARS // 2 :]
     return ok, err
 
 
-def _child(z: Zygote, slot: int, code: str, replay: list[str], fds: tuple[int, int, int | None],
-           stage: dict) -> None:
-    """Never returns. fds: (stdout pipe, result pipe, command pipe of a session or None); stage["res"]
-    is where the result pipe currently is (so a failure to apply a layer can be reported)."""
+def _child(z: Zygote, slot: int, fds: tuple[int, int, int], stage: dict) -> None:
+    """Apply every active layer, then run the blocks the zygote sends on the command pipe. Never
+    returns. fds: (stdout pipe, result pipe, command pipe); stage["res"] is where the result pipe
+    currently is (so that a failure to apply a layer can be reported)."""
     out_w, res_w, cmd_r = fds
     on = z.active
     signal.set_wakeup_fd(-1)
@@ -78,12 +78,9 @@ def _child(z: Zygote, slot: int, code: str, replay: list[str], fds: tuple[int, i
     devnull = os.open("/dev/null", os.O_RDWR)
     # descriptors: 0 /dev/null, 1 stdout pipe, 2 /dev/null, 3 result pipe, 4 commands, 5 saved stdout
     high = {name: fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for name, fd in
-            (("null", devnull), ("out", out_w), ("res", res_w), ("cmd", cmd_r)) if fd is not None}
+            (("null", devnull), ("out", out_w), ("res", res_w), ("cmd", cmd_r))}
     for name, dst in (("null", 0), ("out", 1), ("null", 2), ("res", 3), ("cmd", 4), ("out", 5)):
-        if name in high:
-            os.dup2(high[name], dst)
-        elif _is_open(dst):
-            os.close(dst)
+        os.dup2(high[name], dst)
     stage["res"] = 3
     os.closerange(6, 1 << 16)
     if on["private_workdir"]:
@@ -129,33 +126,30 @@ def _child(z: Zygote, slot: int, code: str, replay: list[str], fds: tuple[int, i
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="replace",
                                   write_through=True)
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    # Warm-up while nobody waits: the first block run in a fresh fork pays a few ms of copy-on-write
+    # faults (compiler, eval loop, io); take them here, with the output going nowhere.
+    os.dup2(2, 1)
+    _run_block("x = [i * 2 for i in range(3)]\nprint(x, 1.5)", {})
+    os.dup2(5, 1)
     scope: dict = {"__name__": "__main__", "__builtins__": builtins}
-    if replay:  # a lost session's earlier blocks, output discarded
-        os.dup2(2, 1)
-        for block in replay:
-            _run_block(block, scope)
-        os.dup2(5, 1)
     reader = L.FrameReader()
-    while True:
-        ok, err = _run_block(code, scope)
-        os.write(3, L.pack_frame({"ok": ok, "error": err}))
-        if cmd_r is None:
-            os._exit(0)
-        code = None
-        while code is None:
-            data = os.read(4, 65536)
+    while True:  # ready: wait for a block
+        msg = None
+        while msg is None:
+            data = os.read(4, 1 << 20)
             if not data:
                 os._exit(0)
-            for frame in reader.feed(data):
-                code = frame["code"]
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
+            frames = reader.feed(data)
+            msg = frames[0] if frames else None
+        if msg.get("replay"):  # a lost session's earlier blocks, output discarded
+            os.dup2(2, 1)
+            for block in msg["replay"]:
+                _run_block(block, scope)
+            os.dup2(5, 1)
+        ok, err = _run_block(msg["code"], scope)
+        os.write(3, L.pack_frame({"ok": ok, "error": err}))
+        if not msg.get("keep"):
+            os._exit(0)
 
 
 # ---- the zygote: bookkeeping and the event loop ----------------------------------------------
@@ -180,7 +174,7 @@ class Child:
     slot: int
     out_r: int
     res_r: int
-    cmd_w: int | None
+    cmd_w: int
     session: str | None
     call: Call | None = None
     reader: L.FrameReader = field(default_factory=L.FrameReader)
@@ -218,7 +212,12 @@ class Zygote:
         self.sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
         self.pending: collections.deque[Call] = collections.deque()
         self.running = 0
-        self.free_slots = list(range(cfg["max_workers"] + cfg["max_sessions"] + 8))[::-1]
+        self.ready: collections.deque[Child] = collections.deque()
+        self.prefork = cfg["max_workers"]
+        self.reserve = cfg["max_workers"]  # slots kept for children still being torn down
+        self.num_slots = 2 * cfg["max_workers"] + cfg["max_sessions"] + 16
+        self.free_slots = list(range(self.num_slots))[::-1]
+        self.probe_result: dict | None = None
 
     # -- start-up: apply what can be applied, remember why the rest failed
     def _try(self, layer: str, fn) -> None:
@@ -281,6 +280,8 @@ class Zygote:
 
         with open("/proc/self/status") as f:
             self.base_vm_bytes = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmSize:"))
+        gc.collect()
+        gc.freeze()  # children's collections then leave the shared pages alone (fewer copy-on-write faults)
 
     def probe(self) -> str | None:
         """Run one call through every active layer; None when it behaved, else what went wrong."""
@@ -289,7 +290,7 @@ class Zygote:
         deadline = time.monotonic() + 30
         while self.running and time.monotonic() < deadline:
             self.step(0.5)
-        got = getattr(self, "_probe_result", None)
+        got = self.probe_result
         if not got or not got["ok"]:
             return f"probe call failed: {got}"
         pid, uid, value = got["stdout"].split()
@@ -305,7 +306,7 @@ class Zygote:
             sess = self.sessions.get(call.session) or Session(call.session)
             self.sessions[call.session] = sess
             self.sessions.move_to_end(call.session)
-            if sess.busy:
+            if sess.busy:  # blocks of one session run in order
                 sess.waiting.append(call)
                 return
             sess.busy = True
@@ -313,55 +314,63 @@ class Zygote:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self.pending and self.running < self.cfg["max_workers"] and self.free_slots:
+        while self.pending and self.running < self.cfg["max_workers"]:
+            sess = self.sessions.get(self.pending[0].session) if self.pending[0].session is not None else None
+            if sess is not None and sess.child is not None and not sess.child.exited:
+                child, replay = sess.child, []
+                self._raise_cpu_limit(child.pid)
+            elif self.ready:
+                child, replay = self.ready.popleft(), list(sess.history) if sess is not None else []
+            elif self.free_slots:
+                child, replay = self._spawn(), list(sess.history) if sess is not None else []
+            else:
+                return
             call = self.pending.popleft()
             self.running += 1
             call.started = time.monotonic()
-            sess = self.sessions.get(call.session) if call.session is not None else None
-            if sess is not None and sess.child is not None and not sess.child.exited:
-                child = sess.child
-                child.call = call
-                call.deadline = call.started + call.timeout_s
-                self._raise_cpu_limit(child.pid)
-                try:
-                    os.write(child.cmd_w, L.pack_frame({"code": call.code}))
-                except OSError:
-                    self._kill(child, None)
-                continue
-            replay = list(sess.history) if sess is not None else []
             call.deadline = call.started + call.timeout_s * (1 + len(replay))
-            child = self._spawn(call, replay)
-            if sess is not None:
-                self._cap_sessions()
+            child.call = call
+            if sess is not None and sess.child is not child:
+                child.session = sess.name
                 sess.child = child
+                self._cap_sessions()
+            msg = {"code": call.code, "replay": replay, "keep": sess is not None}
+            try:
+                os.write(child.cmd_w, L.pack_frame(msg))
+            except OSError:  # the child died under us: its reaping finishes the call
+                self._kill(child, None)
 
-    def _spawn(self, call: Call, replay: list[str]) -> Child:
+    def _refill(self, at_most: int) -> None:
+        """Keep `prefork` children forked, jailed and waiting, so a call pays for none of that."""
+        for _ in range(at_most):
+            if len(self.ready) >= self.prefork or len(self.free_slots) <= self.reserve:
+                return
+            self.ready.append(self._spawn())
+
+    def _spawn(self) -> Child:
         slot = self.free_slots.pop()
         out_r, out_w = os.pipe()
         res_r, res_w = os.pipe()
-        cmd_r, cmd_w = os.pipe() if call.session is not None else (None, None)
+        cmd_r, cmd_w = os.pipe()
         if self.active["pid_namespace"]:
             L.unshare(L.CLONE_NEWPID)
         pid = os.fork()
         if pid == 0:
             stage = {"res": res_w}
             try:
-                _child(self, slot, call.code, replay, (out_w, res_w, cmd_r), stage)
-            except BaseException as e:  # noqa: BLE001 - a layer could not be applied: the code never runs
-                try:
+                _child(self, slot, (out_w, res_w, cmd_r), stage)
+            except BaseException as e:  # noqa: BLE001 - a layer could not be applied: no code runs
+                with contextlib.suppress(BaseException):
                     os.write(stage["res"], L.pack_frame({"ok": False, "error": f"SandboxError: {e}"}))
-                except BaseException:  # noqa: BLE001
-                    pass
             finally:
                 os._exit(70)
         if self.active["pid_namespace"]:
             L.setns(self.own_pidns, L.CLONE_NEWPID)
         for fd in (out_w, res_w, cmd_r):
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
         for fd in (out_r, res_r):
             os.set_blocking(fd, False)
-        child = Child(pid, slot, out_r, res_r, cmd_w, call.session, call)
+        child = Child(pid, slot, out_r, res_r, cmd_w, None)
         self.children[pid] = child
         for fd in (out_r, res_r):
             self.by_fd[fd] = child
@@ -369,19 +378,21 @@ class Zygote:
         return child
 
     def _raise_cpu_limit(self, pid: int) -> None:
-        """A session child's CPU limit is per block: the limit moves up by cpu_time_s from what it used."""
+        """A session child's CPU limit is per block: it moves to what it has used plus cpu_time_s."""
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             used = (int(fields[11]) + int(fields[12])) // os.sysconf("SC_CLK_TCK")
             lim = used + self.cfg["cpu_time_s"]
             resource.prlimit(pid, resource.RLIMIT_CPU, (lim, lim))
-        except OSError:
+        except (OSError, IndexError, ValueError):
             pass
 
     def _cap_sessions(self) -> None:
+        """At most max_sessions live session children (least recently used idle ones go; their
+        history stays for a replay) and at most 8x that many histories."""
         live = [s for s in self.sessions.values() if s.child is not None and not s.child.exited]
-        for sess in live[: max(0, len(live) - self.cfg["max_sessions"] + 1)]:
+        for sess in live[: max(0, len(live) - self.cfg["max_sessions"])]:
             if not sess.busy:
                 self._kill(sess.child, None)
         extra = len(self.sessions) - 8 * self.cfg["max_sessions"]
@@ -393,10 +404,8 @@ class Zygote:
         if child.call is not None and reason and child.call.reason is None:
             child.call.reason = reason
         for fn in (os.killpg, os.kill):
-            try:
+            with contextlib.suppress(OSError):
                 fn(child.pid, signal.SIGKILL)
-            except OSError:
-                pass
 
     def close_session(self, name: str) -> None:
         sess = self.sessions.pop(name, None)
@@ -404,41 +413,33 @@ class Zygote:
             self._kill(sess.child, None)
             sess.child.session = None
 
-    # -- the loop
+    # -- events
     def _on_output(self, child: Child, fd: int) -> None:
         limit = self.cfg["max_output_bytes"]
         while True:
             try:
                 data = os.read(fd, 65536)
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 return
             if not data:
-                self.sel.unregister(fd)
+                if fd in self.sel.get_map():
+                    self.sel.unregister(fd)
                 return
             if fd == child.res_r:
                 try:
                     frames = child.reader.feed(data)
-                except Exception:  # noqa: BLE001 - a forged or oversized frame
+                except Exception:  # noqa: BLE001 - a forged or oversized frame is the code's own failure
                     frames = [{"ok": False, "error": "SandboxProtocolError"}]
-                for frame in frames:
-                    if child.call is not None and child.call.result is None:
-                        child.call.result = frame
-                        if child.session is not None:
-                            self._drain(child)
-                            self._finish(child)
+                if frames and child.call is not None and child.call.result is None:
+                    child.call.result = frames[0]
+                    self._on_output(child, child.out_r)  # everything printed before the frame
+                    self._finish(child)
             elif child.call is not None:
                 room = limit - len(child.call.stdout)
                 child.call.stdout += data[: max(room, 0)]
                 if len(data) > room:
                     child.call.truncated = True
                     self._kill(child, "OutputLimitExceeded")
-
-    def _drain(self, child: Child) -> None:
-        for fd in (child.out_r,):
-            try:
-                self._on_output(child, fd)
-            except (OSError, KeyError, ValueError):
-                pass
 
     def _reap(self) -> None:
         while True:
@@ -452,21 +453,22 @@ class Zygote:
             if child is None:
                 continue
             child.exited, child.status = True, status
-            for fd in (child.out_r, child.res_r):
-                self._on_output(child, fd) if fd in self.sel.get_map() else None
+            for fd in (child.res_r, child.out_r):
+                if fd in self.sel.get_map():
+                    self._on_output(child, fd)
             if child.call is not None:
                 self._finish(child)
             for fd in (child.out_r, child.res_r, child.cmd_w):
-                if fd is not None:
-                    self.by_fd.pop(fd, None)
-                    if fd in self.sel.get_map():
-                        self.sel.unregister(fd)
-                    os.close(fd)
+                self.by_fd.pop(fd, None)
+                if fd in self.sel.get_map():
+                    self.sel.unregister(fd)
+                os.close(fd)
             self.free_slots.append(child.slot)
+            if child in self.ready:
+                self.ready.remove(child)
             sess = self.sessions.get(child.session) if child.session is not None else None
             if sess is not None and sess.child is child:
                 sess.child = None
-        # not reached
 
     def _finish(self, child: Child) -> None:
         call, child.call = child.call, None
@@ -475,36 +477,34 @@ class Zygote:
         child.last_used = time.monotonic()
         frame, status = call.result, child.status
         ok, error, killed_by = False, None, None
+        if status is not None and os.WIFSIGNALED(status):
+            killed_by = os.WTERMSIG(status)
         if call.reason is not None:
             error = call.reason
         elif isinstance(frame, dict) and isinstance(frame.get("ok"), bool):
             ok = frame["ok"]
             error = None if ok else str(frame.get("error") or "Error")[: MAX_ERROR_CHARS + 3]
-        elif status is not None and os.WIFSIGNALED(status):
-            killed_by = os.WTERMSIG(status)
+        elif killed_by is not None:
             error = f"Killed by signal {killed_by}"
         elif status is not None and os.WEXITSTATUS(status) == 0:
             ok = True
         else:
             error = f"Exited with status {os.WEXITSTATUS(status) if status is not None else '?'}"
-        if call.reason is not None and status is not None and os.WIFSIGNALED(status):
-            killed_by = os.WTERMSIG(status)
         reply = {"op": "result", "id": call.call_id, "ok": ok, "stdout": call.stdout.decode("utf-8", "replace"),
                  "error": error, "timed_out": call.reason == "Timeout", "truncated": call.truncated,
                  "killed_by": killed_by, "duration_s": time.monotonic() - call.started}
-        if call.session is not None:
-            sess = self.sessions.get(call.session)
-            if sess is not None:
-                if call.result is not None and call.reason is None:
-                    sess.history.append(call.code)
-                if call.reason is not None and child.session is not None:
-                    self._kill(child, None)
-                sess.busy = False
-                if sess.waiting:
-                    sess.busy = True
-                    self.pending.append(sess.waiting.popleft())
+        if child.session is None or call.reason is not None:
+            self._kill(child, None)  # done (or broken): the pid namespace and all it started go now
+        sess = self.sessions.get(call.session) if call.session is not None else None
+        if sess is not None:
+            if frame is not None and call.reason is None:
+                sess.history.append(call.code)
+            sess.busy = False
+            if sess.waiting:
+                sess.busy = True
+                self.pending.append(sess.waiting.popleft())
         if call.call_id == -1:
-            self._probe_result = reply
+            self.probe_result = reply
         else:
             self.ctl.sendall(L.pack_frame(reply))
         self._dispatch()
@@ -514,15 +514,23 @@ class Zygote:
         for child in list(self.children.values()):
             if child.call is not None and now >= child.call.deadline:
                 self._kill(child, "Timeout")
-            elif child.call is None and child.session is not None and not child.exited:
-                if now - child.last_used > self.cfg["session_idle_s"]:
-                    self._kill(child, None)
+            elif (child.call is None and child.session is not None and not child.exited
+                  and now - child.last_used > self.cfg["session_idle_s"]):
+                self._kill(child, None)
 
     def step(self, max_wait: float) -> bool:
         """One turn of the loop; False when the supervisor has gone."""
-        deadlines = [c.call.deadline for c in self.children.values() if c.call is not None]
-        wait = max(0.0, min([max_wait] + [d - time.monotonic() for d in deadlines]))
-        for key, _ in self.sel.select(wait):
+        events = self.sel.select(0)
+        if not events and len(self.ready) < self.prefork:
+            # Forking blocks this loop for a few ms: do it only when nothing is waiting to be handled.
+            self._refill(1)
+            events = self.sel.select(0)
+        if not events:
+            deadlines = [c.call.deadline for c in self.children.values() if c.call is not None]
+            refill_soon = len(self.ready) < self.prefork and len(self.free_slots) > self.reserve
+            wait = 0.0 if refill_soon else max(0.0, min([max_wait] + [d - time.monotonic() for d in deadlines]))
+            events = self.sel.select(wait)
+        for key, _ in events:
             fd = key.fd
             if fd == self.wake_r:
                 while True:
@@ -577,6 +585,7 @@ class Zygote:
             self.ctl.sendall(L.pack_frame({"op": "error", "message": problem}))
             return
         report = {"layers": dict(self.active), "problems": self.problems, "root": self.is_root,
+                  "uid_range": [self.uid_base, self.uid_base + self.num_slots] if self.is_root else None,
                   "landlock_abi": self.landlock_abi, "jail_paths": self.ro_paths, "zygote_pid": os.getpid(),
                   "scratch": self.scratch}
         self.ctl.sendall(L.pack_frame({"op": "ready", "report": report}))
