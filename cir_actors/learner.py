@@ -224,15 +224,15 @@ class LearnerRank:
             for b, s in enumerate(mb):
                 s.proximal_T = lp[b, : len(s.traj.token_ids_T)].float().cpu()
 
-    def _run_minibatch(self, samples: list[_Sample], loss_fn: Any) -> tuple[dict, float]:
+    def _run_minibatch(self, samples: list[_Sample], loss_fn: Any) -> dict:
         """Forward/backward over micro-batches in step with the other ranks, then one optimizer step.
-        Returns summed diagnostics and this rank's share of the (global token-mean) loss."""
+        Returns summed diagnostics, `loss` being this rank's share of the global token-mean loss."""
         micro = self._micro_batches(samples)
         (n_micro,) = self._all_reduce([len(micro)], "max")
         (n_tokens,) = self._all_reduce([sum(float(s.traj.loss_mask_T[1:].sum()) for s in samples)])
         sums: dict[str, float] = {"loss": 0.0}
         if n_tokens == 0:  # nothing to learn from on any rank: no update (all ranks agree)
-            return sums, 0.0
+            return sums
         for k in range(int(n_micro)):
             batch = _collate(micro[k] if k < len(micro) else [], self.device)
             lp, logits = self._logprobs(batch, self.engine)
@@ -252,7 +252,7 @@ class LearnerRank:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         sums["grad_norm"] = float(norm) if norm is not None else float("nan")
-        return sums, sums["loss"]
+        return sums
 
     # ---------------------------------------------------------------- steps
     def train_step(self, shard: list[tuple[int, int, list[Any]]]) -> dict:
@@ -303,7 +303,8 @@ class LearnerRank:
 
         totals: dict[str, float] = {"loss": 0.0, "updates": 0}
         for mb in range(n_mb):
-            sums, share = self._run_minibatch([s for s in samples if s.minibatch == mb], loss_fn)
+            sums = self._run_minibatch([s for s in samples if s.minibatch == mb], loss_fn)
+            totals.setdefault("update_losses", []).append(sums["loss"])
             for k, v in sums.items():
                 if k in MAX_SUMS:
                     totals[k] = max(totals.get(k, 0.0), v)
@@ -350,7 +351,7 @@ class LearnerRank:
             n = float(mask.sum())
             return -(lp * mask).sum() / n_tokens, {"num_tokens": n}
 
-        sums, _ = self._run_minibatch(samples, loss_fn)
+        sums = self._run_minibatch(samples, loss_fn)
         sums.update(trajectories=len(trajectories), time_s=time.perf_counter() - t0)
         return sums
 
@@ -533,15 +534,11 @@ class Learner:
             pending, self._pending = self._pending, []
             ray.get(pending)
 
-    def _all(self, method: str, *args: Any) -> list[Any]:
-        import ray
-
-        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
-
     def train_step(self, groups: list[list[Any]]) -> dict:
         """One RL step on complete groups (each a list of ScoredTrajectory or ObjectRefs to them).
 
-        Returns metrics: loss (token mean, averaged over optimizer updates), the loss diagnostics
+        Returns metrics: loss (token mean, averaged over optimizer updates; `update_losses` lists
+        each update's, before its step, over its mini-batch's masked tokens), the loss diagnostics
         (token-weighted over ranks), entropy, grad_norm, tokens and trajectories trained,
         zero-advantage groups, tokens/s, time, step and version."""
         import ray
@@ -560,6 +557,7 @@ class Learner:
         updates = max(parts[0]["updates"], 1)
         out["loss"] /= updates
         out["grad_norm"] = float(np.mean(parts[0].get("grad_norms", [float("nan")])))
+        out["update_losses"] = [float(sum(x)) for x in zip(*[p.get("update_losses", []) for p in parts])]
         out.update(
             updates=parts[0]["updates"],
             trajectories=sum(p["trajectories"] for p in parts),
@@ -619,7 +617,9 @@ class Learner:
     def save_checkpoint(self, path: str | Path) -> None:
         self._wait_pending()
         Path(path).mkdir(parents=True, exist_ok=True)
-        self._all("save_checkpoint", str(path), self._step, self.version)
+        import ray
+
+        ray.get([r.save_checkpoint.remote(str(path), self._step, self.version) for r in self.ranks])
 
     def load_checkpoint(self, path: str | Path) -> None:
         self._wait_pending()
@@ -633,7 +633,9 @@ class Learner:
                 f"checkpoint '{path}' was saved with {meta['num_ranks']} ranks and ZeRO {meta['zero_stage']}; "
                 f"learner.num_ranks and learner.zero_stage must match ({want[0]}, {want[1]} now)"
             )
-        states = self._all("load_checkpoint", str(path))
+        import ray
+
+        states = ray.get([r.load_checkpoint.remote(str(path)) for r in self.ranks])
         self._step = states[0]["step"]
 
     def shutdown(self) -> None:

@@ -78,9 +78,9 @@ class TensorSpec:
 
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown tensor dtype '{name}' in a weight broadcast header")
-    return dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    raise ValueError(f"unknown tensor dtype '{name}' in a weight broadcast header")
 
 
 _ALIGN = 64  # every tensor starts 64-byte aligned inside a bucket, so byte views cast to any dtype
