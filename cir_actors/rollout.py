@@ -5,7 +5,9 @@ segments* (an `Interpreter` call, formatted and tokenized once on its own). A mo
 at the close of a ```python block (the block is cut at the token that completes the closing fence
 and the rest of the stream is discarded), at EOS, at the response limit, or when the sampler is
 interrupted by a weight update (the tokens so far are kept and the next request continues from
-them, possibly on newer weights). Beyond the tool-call budget, closed blocks are counted but not
+them, possibly on newer weights). A prompt that ends with a closed ```python block has that block
+run first (e.g. a partial solution handed in), and one that ends inside a block is closed by the
+model as if it had opened it. Beyond the tool-call budget, closed blocks are counted but not
 run and the model goes on (CIR's behaviour); the finish reason then says BUDGET.
 
 Token-in, token-out: the trajectory is the prompt ids, then exactly the ids the sampler returned
@@ -105,28 +107,35 @@ class BlockScanner:
 
     def __init__(self, carry: str = "") -> None:
         self.text = carry
-        self.pos = 0
+        self.pos = 0  # blocks end before this offset
+        self._open: int | None = None  # offset of an opening not closed yet
+        self._hint = 0  # no match can start before this offset (keeps each feed's search short)
 
     def feed(self, piece: str) -> None:
         self.text += piece
 
     def next_block(self) -> CodeBlock | None:
         """The first closed block starting at or after the cursor (the cursor then moves past it)."""
-        start = self.text.find(CODE_OPEN, self.pos)
-        if start < 0:
-            return None
-        body = start + len(CODE_OPEN)
-        close = self.text.find(FENCE, body)
+        if self._open is None:
+            start = self.text.find(CODE_OPEN, self._hint)
+            if start < 0:
+                self._hint = max(self.pos, len(self.text) - len(CODE_OPEN) + 1)
+                return None
+            self._open, self._hint = start, start + len(CODE_OPEN)
+        body = self._open + len(CODE_OPEN)
+        close = self.text.find(FENCE, self._hint)
         if close < 0:
+            self._hint = max(body, len(self.text) - len(FENCE) + 1)
             return None
         end = close + len(FENCE)
-        self.pos = end
         code = self.text[body:close]
+        self.pos = self._hint = end
+        self._open = None
         return CodeBlock(code=textwrap.dedent(code).strip(), end=end)
 
     def reset(self) -> None:
         """Forget everything (after an interpreter segment: nothing before it can open a block)."""
-        self.text, self.pos = "", 0
+        self.text, self.pos, self._open, self._hint = "", 0, None, 0
 
 
 def trailing_block(text: str) -> CodeBlock | None:

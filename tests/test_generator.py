@@ -280,3 +280,32 @@ def test_generator_as_ray_actor(ray_session, tiny_model_dir, task):
         ray.get(actor.shutdown.remote(), timeout=60)
         ray.kill(actor)
         ray.kill(pool)
+
+
+def test_update_by_collective_broadcast(tiny_generator, tiny_model_dir, task):
+    """The learner's broadcast path: a BroadcastSender here, the receiver inside the engine process."""
+    import threading
+
+    from cir_actors.weight_sync import BroadcastSender, TensorSpec
+
+    gen = tiny_generator.gen
+    v = gen.served_version()
+    model, sd = perturbed_state_dict(tiny_model_dir, seed=v + 23)
+    sender = BroadcastSender(num_receivers=1, backend="gloo", bucket_bytes=1 << 16)
+    specs = [TensorSpec(k, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in sd.items()]
+    sent: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: sent.setdefault("fp", sender.send(v + 1, specs, sd.values())))
+    thread.start()
+    try:
+        update = PolicyUpdate(v + 1, 2, None, fingerprint(sd.items()), broadcast_group=sender.address)
+        served = tiny_generator.run(gen.update_weights(update), timeout=120)
+    finally:
+        thread.join(timeout=60)
+        sender.close()
+    assert sent["fp"] == served.checksum == fingerprint(sd.items()) and served.version == v + 1
+    prompt = list(task.prompt_token_ids)
+    (lp,) = tiny_generator.run(gen.compute_logprobs([prompt]))
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    ref_lp = np.array([0.0] + [float(ref[t - 1, prompt[t]]) for t in range(1, len(prompt))])
+    assert float(np.max(np.abs(lp - ref_lp))) < 1e-4
