@@ -347,7 +347,9 @@ class LocalHead:
         self.dashboard = dashboard
         self.extra_env = env or {}
         self.port = free_port()
-        self.dashboard_port = free_port() if dashboard else None
+        # Always our own: even with the dashboard off, `ray start` binds its default 8265 (a head
+        # process runs regardless), which another Ray on the machine may hold.
+        self.dashboard_port = free_port()
         self.temp_dir: Path | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -370,7 +372,7 @@ class LocalHead:
     @property
     def dashboard_url(self) -> str:
         """Dashboard / job submission address for `ray job submit --address ...`."""
-        if self.dashboard_port is None:
+        if not self.dashboard:
             raise RuntimeError("this LocalHead was started without a dashboard")
         return f"http://127.0.0.1:{self.dashboard_port}"
 
@@ -396,10 +398,9 @@ class LocalHead:
         ]
         if self.resources:
             cmd.append("--resources=" + json.dumps(self.resources))
+        cmd += [f"--include-dashboard={str(self.dashboard).lower()}", f"--dashboard-port={self.dashboard_port}"]
         if self.dashboard:
-            cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
-        else:
-            cmd.append("--include-dashboard=false")
+            cmd.append("--dashboard-host=127.0.0.1")
         if self.autoscaling_config is not None:
             cfg_path = self.temp_dir / "autoscaling.json"
             cfg_path.write_text(json.dumps(self.autoscaling_config))

@@ -11,6 +11,7 @@ the actors are gone. The v1 autoscaler may launch one node more than needed: "at
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ def fake_cluster():
 def test_roles_bring_up_their_node_types_which_go_away_when_idle(fake_cluster):
     out = subprocess.run(
         [sys.executable, "-m", "tests.test_autoscaling", fake_cluster.address],
-        check=False, cwd=PROJECT_ROOT, env=fake_cluster.env(), capture_output=True, text=True, timeout=240,
+        check=False, cwd=PROJECT_ROOT, env=fake_cluster.env(), capture_output=True, text=True, timeout=420,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -51,13 +52,24 @@ def test_roles_bring_up_their_node_types_which_go_away_when_idle(fake_cluster):
             assert node["is_head"], f"{actor} should run on the head, ran on {node}"
         else:
             assert not node["is_head"]
-    for label in WORKER_TYPES.values():
+    for node_type, label in WORKER_TYPES.items():
         assert report["nodes_up"][label] >= 1, report["nodes_up"]
+        assert report["active_types"].get(node_type, 0) >= 1, report["active_types"]
     assert report["alive_peak"] >= 1 + len(WORKER_TYPES)
     # After the actors are gone every worker node is released (idle timeout 6 s).
     assert report["alive_after"] == 1, report
     print(f"placed in {report['placed_s']:.1f} s, scaled down in {report['scale_down_s']:.1f} s, "
           f"peak {report['alive_peak']} nodes")
+
+
+def active_types(address: str) -> dict[str, int]:
+    """Node types the autoscaler reports active: `ray status` lines such as ' 1 generator.gpu'."""
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "status", "--address", address],
+        check=False, capture_output=True, text=True, timeout=60,
+    ).stdout
+    block = out.split("Active:")[-1].split("Pending:")[0] if "Active:" in out else ""
+    return {name: int(n) for n, name in re.findall(r"^\s*(\d+)\s+(\S+)\s*$", block, re.MULTILINE)}
 
 
 def _drive(address: str) -> dict:
@@ -93,6 +105,10 @@ def _drive(address: str) -> dict:
         name: {"resources": labels(nodes[nid]), "is_head": nid == head_id} for name, nid in node_of.items()
     }
     nodes_up = {label: sum(label in n["Resources"] for n in alive) for label in WORKER_TYPES.values()}
+    # The autoscaler's own account, by node type name of ray_cluster.yaml (`ray status`).
+    deadline = time.monotonic() + 60
+    while not set(WORKER_TYPES) <= set(types := active_types(address)) and time.monotonic() < deadline:
+        time.sleep(1)
 
     for a in actors.values():
         ray.kill(a)
@@ -104,7 +120,7 @@ def _drive(address: str) -> dict:
         time.sleep(1)
     return {
         "alive_before": alive_before, "alive_peak": len(alive), "placed": placed, "roles": roles,
-        "nodes_up": nodes_up, "placed_s": placed_s, "alive_after": alive_after,
+        "nodes_up": nodes_up, "active_types": types, "placed_s": placed_s, "alive_after": alive_after,
         "scale_down_s": time.monotonic() - t1,
     }
 
