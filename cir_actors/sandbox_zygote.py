@@ -42,19 +42,33 @@ CHILD_ENV = {"PATH": "/usr/bin:/bin", "HOME": WORKDIR, "TMPDIR": WORKDIR, "LANG"
 MAX_CHILD_FRAME = 1 << 20
 MAX_ERROR_CHARS = 2000
 WORKDIR_MB = 64
+SESSION_CPU_BLOCKS = 8
 
 
 # ---- the child: runs inside every layer ------------------------------------------------------
 
+_BUILTINS = dict(builtins.__dict__)
+
+
 def _run_block(code: str, scope: dict) -> tuple[bool, str | None]:
+    """exec one block; (ok, error line). Builtins the block replaced (print = None) are put back
+    afterwards, so that reporting its result and the next block of a session still work."""
+    raised: BaseException | None = None
     try:
         exec(compile(code, "<code>", "exec"), scope)  # noqa: S102 - running it is the point
-        ok, err = True, None
-    except SystemExit as e:
-        ok = e.code in (None, 0)
-        err = None if ok else f"SystemExit: {e.code}"
     except BaseException as e:  # noqa: BLE001 - everything the code raises is a result
-        ok, err = False, traceback.format_exception_only(type(e), e)[-1].strip()
+        raised = e
+    builtins.__dict__.update(_BUILTINS)
+    if raised is None:
+        ok, err = True, None
+    elif isinstance(raised, SystemExit):
+        ok = raised.code in (None, 0)
+        err = None if ok else f"SystemExit: {raised.code}"
+    else:
+        try:
+            ok, err = False, traceback.format_exception_only(type(raised), raised)[-1].strip()
+        except BaseException:  # noqa: BLE001 - an exception whose __str__ fails
+            ok, err = False, type(raised).__name__
     with contextlib.suppress(BaseException):  # the code may have replaced or closed stdout
         sys.stdout.flush()
     if err is not None and len(err) > MAX_ERROR_CHARS:
@@ -98,7 +112,7 @@ def _child(z: Zygote, slot: int, fds: tuple[int, int, int], stage: dict) -> None
     if on["rlimits"]:
         cfg = z.cfg
         lim = [(resource.RLIMIT_AS, z.base_vm_bytes + (cfg["memory_mb"] << 20)),
-               (resource.RLIMIT_CPU, cfg["cpu_time_s"]), (resource.RLIMIT_FSIZE, WORKDIR_MB << 20),
+               (resource.RLIMIT_FSIZE, WORKDIR_MB << 20),
                (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_NPROC, cfg["max_processes"]),
                (resource.RLIMIT_CORE, 0)]
         for which, value in lim:
@@ -141,6 +155,8 @@ def _child(z: Zygote, slot: int, fds: tuple[int, int, int], stage: dict) -> None
                 os._exit(0)
             frames = reader.feed(data)
             msg = frames[0] if frames else None
+        if "cpu_s" in msg and on["rlimits"]:  # the first block: from here on the limit can only go down
+            resource.setrlimit(resource.RLIMIT_CPU, (msg["cpu_s"], msg["cpu_s"]))
         if msg.get("replay"):  # a lost session's earlier blocks, output discarded
             os.dup2(2, 1)
             for block in msg["replay"]:
@@ -316,9 +332,9 @@ class Zygote:
     def _dispatch(self) -> None:
         while self.pending and self.running < self.cfg["max_workers"]:
             sess = self.sessions.get(self.pending[0].session) if self.pending[0].session is not None else None
-            if sess is not None and sess.child is not None and not sess.child.exited:
+            fresh = not (sess is not None and sess.child is not None and not sess.child.exited)
+            if not fresh:
                 child, replay = sess.child, []
-                self._raise_cpu_limit(child.pid)
             elif self.ready:
                 child, replay = self.ready.popleft(), list(sess.history) if sess is not None else []
             elif self.free_slots:
@@ -335,6 +351,12 @@ class Zygote:
                 sess.child = child
                 self._cap_sessions()
             msg = {"code": call.code, "replay": replay, "keep": sess is not None}
+            if fresh:
+                # RLIMIT_CPU cannot be raised later without CAP_SYS_RESOURCE, so a session child gets
+                # its whole budget up front: its replayed blocks plus SESSION_CPU_BLOCKS more. Past
+                # that it is killed and the session replays in a fresh child.
+                blocks = 1 if sess is None else 1 + len(replay) + SESSION_CPU_BLOCKS
+                msg["cpu_s"] = self.cfg["cpu_time_s"] * blocks
             try:
                 os.write(child.cmd_w, L.pack_frame(msg))
             except OSError:  # the child died under us: its reaping finishes the call
@@ -376,17 +398,6 @@ class Zygote:
             self.by_fd[fd] = child
             self.sel.register(fd, selectors.EVENT_READ)
         return child
-
-    def _raise_cpu_limit(self, pid: int) -> None:
-        """A session child's CPU limit is per block: it moves to what it has used plus cpu_time_s."""
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            used = (int(fields[11]) + int(fields[12])) // os.sysconf("SC_CLK_TCK")
-            lim = used + self.cfg["cpu_time_s"]
-            resource.prlimit(pid, resource.RLIMIT_CPU, (lim, lim))
-        except (OSError, IndexError, ValueError):
-            pass
 
     def _cap_sessions(self) -> None:
         """At most max_sessions live session children (least recently used idle ones go; their
