@@ -392,6 +392,11 @@ class Generator:
             raise WeightMismatchError(f"engine workers loaded different weights: fingerprints {results}")
         return results[0]
 
+    @property
+    def engine(self) -> Any:
+        """The underlying vLLM AsyncLLM (benchmarks drive it directly for their baselines)."""
+        return self._engine
+
     def served_policy(self) -> ServedPolicy:
         return ServedPolicy(generator=self.name, version=self._version, budget=self._budget, checksum=self._checksum)
 
