@@ -352,6 +352,8 @@ class LocalHead:
         self.dashboard_port = free_port()
         self.temp_dir: Path | None = None
         self.proc: subprocess.Popen | None = None
+        self.session_id: int | None = None  # the `ray start` pid; every process of this head carries it
+        self._log: Any = None
 
     @classmethod
     def fake_cluster(cls, prepared: dict[str, Any], **fake_options: Any) -> LocalHead:
@@ -387,7 +389,7 @@ class LocalHead:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout_s: float = 90.0) -> LocalHead:
+    def start(self, timeout_s: float = 180.0) -> LocalHead:
         # Short path: Ray's unix sockets live under the temp dir and have a ~107-byte limit.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="cirh", dir="/tmp"))
         cmd = [
@@ -405,8 +407,11 @@ class LocalHead:
             cfg_path = self.temp_dir / "autoscaling.json"
             cfg_path.write_text(json.dumps(self.autoscaling_config))
             cmd.append(f"--autoscaling-config={cfg_path}")
-        log = open(self.temp_dir / "head.log", "w")  # noqa: SIM115 (the child writes to it until stop)
-        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._log = open(self.temp_dir / "head.log", "w")  # noqa: SIM115 (the child writes to it until stop)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.session_id = self.proc.pid
         deadline = time.monotonic() + timeout_s
         ready = self.temp_dir / "ray_current_cluster"  # written by `ray start` once the head is up
         while not ready.exists() or (self.dashboard and not self._dashboard_up()):
@@ -430,13 +435,13 @@ class LocalHead:
         """Every live process of this head's session (the head, its services, fake worker nodes)."""
         import psutil
 
-        if self.proc is None:
+        if self.session_id is None:
             return []
         out = []
-        for p in psutil.process_iter(["pid"]):
+        for p in psutil.process_iter():
             try:
-                if os.getsid(p.info["pid"]) == self.proc.pid:
-                    out.append(p.info["pid"])
+                if os.getsid(p.pid) == self.session_id:
+                    out.append(p.pid)
             except (ProcessLookupError, PermissionError):
                 continue
         return out
@@ -465,6 +470,9 @@ class LocalHead:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
