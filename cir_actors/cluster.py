@@ -14,7 +14,7 @@ A role resource is a placement label, not a capacity: a node type carries `<name
 actor asks for `ROLE_RESOURCE_UNIT` (1/100) of it; how many actors fit on a node is decided by CPUs
 and GPUs. This module starts nothing and never talks to a cloud.
 
-    python -m cir_actors.cluster check [ray_cluster.yaml]     # validate before `ray up`
+    python -m cir_actors.cluster check [ray_cluster.yaml] [--config configs/X.yaml]   # before `ray up`
 """
 
 from __future__ import annotations
@@ -484,19 +484,28 @@ class LocalHead:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2) or argv[0] != "check":
-        print("usage: python -m cir_actors.cluster check [ray_cluster.yaml]", file=sys.stderr)
-        return 2
-    path = argv[1] if len(argv) == 2 else CLUSTER_YAML
+    import argparse
+
+    from cir_actors.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m cir_actors.cluster", description="Validate a cluster YAML offline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="Ray's schema + the project's checks (no cloud access)")
+    check.add_argument("cluster_yaml", nargs="?", default=str(CLUSTER_YAML))
+    check.add_argument("--config", action="append", default=[], help="training config whose roles must fit (repeatable)")
+    args = parser.parse_args(argv)
     try:
-        prepared = check_cluster_yaml(path)
-    except ClusterConfigError as e:
+        prepared = check_cluster_yaml(args.cluster_yaml)
+        for config_path in args.config:
+            check_fits(prepared, load_config(config_path))
+    except (ClusterConfigError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for name, spec in prepared["available_node_types"].items():
         print(f"{name:24s} {spec['node_config'].get('InstanceType', '-'):16s} "
               f"workers {spec.get('min_workers', 0)}..{spec.get('max_workers', 0)}  {spec['resources']}")
-    print(f"{path}: ok")
+    fits = f" ({', '.join(args.config)} fit{'s' if len(args.config) == 1 else ''})" if args.config else ""
+    print(f"{args.cluster_yaml}: ok{fits}")
     return 0
 
 

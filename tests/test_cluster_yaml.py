@@ -139,8 +139,12 @@ def test_bad_files_get_one_sentence(tmp_path):
 
 
 def test_check_cli(tmp_path, raw, capsys):
-    assert cluster.main(["check", str(CLUSTER_YAML)]) == 0
+    assert cluster.main(["check", str(CLUSTER_YAML), "--config", str(PROJECT_ROOT / "configs/qwen2.5-math-7b.yaml")]) == 0
     assert "ok" in capsys.readouterr().out
+    too_big = tmp_path / "big.yaml"
+    too_big.write_text("learner:\n  num_gpus: 16\n")
+    assert cluster.main(["check", str(CLUSTER_YAML), "--config", str(too_big)]) == 1
+    assert "learner" in capsys.readouterr().err
     raw["available_node_types"]["generator.gpu"]["max_worker"] = 1
     assert cluster.main(["check", write(tmp_path, raw)]) == 1
     assert "max_worker" in capsys.readouterr().err
