@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,20 @@ def test_build_is_deterministic_and_reused(tmp_path):
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temp dir left
     other = build_tiny_model(cfg.model_copy(update={"seed": 4}), tmp_path / "a")
     assert other != a and (other / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
+
+
+def test_build_model_entrypoint(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "entrypoints"))
+    try:
+        import build_model
+    finally:
+        sys.path.pop(0)
+    small = ["model.tiny.hidden_size=16", "model.tiny.num_layers=1", "model.tiny.intermediate_size=32",
+             "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.vocab_size=320"]
+    assert build_model.main(["--out", str(tmp_path), *small]) == 0
+    built = Path(capsys.readouterr().out.strip())
+    assert built.parent == tmp_path and (built / "model.safetensors").is_file()
+    assert build_model.main(["--out", str(tmp_path), "model.tiny.hidden_sise=16"]) == 2
+    assert "unknown key 'model.tiny.hidden_sise'" in capsys.readouterr().err
