@@ -72,6 +72,7 @@ def build_tiny_model(cfg: TinyModelConfig | None = None, cache_dir: str | Path |
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     if not cache.is_absolute():
         cache = PROJECT_ROOT / cache
+    t0 = time.perf_counter()
     corpus = tokenizer_corpus(cfg.seed)
     final = cache / model_dir_name(cfg, corpus)
     if (final / "config.json").is_file():
@@ -79,7 +80,6 @@ def build_tiny_model(cfg: TinyModelConfig | None = None, cache_dir: str | Path |
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
     try:
-        t0 = time.perf_counter()
         tokenizer = _train_tokenizer(cfg, corpus)
         _save_tokenizer(tokenizer, tmp, cfg)
         num_params = _save_model(tmp, cfg, tokenizer)
