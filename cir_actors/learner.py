@@ -51,7 +51,7 @@ import torch
 from cir_actors.advantages import compute_advantages
 from cir_actors.config import Config
 from cir_actors.loss import policy_loss, token_entropy, token_logprobs
-from cir_actors.types import PolicyUpdate, ScoredTrajectory, Trajectory
+from cir_actors.types import FinishReason, PolicyUpdate, ScoredTrajectory, Trajectory
 
 MAX_SUMS = ("ratio_max", "is_weight_max")
 MEAN_DIAGS = (
@@ -114,6 +114,23 @@ def _collate(samples: list[_Sample], device: torch.device) -> dict[str, torch.Te
     mask[:, 0] = 0
     out = {"input_ids": ids, "attention_mask": attn, "mask": mask, "behav": behav, "prox": prox, "adv": adv}
     return {k: v.to(device) for k, v in out.items()}
+
+
+def _as_trajectory(token_ids: np.ndarray) -> Trajectory:
+    """A bare sequence wrapped for the batching code (all tokens count as sampled)."""
+    ids = np.asarray(token_ids, dtype=np.int32)
+    n = len(ids)
+    return Trajectory(
+        "",
+        0,
+        ids,
+        np.ones(n, np.int8),
+        np.zeros(n, np.float32),
+        np.zeros(n, np.int32),
+        1,
+        FinishReason.STOP,
+        0,
+    )
 
 
 def _free_port(host: str) -> int:
@@ -355,6 +372,13 @@ class LearnerRank:
         sums.update(trajectories=len(trajectories), time_s=time.perf_counter() - t0)
         return sums
 
+    @torch.no_grad()
+    def compute_logprobs(self, token_ids_B: list[np.ndarray]) -> list[np.ndarray]:
+        """log p(token t | tokens < t) under the current weights, per sequence; entry 0 is 0."""
+        samples = [_Sample(_as_trajectory(ids), 0.0, 0) for ids in token_ids_B]
+        self._fill_proximal(samples)
+        return [s.proximal_T.numpy() for s in samples]
+
     # ---------------------------------------------------------------- weights
     @staticmethod
     def _shape_numel(p: torch.nn.Parameter) -> int:
@@ -586,6 +610,14 @@ class Learner:
         out.update(time_s=elapsed, tokens_per_s=out["seq_tokens"] / elapsed if elapsed > 0 else 0.0,
                    step=self._step, version=self.version)  # fmt: skip
         return out
+
+    def compute_logprobs(self, token_ids_B: list[np.ndarray]) -> list[np.ndarray]:
+        """The learner's log-prob of every token given its prefix (entry 0 is 0), current weights."""
+        import ray
+
+        self._wait_pending()
+        involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
+        return ray.get([r.compute_logprobs.remote(list(token_ids_B)) for r in involved])[0]
 
     def publish(self, via: str | None = None) -> PolicyUpdate:
         """Publish the current weights as version `self.version` (`via`: "object_store" or
