@@ -242,7 +242,8 @@ class EvalRunner:
         self._thread = threading.Thread(target=self._loop.run_forever, name="eval-loop", daemon=True)
         self._thread.start()
         self._local: list[Any] = []  # local objects to close
-        self._actors: list[Any] = []  # Ray actors to kill
+        self._gen_actors: list[Any] = []  # Ray actors to stop
+        self._pool_actors: list[Any] = []
         self.scorer = Scorer(cfg.scorer, name="eval-scorer")
         try:
             self._generators = self._call(self._start())
@@ -282,14 +283,14 @@ class EvalRunner:
             ray.remote(InterpreterPool).options(**options(Role.INTERPRETER, i)).remote(cfg.interpreter)
             for i in range(cfg.interpreter.num_pools)
         ]
-        self._actors += pools
+        self._pool_actors += pools
         gens = [
             ray.remote(Generator)
             .options(**options(Role.GENERATOR, i))
             .remote(cfg, self.model_path, RayInterpreter(pools[i % len(pools)]), name=f"eval-generator-{i}")
             for i in range(cfg.generator.num_generators)
         ]
-        self._actors += gens
+        self._gen_actors += gens
         await asyncio.gather(*(g.served_version.remote() for g in gens))  # engines up (or their error)
 
         def remote_rollout(gen: Any) -> Any:
@@ -387,9 +388,16 @@ class EvalRunner:
         """Stop the engines, pools and scorer (idempotent)."""
         import ray
 
-        for actor in self._actors:
-            ray.kill(actor)
-        self._actors = []
+        # Engines and pools first stop their own children (vLLM's engine core, the sandbox zygote),
+        # then the actors go.
+        stops = [g.shutdown.remote() for g in self._gen_actors] + [
+            p.close.remote() for p in self._pool_actors
+        ]
+        if stops:
+            ray.wait(stops, num_returns=len(stops), timeout=60)
+        for handle in self._gen_actors + self._pool_actors:
+            ray.kill(handle)
+        self._gen_actors, self._pool_actors = [], []
         if self._local and self._loop.is_running():
             self._call(self._close_local())
         if self._loop.is_running():

@@ -188,6 +188,9 @@ def eval_cfg():
 
 @pytest.fixture(scope="module")
 def runner(eval_cfg, tiny_model_dir):
+    """Engine and sandbox as local objects (the CLI with no Ray session). The Ray-actor setting
+    (use_ray=True: `ray job submit`, or after training) is the same runner with actors; it costs a
+    second engine start, over this file's time budget, and runs in `make demo` instead."""
     r = EvalRunner(eval_cfg, tiny_model_dir, use_ray=False)
     yield r
     r.close()
@@ -219,6 +222,7 @@ def test_evaluate_tiny_model_with_tools(runner, benchmarks, tmp_path):
     results = runner.run(benchmarks, n=2, tools=True, out_dir=out, max_tool_calls=2)
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "samples.jsonl", "config.yaml"}
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["settings"]["ray"] is runner.use_ray
     amc = results["benchmarks"]["amc23"]
     assert (amc["problems"], amc["samples"], amc["n"]) == (3, 6, 2)
     assert set(amc["pass_at_k"]) == {"1", "2"}
