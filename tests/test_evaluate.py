@@ -189,8 +189,8 @@ def eval_cfg():
 @pytest.fixture(scope="module")
 def runner(eval_cfg, tiny_model_dir):
     """Engine and sandbox as local objects (the CLI with no Ray session). The Ray-actor setting
-    (use_ray=True: `ray job submit`, or after training) is the same runner with actors; it costs a
-    second engine start, over this file's time budget, and runs in `make demo` instead."""
+    (use_ray=True: `ray job submit`, or after training) differs only in where the two live; a
+    second engine start would exceed this file's time budget, so it is not started here."""
     r = EvalRunner(eval_cfg, tiny_model_dir, use_ray=False)
     yield r
     r.close()
