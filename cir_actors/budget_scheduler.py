@@ -119,6 +119,8 @@ class BudgetScheduler:
         self._inflight: dict[int, tuple[GroupRequest, str]] = {}
         self._next_group_id = 0
         self._generators: dict[str, Any] = {}  # name -> handle with update_weights(update)
+        self._served: dict[str, dict[str, Any]] = {}  # name -> what it reported after its last update
+        self._pushes: set[asyncio.Task] = set()
         self._waiting: dict[str, float] = {}  # generator -> since when it waits for admission
         self._wait_s: dict[str, float] = {}  # accumulated admission wait per generator
         self._stopped = False
@@ -223,10 +225,22 @@ class BudgetScheduler:
             raise ValueError(f"version must increase: have {self._version}, got {update.version}")
         self._version = update.version
         self._update = PolicyUpdate(**{**update.__dict__, "budget": self._cfg.scheduler.budget_at(update.version)})
-        for handle in self._generators.values():
-            handle.update_weights.remote(self._update)  # fire and forget: the generator is not admitted until loaded
+        for name, handle in self._generators.items():
+            # Not awaited here (the learner goes on); the generator is not admitted until it has loaded.
+            task = asyncio.create_task(self._push(name, handle, self._update))
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
         await self._notify()
         return self._update
+
+    async def _push(self, name: str, handle: Any, update: PolicyUpdate) -> None:
+        try:
+            served = await handle.update_weights.remote(update)
+            self._served[name] = {"version": served.version, "budget": served.budget, "checksum": served.checksum,
+                                  "expected_checksum": update.checksum, "error": None}
+        except Exception as e:  # noqa: BLE001 - reported in state(); the driver decides
+            self._served[name] = {"version": None, "error": f"{type(e).__name__}: {e}"}
+        await self._notify()
 
     def current_update(self) -> PolicyUpdate:
         return self._update
@@ -254,7 +268,25 @@ class BudgetScheduler:
             "released_groups": c.released,
             "admitted_by_generator": dict(c.by_generator),
             "admission_wait_s": dict(self._wait_s),
+            "served": {k: dict(v) for k, v in self._served.items()},
         }
+
+    async def wait_served(self, version: int, timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
+        """Wait until every generator reports serving `version` (or an error); returns the reports."""
+        cond = self._condition()
+
+        def done() -> bool:
+            return all(
+                self._served.get(n, {}).get("error") or (self._served.get(n, {}).get("version") or -1) >= version
+                for n in self._generators
+            )
+
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(done), timeout_s)
+            except TimeoutError:
+                pass
+        return {k: dict(v) for k, v in self._served.items()}
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Loader position with in-flight groups re-queued: they are regenerated after a resume."""

@@ -1,10 +1,14 @@
 """The replay buffer: references to scored trajectories, assembled into complete GRPO groups.
 
-The trajectory data never passes through this actor. A generator puts each ScoredTrajectory into
-the object store with this actor as its *owner* (`ray.put(x, _owner=buffer)`), so an accepted
-trajectory survives the death of the generator that produced it, then hands the buffer the
-reference wrapped in a list (Ray does not resolve references nested in arguments) together with the
-few numbers the buffer decides on: reward and oldest sampling version.
+The trajectory data is never deserialized by this actor. It must survive the death of the
+generator that produced it, so the buffer, not the generator, owns each object: the generator
+announces a finished sample (`pull`) with the few numbers the buffer decides on (reward, oldest
+sampling version, metrics), and the buffer calls back `source.take(key)`. The return value of an
+actor call is owned by the caller, so the reference the buffer keeps lives as long as the buffer,
+whatever happens to the generator. (Ray 2.56 removed `ray.put(..., _owner=)`, the other way to do
+this. Ray stores returns under 100 KiB inline in the owner's memory store: for small trajectories
+the bytes sit in this process's memory, still never deserialized here; larger ones stay in the
+node's object store.)
 
 A group is served once all n samples are in. At serve time, groups older than the staleness bound
 (oldest token version < learner version - max_staleness) are dropped and counted, as are, when
@@ -101,6 +105,26 @@ class ReplayBuffer:
         async with cond:
             cond.notify_all()
         return True
+
+    async def pull(
+        self,
+        group_id: int,
+        n: int,
+        admitted_version: int,
+        sample_index: int,
+        source: Any,
+        key: str,
+        reward: float,
+        min_version: int,
+        meta: dict[str, float] | None = None,
+    ) -> bool:
+        """Take ownership of a finished sample held by `source` (an actor with `take(key)`), then
+        `add` it. Returns once the object exists, so the producer may die afterwards."""
+        import ray
+
+        ref = source.take.remote(key)
+        await asyncio.to_thread(ray.wait, [ref], num_returns=1, fetch_local=False)
+        return await self.add(group_id, n, admitted_version, sample_index, [ref], reward, min_version, meta)
 
     def discard_partial(self, group_id: int) -> int:
         """Forget an incomplete group (its generator failed); returns how many samples it held."""

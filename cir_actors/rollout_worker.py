@@ -2,8 +2,8 @@
 
 It composes a `Generator` (the vLLM engine and the multi-turn state machine) and runs the
 streaming loop of the design: ask the scheduler for a prompt group, run its n rollouts
-concurrently, and as *each* trajectory finishes send it to a scorer, put the scored trajectory into
-the object store owned by the buffer (so it survives this actor), and hand the buffer the reference.
+concurrently, and as *each* trajectory finishes send it to a scorer and announce it to the buffer,
+which takes it with `take(key)` — so the object is owned by the buffer and survives this actor.
 Many groups are in flight at once, up to the engine's trajectory capacity.
 
 It does not decide what to generate or when weights change: the scheduler admits groups and pushes
@@ -41,8 +41,7 @@ class RolloutWorker:
 
         self._cfg = cfg
         self._name = name
-        interp = RayInterpreter(interpreter) if not hasattr(interpreter, "run_async") else interpreter
-        self._gen = Generator(cfg, model_path, interp, name=name)
+        self._gen = Generator(cfg, model_path, RayInterpreter(interpreter), name=name)
         self._scorers = itertools.cycle(scorers)
         self._buffer = buffer
         self._scheduler = scheduler
@@ -53,8 +52,11 @@ class RolloutWorker:
         self._idle_since: float | None = time.monotonic()
         self._idle_s = 0.0
         self._started = time.monotonic()
+        self._consecutive_failures = 0
+        self._last_error: BaseException | None = None
         self._counts = {"trajectories": 0, "groups": 0, "failed_groups": 0, "sampled_tokens": 0}
         self._metrics = None
+        self._outbox: dict[str, ScoredTrajectory] = {}  # finished samples until the buffer takes them
 
     # ---- what the scheduler and driver call ---------------------------------------------------
     async def update_weights(self, update: PolicyUpdate) -> ServedPolicy:
@@ -62,6 +64,10 @@ class RolloutWorker:
         if self._metrics is not None:
             self._metrics.served_version(served.version)
         return served
+
+    def take(self, key: str) -> ScoredTrajectory:
+        """The buffer takes a finished sample; the returned object is owned by the buffer."""
+        return self._outbox.pop(key)
 
     def served_policy(self) -> ServedPolicy:
         return self._gen.served_policy()
@@ -76,9 +82,11 @@ class RolloutWorker:
         from cir_actors import metrics
 
         self._metrics = metrics.GeneratorMetrics(self._name)
-        if self._initial_update is not None and self._initial_update.weights is not None:
+        if self._initial_update is not None:
             await self.update_weights(self._initial_update)
         while True:
+            if self._consecutive_failures >= 3:  # not a passing fault: stop and surface it to the driver
+                raise RuntimeError(f"{self._name}: 3 groups in a row failed") from self._last_error
             if len(self._inflight) >= self._max_groups:
                 await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                 continue
@@ -100,12 +108,15 @@ class RolloutWorker:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors or not all(results):
             self._counts["failed_groups"] += 1
+            self._consecutive_failures += 1
             if errors:
+                self._last_error = errors[0]
                 log.error("%s: group %d failed: %r", self._name, req.group_id, errors[0])
             await self._buffer.discard_partial.remote(req.group_id)
             await self._scheduler.group_failed.remote(req.group_id)
             return
         self._counts["groups"] += 1
+        self._consecutive_failures = 0
         await self._scheduler.group_completed.remote(req.group_id)
 
     def _busy(self, delta: int) -> None:
@@ -117,9 +128,12 @@ class RolloutWorker:
         if self._active_trajectories == 0:
             self._idle_since = now
 
-    async def _run_one(self, req: GroupRequest, index: int) -> bool:
+    def _self_handle(self) -> Any:
         import ray
 
+        return ray.get_runtime_context().current_actor
+
+    async def _run_one(self, req: GroupRequest, index: int) -> bool:
         self._busy(+1)
         try:
             traj = await self._gen.rollout(req.task, index, req.budget)
@@ -131,7 +145,8 @@ class RolloutWorker:
         verdict = await scorer.score_async.remote(traj.response_text, req.task.gold)
         reward = self._cfg.scorer.reward_correct if verdict.correct else self._cfg.scorer.reward_wrong
         scored = ScoredTrajectory(trajectory=traj, verdict=verdict, reward=reward)
-        ref = ray.put(scored, _owner=self._buffer)  # owned by the buffer: survives this actor
+        key = f"{req.group_id}/{index}"
+        self._outbox[key] = scored
         meta = {
             "correct": float(verdict.correct),
             "response_len": float(traj.response_len),
@@ -145,9 +160,13 @@ class RolloutWorker:
             "interp_wait_s": traj.interp_wait_s,
             "budget": float(traj.budget),
         }
-        await self._buffer.add.remote(
-            req.group_id, req.n, req.admitted_version, index, [ref], reward, traj.min_version(), meta
-        )
+        try:
+            await self._buffer.pull.remote(
+                req.group_id, req.n, req.admitted_version, index, self._self_handle(), key, reward,
+                traj.min_version(), meta,
+            )
+        finally:
+            self._outbox.pop(key, None)
         self._counts["trajectories"] += 1
         self._counts["sampled_tokens"] += traj.num_sampled
         return True

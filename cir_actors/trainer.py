@@ -158,7 +158,7 @@ class Trainer:
             g["samples"] = [decode_scored(s) for s in g["samples"]]
         ray.get(self.buffer.restore_groups.remote(groups))
         # Generators start from the base model: hand them the restored weights with the first admission.
-        self._initial_update = self.learner.current_update()
+        self._initial_update = self.learner.publish()
         ray.get(self.scheduler.restore.remote(state, PolicyUpdate(version=self.learner.version, budget=0)))
         hist = self.run_dir / "metrics.jsonl"
         if hist.is_file():
@@ -182,7 +182,7 @@ class Trainer:
                 resume="allow",
                 id=self.run_dir.name.replace("/", "-"),
             )
-        except Exception as e:  # W&B is an observer: a failure to log must not stop training
+        except Exception as e:  # noqa: BLE001 - W&B is an observer: a failure to log must not stop training
             log.warning("W&B disabled: %s", e)
             self._wandb = None
 
@@ -198,7 +198,7 @@ class Trainer:
         t_start = time.monotonic()
         learner_wait = 0.0
         dropped_total: Counter[str] = Counter()
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
         try:
             while version < total:
                 t0 = time.monotonic()
@@ -231,10 +231,16 @@ class Trainer:
         finally:
             metrics_file.close()
             ray.get(self.scheduler.stop.remote())
+        # Invariant 5: every generator reports the final version and the checksum it was sent.
+        served = ray.get(self.scheduler.wait_served.remote(version))
+        for name, rep in served.items():
+            if rep.get("error") or rep.get("checksum") != rep.get("expected_checksum"):
+                log.error("%s did not load version %d cleanly: %s", name, version, rep)
         worker_stats = ray.get(runs)
         self.save_checkpoint(version)
         self._plot()
         summary = {"final_version": version, "steps": len(self.history), "wall_s": time.monotonic() - t_start,
+                   "served": served,
                    "workers": worker_stats, "scheduler": ray.get(self.scheduler.state.remote()),
                    "buffer": ray.get(self.buffer.stats.remote())}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -336,15 +342,22 @@ class Trainer:
         plt.close(fig)
 
     def shutdown(self) -> None:
+        """Stop the engines and kill every actor this run created (so a resume can reuse the names)."""
         import ray
 
         for w in getattr(self, "workers", []):
             try:
-                ray.get(w.shutdown.remote())
-            except Exception:  # noqa: BLE001 - best effort at exit
+                ray.get(w.shutdown.remote(), timeout=60)
+            except Exception:  # noqa: BLE001, S110 - best effort at exit
                 pass
         if hasattr(self, "learner"):
             self.learner.shutdown()
+        for name in ("workers", "interpreters", "scorers"):
+            for actor in getattr(self, name, []):
+                ray.kill(actor)
+        for name in ("scheduler", "buffer"):
+            if hasattr(self, name):
+                ray.kill(getattr(self, name))
 
 
 def train(cfg: Config) -> dict[str, Any]:
