@@ -49,6 +49,17 @@ _OUTPUT_BLOCK = re.compile(r"```output\b.*?(?:```|\Z)", re.DOTALL)
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _TOKEN = re.compile(r"[^\s$]+")
 
+_WARMUP = [
+    ("\\frac{1}{2}", "0.5"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)"),
+    ("\\left[ -\\frac{1}{8}, \\frac{1}{8} \\right]", "[-1/8, 1/8)"),
+    ("\\{1, 2\\}", "\\{2, 1\\}"),
+    ("x^2 + 2\\sqrt{3}", "2\\sqrt3 + x^2"),
+    ("y = 2x + 1", "2x + 1"),
+    ("30^\\circ", "\\frac{\\pi}{6}"),
+    ("\\text{(C)}", "C"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+]
 WORKER_STARTUP_S = 120.0  # generous: two shared cores may be busy with vLLM and DeepSpeed
 WORKER_MEMORY_MB = 4096  # address-space cap of a worker: a runaway sympy expansion dies, the host lives
 
@@ -155,7 +166,10 @@ def _worker_main() -> None:
             return {"parsed": False, "correct": False}
         return {"parsed": True, "correct": bool(verify(g, p, timeout_seconds=None))}
 
-    check("\\frac{1}{2}", "0.5")  # warm the LaTeX parser and sympy before saying ready
+    # Warm before saying ready: the first check of each kind of object pays sympy's lazy imports
+    # and caches (up to ~1 s for a tuple or an interval), which would eat into a real deadline.
+    for gold, pred in _WARMUP:
+        check(gold, pred)
     proto.write('{"ready": true}\n')
     for line in sys.stdin:
         try:
@@ -327,11 +341,12 @@ _default_lock = threading.Lock()
 
 
 def score(response: str, gold: str, *, timeout_s: float = 5.0) -> Verdict:
-    """Score one response with this process's shared pool of two workers (started on first use)."""
+    """Score one response with this process's shared one-worker pool (started on first use); for
+    throughput, build a `Scorer` with more workers."""
     global _default_pool
     with _default_lock:
         if _default_pool is None:
-            _default_pool = _WorkerPool(2)
+            _default_pool = _WorkerPool(1)
             atexit.register(_default_pool.close)
     return _verdict(response, gold, _default_pool, timeout_s)
 
