@@ -125,6 +125,9 @@ class BudgetScheduler:
         self._wait_s: dict[str, float] = {}  # accumulated admission wait per generator
         self._stopped = False
         self._changed: asyncio.Condition | None = None
+        from cir_actors.metrics import SchedulerMetrics
+
+        self._metrics = SchedulerMetrics()
 
     # ---- admission -------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -150,7 +153,12 @@ class BudgetScheduler:
         self._counts.admitted += 1
         self._counts.by_generator[generator] = self._counts.by_generator.get(generator, 0) + 1
         self._inflight[req.group_id] = (req, generator)
+        self._metrics.admitted()
+        self._export()
         return req
+
+    def _export(self) -> None:
+        self._metrics.state(self._version, self._update.budget, len(self._inflight), len(self._waiting))
 
     async def admit(self, generator: str, served_version: int, timeout_s: float = 1.0) -> GroupRequest | None:
         """Wait (up to timeout_s) for admission; None means ask again (or stop, see `stopped`)."""
@@ -190,6 +198,7 @@ class BudgetScheduler:
         """All n samples of the group reached the buffer."""
         if self._inflight.pop(group_id, None) is not None:
             self._counts.completed += 1
+        self._export()
 
     async def group_failed(self, group_id: int) -> None:
         """A group was lost in flight (generator died, engine error): re-queue its task."""
@@ -230,6 +239,7 @@ class BudgetScheduler:
             task = asyncio.create_task(self._push(name, handle, self._update))
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
+        self._export()
         await self._notify()
         return self._update
 

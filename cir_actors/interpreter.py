@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Self
@@ -40,6 +41,7 @@ from typing import Any, Self
 from pydantic import ValidationError
 
 from cir_actors.config import ConfigError, InterpreterConfig
+from cir_actors.metrics import InterpreterMetrics
 from cir_actors.sandbox_layers import FrameReader, pack_frame
 from cir_actors.types import ExecResult
 
@@ -185,6 +187,16 @@ def _crashed(call_id: int) -> dict:
     return {"op": "result", "id": call_id, "ok": False, "stdout": "", "error": "InterpreterCrashed"}
 
 
+def _actor_name() -> str | None:
+    """This actor's name when running as a Ray actor (the metrics' `actor` tag)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside an actor there is no name
+        return None
+
+
 class InterpreterPool:
     """Isolated, warm Python workers. `InterpreterPool()` gives the defaults of `InterpreterConfig`;
     keyword arguments override single fields (`InterpreterPool(timeout_s=2, sessions=True)`).
@@ -201,6 +213,7 @@ class InterpreterPool:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
+        self._metrics = InterpreterMetrics(_actor_name() or "interpreter")
         self._zygote = self._start()
 
     def _start(self) -> _Zygote:
@@ -239,12 +252,18 @@ class InterpreterPool:
 
     def run(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
         """Run `code` and wait for its result (blocking)."""
-        return self._result(self._submit(self._run_msg(code, timeout_s, session)).result())
+        t0 = time.perf_counter()
+        result = self._result(self._submit(self._run_msg(code, timeout_s, session)).result())
+        self._metrics.call(time.perf_counter() - t0, result.ok, result.timed_out)
+        return result
 
     async def run_async(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
         """Run `code` without blocking the event loop; many may be in flight at once."""
+        t0 = time.perf_counter()
         fut = self._submit(self._run_msg(code, timeout_s, session))
-        return self._result(await asyncio.wrap_future(fut))
+        result = self._result(await asyncio.wrap_future(fut))
+        self._metrics.call(time.perf_counter() - t0, result.ok, result.timed_out)
+        return result
 
     def close_session(self, session: str) -> None:
         """Kill a session's child and forget its history (no-op for unknown sessions or sessions off)."""

@@ -65,6 +65,9 @@ class ReplayBuffer:
         self._served_staleness: Counter[int] = Counter()
         self._closed: set[int] = set()  # groups served or dropped: a late sample would duplicate data
         self._changed: asyncio.Condition | None = None
+        from cir_actors.metrics import BufferMetrics
+
+        self._metrics = BufferMetrics()
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -98,9 +101,11 @@ class ReplayBuffer:
         group.metas[sample_index] = dict(meta or {})
         self._added_trajectories += 1
         if not group.complete:
+            self._metrics.depth(len(self._ready), len(self._partial))
             return False
         del self._partial[group_id]
         self._ready[group_id] = group
+        self._metrics.depth(len(self._ready), len(self._partial))
         cond = self._condition()
         async with cond:
             cond.notify_all()
@@ -181,6 +186,10 @@ class ReplayBuffer:
         for g in chosen:
             self._served_trajectories += len(g.refs)
             self._served_staleness[learner_version - g.min_version()] += 1
+            self._metrics.trained([learner_version - v for v in g.min_versions.values()])
+        for reason, count in all_dropped.items():
+            self._metrics.dropped(count, reason)
+        self._metrics.depth(len(self._ready), len(self._partial))
         return TrainBatch(
             groups=[[g.refs[i] for i in range(g.n)] for g in chosen],
             group_ids=[g.group_id for g in chosen],

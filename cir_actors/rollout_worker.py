@@ -63,6 +63,7 @@ class RolloutWorker:
         served = await self._gen.update_weights(update)
         if self._metrics is not None:
             self._metrics.served_version(served.version)
+            self._metrics.budget(served.budget)
         return served
 
     def take(self, key: str) -> ScoredTrajectory:
@@ -169,6 +170,9 @@ class RolloutWorker:
             self._outbox.pop(key, None)
         self._counts["trajectories"] += 1
         self._counts["sampled_tokens"] += traj.num_sampled
+        if self._metrics is not None:
+            self._metrics.trajectory(str(traj.finish_reason), traj.num_sampled, traj.gen_time_s + traj.interp_wait_s)
+            self._metrics.inflight(self._active_trajectories)
         return True
 
     def shutdown(self) -> None:

@@ -198,6 +198,9 @@ class Trainer:
         t_start = time.monotonic()
         learner_wait = 0.0
         dropped_total: Counter[str] = Counter()
+        from cir_actors.metrics import LearnerMetrics
+
+        learner_metrics = LearnerMetrics("learner")
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
         try:
             while version < total:
@@ -217,6 +220,9 @@ class Trainer:
                 update = ray.get(self.scheduler.advance.remote(update))
                 version = update.version
                 t_pub = time.monotonic()
+                learner_metrics.step(t_train - t_batch, int(train_metrics.get("tokens", 0)), version,
+                                     train_metrics.get("loss"))
+                learner_metrics.publish(t_pub - t_train)
                 row = self._row(version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start,
                                 learner_wait, dropped_total)
                 self.history.append(row)
