@@ -244,6 +244,10 @@ class _Worker:
         line, _, self._buf = self._buf.partition(b"\n")
         return line
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def kill(self) -> None:
         self._proc.kill()
         self._proc.wait()
@@ -303,6 +307,10 @@ class _WorkerPool:
         finally:
             for worker in workers:
                 self._idle.put(worker)
+
+    def pids(self) -> list[int]:
+        """Process ids of the idle workers (all of them when nothing is being checked)."""
+        return [w.pid for w in list(self._idle.queue)]
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
@@ -402,6 +410,10 @@ class Scorer:
 
     def stats(self) -> dict[str, int]:
         return {"workers": self._pool.num_workers, "workers_replaced": self._pool.replaced}
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids (for CPU accounting in the bench; complete when idle)."""
+        return self._pool.pids()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

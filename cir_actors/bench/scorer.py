@@ -3,7 +3,8 @@
 Inputs are MATH500's gold answers (the most varied LaTeX of the five benchmarks), each scored once
 against itself (correct) and once against another problem's answer (mostly wrong), in a response
 with a code block and an interpreter output to strip. Measured, warm (workers started first):
-- verdicts/s with one worker (≈ one core: the parent only moves JSON lines) and with the pool;
+- verdicts/s with one worker and with the pool (wall clock: on a shared machine, load lowers it);
+- verdicts per CPU-second (worker + this process), the per-core figure that load does not change;
 - with --actors K, verdicts/s through K Ray scorer actors (fractional CPUs), called with score_async;
 - the time a pathological input (a power tower sympy tries to evaluate) takes to come back as a
   timeout, and how long the killed worker's replacement takes to be warm again.
@@ -41,15 +42,25 @@ def _pairs(n: int) -> list[tuple[str, str]]:
     return (pairs * (n // len(pairs) + 1))[:n]
 
 
-def _throughput(scorer: Scorer, pairs: list[tuple[str, str]]) -> tuple[float, dict[str, int]]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _throughput(scorer: Scorer, pairs: list[tuple[str, str]]) -> tuple[float, float, dict[str, int]]:
+    """(verdicts per wall second, verdicts per CPU second of workers + this process, reasons)."""
     scorer.warmup()
+    pids = scorer.worker_pids()
+    cpu0 = sum(_cpu_s(p) for p in pids) + time.process_time()
     t0 = time.perf_counter()
     verdicts = scorer.score_many(pairs)
     elapsed = time.perf_counter() - t0
+    cpu = sum(_cpu_s(p) for p in pids) + time.process_time() - cpu0
     reasons: dict[str, int] = {}
     for v in verdicts:
         reasons[v.reason.value] = reasons.get(v.reason.value, 0) + 1
-    return len(pairs) / elapsed, reasons
+    return len(pairs) / elapsed, len(pairs) / cpu, reasons
 
 
 def _actors_throughput(cfg: ScorerConfig, pairs: list[tuple[str, str]], k: int) -> float:
@@ -89,12 +100,14 @@ def run(argv: list[str]) -> dict:
     results: dict = {"n": args.n, "cpu_count": os.cpu_count()}
 
     one = Scorer(ScorerConfig(num_workers=1, timeout_s=args.timeout))
-    results["verdicts_per_s_1_worker"], results["reasons"] = _throughput(one, pairs)
+    results["verdicts_per_s_1_worker"], results["verdicts_per_cpu_s"], results["reasons"] = _throughput(
+        one, pairs
+    )
     one.close()
 
     pool_cfg = ScorerConfig(num_workers=args.workers, timeout_s=args.timeout)
     pool = Scorer(pool_cfg)
-    results[f"verdicts_per_s_{args.workers}_workers"], _ = _throughput(pool, pairs)
+    results[f"verdicts_per_s_{args.workers}_workers"], _, _ = _throughput(pool, pairs)
 
     t0 = time.perf_counter()
     verdict = pool.score(PATHOLOGICAL, "5")
