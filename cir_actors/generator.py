@@ -44,6 +44,7 @@ import torch
 from cir_actors.config import Config, ConfigError
 from cir_actors.rollout import Delta, RolloutLimits, SegmentEnd, run_rollout
 from cir_actors.types import GroupRequest, Interpreter, PolicyUpdate, ServedPolicy, Task, Trajectory
+from cir_actors.weight_sync import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ class WeightLoader:
             if len(blob) else (name, torch.empty(tuple(shape), dtype=getattr(torch, dtype)))
             for name, dtype, shape, blob in packed
         ]
-        from cir_actors.weight_sync import fingerprint
-
         got = fingerprint(weights)
         if expected and got != expected:
             raise WeightMismatchError(f"weights arrived with fingerprint {got}, the publication says {expected}")
@@ -234,6 +233,7 @@ class Generator:
         self._checksum = ""  # '' until the first update: the weights the engine started with
         self._ids = itertools.count()
         self._active: set[str] = set()  # engine requests running now
+        self._rollout_requests: set[str] = set()  # of those, the rollouts' (an interrupt aborts these)
         self._interrupted: set[str] = set()  # of those, aborted by the current weight update
         self._trajectories = 0
         self._open = asyncio.Event()  # new engine requests may start (cleared by an interrupting update)
@@ -276,6 +276,11 @@ class Generator:
     ) -> Trajectory:
         """One multi-turn trajectory of `task` with `budget` interpreter calls. `sampling`: vLLM
         SamplingParams fields for this trajectory only (e.g. an evaluation's temperature)."""
+        if len(task.prompt_token_ids) > self.cfg.generator.max_prompt_tokens:
+            raise ValueError(
+                f"task '{task.task_id}': the prompt is {len(task.prompt_token_ids)} tokens, over "
+                f"generator.max_prompt_tokens={self.cfg.generator.max_prompt_tokens}"
+            )
         if sampling and {"n", "max_tokens", "output_kind"} & set(sampling):
             raise ValueError("rollout sampling may not set n, max_tokens or output_kind "
                              "(generator.max_response_tokens limits a response)")
@@ -300,9 +305,8 @@ class Generator:
 
     async def open(self, token_ids: Sequence[int], max_tokens: int, **changes: Any) -> _EngineStream:
         """rollout.SegmentSampler: start one model segment (waits while an update is loading)."""
-        while not self._open.is_set():
-            await self._open.wait()
-        return self._register(token_ids, self._params(max_tokens, **changes))
+        rid = await self._enter(rollout=True)
+        return _EngineStream(self, rid, self._version, token_ids, self._params(max_tokens, **changes))
 
     def _params(self, max_tokens: int, **changes: Any) -> Any:
         from vllm import SamplingParams
@@ -316,15 +320,21 @@ class Generator:
         fields.update(changes)
         return SamplingParams(**fields)
 
-    def _register(self, token_ids: Sequence[int], params: Any) -> _EngineStream:
+    async def _enter(self, *, rollout: bool) -> str:
+        """A new engine request id, once no weight load is in progress; the load waits for it."""
+        while not self._open.is_set():
+            await self._open.wait()
         rid = f"{self.name}-{next(self._ids)}"
         self._active.add(rid)
+        if rollout:
+            self._rollout_requests.add(rid)
         self._no_requests.clear()
         self.stats["requests"] += 1
-        return _EngineStream(self, rid, self._version, token_ids, params)
+        return rid
 
     def _release(self, rid: str) -> None:
         self._active.discard(rid)
+        self._rollout_requests.discard(rid)
         if not self._active:
             self._no_requests.set()
 
@@ -352,9 +362,10 @@ class Generator:
             if interrupt:
                 self._open.clear()
                 while self._active:
-                    ids = list(self._active)
+                    ids = list(self._rollout_requests)
                     self._interrupted.update(ids)
-                    await self._engine.abort(ids)
+                    if ids:
+                        await self._engine.abort(ids)
                     try:  # a request added after the abort was sent is aborted on the next pass
                         await asyncio.wait_for(self._no_requests.wait(), timeout=0.2)
                     except TimeoutError:
@@ -362,11 +373,20 @@ class Generator:
             else:
                 self._admit.clear()
                 await self._no_trajectories.wait()
-                await self._no_requests.wait()  # compute_logprobs and other one-off requests
+                self._open.clear()
+                await self._no_requests.wait()  # one-off requests (sample, compute_logprobs) finish
             try:
                 checksum = await self._load(update)
                 await self._engine.reset_prefix_cache()
                 self._version, self._budget, self._checksum = update.version, update.budget, checksum
+            except WeightMismatchError:
+                raise  # refused before anything was loaded: the old weights are still served
+            except BaseException:
+                # The engine may hold a partial or unverified load: say so rather than echo the old checksum.
+                self._checksum = "unverified"
+                log.error("%s: weight update to version %d failed; serving unverified weights", self.name,
+                          update.version)
+                raise
             finally:
                 self._interrupted.clear()
                 self._open.set()
@@ -386,6 +406,12 @@ class Generator:
             weights = update.weights
             if not isinstance(weights, dict):
                 weights = await weights  # an ObjectRef: resolved without blocking the event loop
+            got = fingerprint(weights.items())
+            if update.checksum and got != update.checksum:
+                raise WeightMismatchError(
+                    f"{self.name}: weights of version {update.version} have fingerprint {got}, "
+                    f"the publication says {update.checksum}; not loaded"
+                )
             packed = [_pack(name, t) for name, t in weights.items()]
             results = await self._engine.collective_rpc("cir_load_packed", args=(packed, update.checksum))
         if len(set(results)) != 1:
@@ -408,16 +434,16 @@ class Generator:
         """One plain request (no tools): the sampled ids and their log-probs (greedy unless
         `temperature` is given). For tests and benchmarks."""
         params.setdefault("temperature", 0.0)
-        async with self._update_lock:
-            stream = self._register(token_ids, self._params(max_tokens, **params))
-            ids: list[int] = []
-            logprobs: list[float] = []
-            try:
-                async for delta in stream:
-                    ids += delta.token_ids
-                    logprobs += delta.logprobs
-            finally:
-                await stream.aclose()
+        rid = await self._enter(rollout=False)
+        stream = _EngineStream(self, rid, self._version, token_ids, self._params(max_tokens, **params))
+        ids: list[int] = []
+        logprobs: list[float] = []
+        try:
+            async for delta in stream:
+                ids += delta.token_ids
+                logprobs += delta.logprobs
+        finally:
+            await stream.aclose()
         return ids, logprobs
 
     async def compute_logprobs(self, token_ids_B: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -425,22 +451,24 @@ class Generator:
         from vllm.inputs import TokensPrompt
 
         async def one(ids: Sequence[int]) -> np.ndarray:
-            rid = f"{self.name}-lp-{next(self._ids)}"
+            rid = await self._enter(rollout=False)
             from vllm.sampling_params import RequestOutputKind
 
             params = self._params(1, temperature=0.0, logprobs=None, prompt_logprobs=0,
                                   output_kind=RequestOutputKind.FINAL_ONLY)
             out = None
-            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, rid):
-                pass
+            try:
+                async for out in self._engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params, rid):
+                    pass
+            finally:
+                self._release(rid)
             lp = np.zeros(len(ids), dtype=np.float32)
             for t, entry in enumerate(out.prompt_logprobs):
                 if entry is not None:
                     lp[t] = entry[ids[t]].logprob
             return lp
 
-        async with self._update_lock:
-            return list(await asyncio.gather(*(one(ids) for ids in token_ids_B)))
+        return list(await asyncio.gather(*(one(ids) for ids in token_ids_B)))
 
     def shutdown(self) -> None:
         engine, self._engine = self._engine, None

@@ -165,22 +165,25 @@ def _rollout_part(local: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ 2. raw tokens/s
+# The engine side runs first; transformers runs after the engine is shut down (the vLLM CPU worker's
+# OpenMP threads would otherwise compete with it for the same cores).
 
 
-def _raw_part(local: Any, model_dir: str, dtype: str, args: argparse.Namespace) -> dict[str, float]:
-    import torch
-    from transformers import AutoModelForCausalLM
+def _raw_prompts(tokenizer: Any, args: argparse.Namespace) -> list[list[int]]:
+    return [list(t.prompt_token_ids) for t in _tasks(tokenizer, args.raw_batch)]
+
+
+def _raw_vllm(local: Any, args: argparse.Namespace) -> float:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
     gen = local.gen
-    tok = gen.tokenizer
-    prompts = [list(t.prompt_token_ids) for t in _tasks(tok, args.raw_batch)]
+    prompts = _raw_prompts(gen.tokenizer, args)
     params = SamplingParams(n=1, temperature=1.0, max_tokens=args.raw_tokens, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL_ONLY)
 
-    async def vllm_batch(tag: str) -> int:
+    async def batch(tag: str) -> int:
         async def one(i: int, ids: list[int]) -> int:
             out = None
             async for out in gen.engine.generate(TokensPrompt(prompt_token_ids=ids), params, f"raw-{tag}-{i}"):
@@ -189,51 +192,59 @@ def _raw_part(local: Any, model_dir: str, dtype: str, args: argparse.Namespace) 
 
         return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
-    local.run(vllm_batch("warm"))
+    local.run(batch("warm"))
     local.run(gen.engine.reset_prefix_cache())
     t0 = time.perf_counter()
-    n_vllm = local.run(vllm_batch("run"))
-    vllm_tps = n_vllm / (time.perf_counter() - t0)
+    n = local.run(batch("run"))
+    return n / (time.perf_counter() - t0)
 
+
+def _raw_hf(model_dir: str, dtype: str, args: argparse.Namespace) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = _raw_prompts(tok, args)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     width = max(len(p) for p in prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kw = {"attention_mask": mask, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-              "max_new_tokens": args.raw_tokens, "min_new_tokens": args.raw_tokens, "pad_token_id": pad}
+    kw = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "pad_token_id": pad}
     with torch.no_grad():
-        model.generate(input_ids[:2], **{**kw, "attention_mask": mask[:2], "max_new_tokens": 4, "min_new_tokens": 4})
+        model.generate(input_ids[:2], attention_mask=mask[:2], max_new_tokens=4, min_new_tokens=4, **kw)
         t0 = time.perf_counter()
-        out = model.generate(input_ids, **kw)
-        hf_tps = (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t0)
-    return {"vllm_tok_per_s": vllm_tps, "transformers_tok_per_s": hf_tps, "vllm_over_transformers": vllm_tps / hf_tps}
+        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=args.raw_tokens,
+                             min_new_tokens=args.raw_tokens, **kw)
+        return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t0)
 
 
 # -------------------------------------------------------------------------- 3. log-prob mismatch
 
 
-def _mismatch_part(local: Any, model_dir: str, dtype: str, args: argparse.Namespace) -> dict[str, float]:
-    """vLLM's behaviour log-probs of its own samples against a transformers forward pass at equal
-    weights, in the engine's dtype and in fp32 (the learner's master weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def _mismatch_samples(local: Any, args: argparse.Namespace) -> list[tuple[list[int], list[int], list[float]]]:
+    """Sequences the engine samples at temperature 1, with its behaviour log-probs."""
     gen = local.gen
     prompts = [list(t.prompt_token_ids) for t in _tasks(gen.tokenizer, args.mismatch_seqs)]
 
     async def sample_all() -> list[tuple[list[int], list[float]]]:
         return await asyncio.gather(*(gen.sample(p, 64, temperature=1.0, ignore_eos=True) for p in prompts))
 
-    samples = local.run(sample_all())
+    return [(p, ids, lps) for p, (ids, lps) in zip(prompts, local.run(sample_all()), strict=True)]
+
+
+def _mismatch_hf(model_dir: str, dtype: str, samples: list) -> dict[str, float]:
+    """|behaviour - learner| per token, the learner forward in the engine's dtype and in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     result: dict[str, float] = {}
     for learner_dtype in sorted({dtype, "float32"}):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, learner_dtype)).eval()
         diffs = []
         with torch.no_grad():
-            for p, (ids, lps) in zip(prompts, samples, strict=True):
-                full = torch.tensor([p + ids])
-                logp = model(full).logits[0].float().log_softmax(-1)
+            for p, ids, lps in samples:
+                logp = model(torch.tensor([p + ids])).logits[0].float().log_softmax(-1)
                 ref = logp[len(p) - 1 : -1].gather(1, torch.tensor(ids)[:, None])[:, 0]
                 diffs.append(np.abs(np.array(lps) - ref.numpy()))
         d = np.concatenate(diffs)
@@ -283,16 +294,23 @@ def run(argv: list[str]) -> dict[str, Any]:
         key = f"{name}_{dtype}"
         info = json.loads((Path(model_dir) / "build_info.json").read_text())
         results[key] = {"engine_start_s": time.perf_counter() - t0, "parameters": info["num_parameters"]}
+        samples = None
         try:
             if key == "tiny_float32" and "rollout" in parts:
                 results["rollout"] = _rollout_part(local, args)
             if "raw" in parts:
-                results[key]["raw"] = _raw_part(local, model_dir, dtype, args)
+                results[key]["raw"] = {"vllm_tok_per_s": _raw_vllm(local, args)}
             if "mismatch" in parts:
-                results[key]["mismatch"] = _mismatch_part(local, model_dir, dtype, args)
+                samples = _mismatch_samples(local, args)
         finally:
             local.close()
             local.pool.close()
+        if "raw" in parts:
+            raw = results[key]["raw"]
+            raw["transformers_tok_per_s"] = _raw_hf(model_dir, dtype, args)
+            raw["vllm_over_transformers"] = raw["vllm_tok_per_s"] / raw["transformers_tok_per_s"]
+        if samples is not None:
+            results[key]["mismatch"] = _mismatch_hf(model_dir, dtype, samples)
     _print_tables(results, args)
     return results
 
