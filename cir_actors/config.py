@@ -75,6 +75,12 @@ class DataConfig(Section):
     """Synthetic training problems."""
     num_eval: int = Field(200, ge=1)
     """Synthetic held-out problems."""
+    kinds: list[
+        Literal["mul", "powmod", "product", "modpow", "range_sum", "square_sum", "count_divisible",
+                "digit_sum_power", "arith_series"]
+    ] | None = ["mul", "powmod"]
+    """Synthetic task kinds (None: all). The default two are what the tiny demo model learns in
+    minutes; the others (longer numbers, several wordings) are harder (cir_actors/tasks.py)."""
     seed: int = 0
     """Seed for the synthetic task generator and for shuffling."""
     shuffle: bool = True

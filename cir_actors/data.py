@@ -251,7 +251,7 @@ def load_tasks(cfg: Any, tokenizer: Any, split: str) -> list[Task]:
         n = d.num_train if split == "train" else d.num_eval
         return [
             make_task(p.task_id, p.problem, p.gold, tokenizer, use_chat, max_tokens, p.kind)
-            for p in generate_problems(n, seed=d.seed, split=split)
+            for p in generate_problems(n, seed=d.seed, split=split, kinds=d.kinds)
         ]
     path = d.train_path if split == "train" else d.eval_path
     if path is None:

@@ -120,7 +120,21 @@ def _arith_series(rng: random.Random) -> tuple[tuple[int, ...], list[str], str, 
     return (first, step, n), texts, f"print(sum({first} + {step} * k for k in range({n})))", total
 
 
+def _mul(rng: random.Random) -> tuple[tuple[int, ...], list[str], str, int]:
+    # The demo's kinds (mul, powmod): one wording, 2-3 digit numbers, so a 0.4M-parameter model
+    # learns to copy them into code within a minute of SFT — and still cannot multiply in its head.
+    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    return (a, b), [f"What is {a} times {b}?"], f"print({a} * {b})", a * b
+
+
+def _powmod(rng: random.Random) -> tuple[tuple[int, ...], list[str], str, int]:
+    a, e, m = rng.randint(2, 99), rng.randint(10, 99), rng.randint(10, 99)
+    return (a, e, m), [f"What is {a} to the power {e} modulo {m}?"], f"print(pow({a}, {e}, {m}))", pow(a, e, m)
+
+
 KINDS: dict[str, Callable[[random.Random], tuple[tuple[int, ...], list[str], str, int]]] = {
+    "mul": _mul,
+    "powmod": _powmod,
     "product": _product,
     "modpow": _modpow,
     "range_sum": _range_sum,
@@ -137,25 +151,38 @@ def split_of(kind: str, params: tuple[int, ...]) -> str:
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < EVAL_FRACTION else "train"
 
 
-def make_problem(seed: int, split: str, index: int) -> Problem:
-    """The `index`-th problem of `split` for `seed` (a pure function; retries until the split fits)."""
+def _kind_set(kinds: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    chosen = tuple(sorted(set(kinds))) if kinds else tuple(sorted(KINDS))
+    unknown = [k for k in chosen if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown task kind(s) {unknown}; expected some of {sorted(KINDS)}")
+    return chosen
+
+
+def make_problem(seed: int, split: str, index: int, kinds: list[str] | tuple[str, ...] | None = None) -> Problem:
+    """The `index`-th problem of `split` for `seed`, drawn from `kinds` (None: all kinds); a pure
+    function (retries until the split fits). The id names the kind set when one is given."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    chosen = _kind_set(kinds)
+    suffix = "" if kinds is None else "-" + "+".join(chosen)
     for attempt in range(10_000):
-        rng = random.Random(f"{seed}:{split}:{index}:{attempt}")
-        kind = rng.choice(sorted(KINDS))
+        rng = random.Random(f"{seed}:{split}:{index}:{attempt}" + suffix)
+        kind = rng.choice(chosen)
         params, texts, code, answer = KINDS[kind](rng)
         if split_of(kind, params) == split:
-            return Problem(f"syn-{split}-{seed}-{index}", kind, rng.choice(texts), str(answer), code)
+            return Problem(f"syn-{split}-{seed}-{index}{suffix}", kind, rng.choice(texts), str(answer), code)
     raise RuntimeError("unreachable: no problem of the split found in 10000 draws")
 
 
-def generate_problems(n: int, seed: int = 0, split: str = "train") -> list[Problem]:
+def generate_problems(
+    n: int, seed: int = 0, split: str = "train", kinds: list[str] | tuple[str, ...] | None = None
+) -> list[Problem]:
     """The first n problems of a split."""
-    return [make_problem(seed, split, i) for i in range(n)]
+    return [make_problem(seed, split, i, kinds) for i in range(n)]
 
 
-_ID_RE = re.compile(r"^syn-(train|eval)-(-?\d+)-(\d+)$")
+_ID_RE = re.compile(r"^syn-(train|eval)-(-?\d+)-(\d+)(?:-([a-z_+]+))?$")
 
 
 def problem_for(task: Task) -> Problem:
@@ -163,7 +190,8 @@ def problem_for(task: Task) -> Problem:
     m = _ID_RE.match(task.task_id)
     if m is None:
         raise ValueError(f"task '{task.task_id}' is not a synthetic task (expected an id like syn-train-0-17)")
-    prob = make_problem(int(m.group(2)), m.group(1), int(m.group(3)))
+    kinds = m.group(4).split("+") if m.group(4) else None
+    prob = make_problem(int(m.group(2)), m.group(1), int(m.group(3)), kinds)
     if prob.problem != task.problem:
         raise ValueError(f"task '{task.task_id}' does not match its regenerated problem text")
     return prob

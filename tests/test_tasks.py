@@ -34,10 +34,10 @@ def ints(text: str) -> list[int]:
 def independent_answer(kind: str, text: str) -> int:
     """Solve the problem from its wording alone, by a different computation than the generator's."""
     n = ints(text)
-    if kind == "product":
+    if kind in ("product", "mul"):
         a, b = n
         return int(sympy.Mul(sympy.Integer(a), sympy.Integer(b)))
-    if kind == "modpow":
+    if kind in ("modpow", "powmod"):
         a, e, m = n
         return int(sympy.Integer(a) ** e % m)
     if kind == "range_sum":
@@ -138,3 +138,15 @@ def test_demonstration_rejects_foreign_tasks(tok):
     real = make_problem(0, "train", 5)
     with pytest.raises(ValueError, match="does not match"):
         demonstration_trajectory(Task(real.task_id, "edited problem", real.gold, text, tuple(ids)), tok)
+
+
+def test_kind_selection_and_regeneration_from_id():
+    probs = generate_problems(40, seed=1, split="train", kinds=["powmod", "mul"])
+    assert {p.kind for p in probs} == {"mul", "powmod"}
+    assert all(p.task_id.endswith("-mul+powmod") for p in probs)
+    for p in probs[:10]:
+        task = Task(task_id=p.task_id, problem=p.problem, gold=p.gold, prompt_text=p.problem, prompt_token_ids=(1,))
+        assert problem_for(task) == p
+        assert str(independent_answer(p.kind, p.problem)) == p.gold
+    with pytest.raises(ValueError, match="unknown task kind"):
+        make_problem(0, "train", 0, ["nope"])
