@@ -49,8 +49,10 @@ import numpy as np
 import torch
 
 from cir_actors.advantages import compute_advantages
+from cir_actors.cluster import Role, actor_options
 from cir_actors.config import Config
 from cir_actors.loss import policy_loss, token_entropy, token_logprobs
+from cir_actors.metrics import LearnerMetrics
 from cir_actors.types import FinishReason, PolicyUpdate, ScoredTrajectory, Trajectory
 
 MAX_SUMS = ("ratio_max", "is_weight_max")
@@ -407,8 +409,10 @@ class LearnerRank:
                 t = p.detach().to("cpu", self.publish_dtype)
                 yield name, (t.clone() if clone and t.data_ptr() == p.data_ptr() else t)
 
-    def publish_object_store(self) -> tuple[list[Any], str] | None:
-        """Rank 0: ([ref to the state dict], fingerprint). Other ranks (ZeRO-3 only) help gather."""
+    def publish_object_store(self) -> tuple[list[Any], str, dict] | None:
+        """Rank 0: ([ref to the state dict], fingerprint, timings). Other ranks (ZeRO-3 only) help
+        gather. Tensors are stored as raw bytes (Ray's zero-copy tensor serialisation, set in the
+        rank's environment by `Learner`): readers get read-only views of the store, no copy."""
         import ray
 
         from cir_actors.weight_sync import fingerprint
@@ -417,33 +421,52 @@ class LearnerRank:
             for _ in self.iter_full_weights(clone=False):
                 pass
             return None
-        state = dict(self.iter_full_weights(clone=True))
-        return [ray.put(state)], fingerprint(state.items())
+        t0 = time.perf_counter()
+        # ray.put copies the bytes into the store at once; only gathered ZeRO-3 tensors, which are
+        # freed when their gather ends, must be cloned first.
+        state = dict(self.iter_full_weights(clone=self.zero3))
+        t1 = time.perf_counter()
+        checksum = fingerprint(state.items())
+        t2 = time.perf_counter()
+        ref = ray.put(state)
+        t3 = time.perf_counter()
+        return [ref], checksum, {"gather_s": t1 - t0, "fingerprint_s": t2 - t1, "put_s": t3 - t2}
 
-    def full_fingerprint(self) -> str | None:
-        from cir_actors.weight_sync import StreamingFingerprint
+    def prepare_broadcast(self, num_receivers: int) -> tuple[str, str, dict] | None:
+        """Rank 0: open (once) the broadcast group's rendezvous; (address, fingerprint of the
+        current weights, timings). Other ranks (ZeRO-3 only) help gather."""
+        from cir_actors.weight_sync import BroadcastSender, StreamingFingerprint
 
+        t0 = time.perf_counter()
         fp = StreamingFingerprint()
         for name, t in self.iter_full_weights(clone=False):
             fp.add(name, t)
-        return fp.digest() if self.rank == 0 else None
-
-    def broadcast_address(self, num_receivers: int) -> str:
-        """Rank 0: open (once) the weight broadcast group's rendezvous; its address."""
-        from cir_actors.weight_sync import BroadcastSender
-
+        if self.rank != 0:
+            return None
         if self.sender is None or self.sender.world_size != num_receivers + 1:
             self.sender = BroadcastSender(num_receivers, self.lcfg.backend, device=str(self.device))
-        return self.sender.address
+        return self.sender.address, fp.digest(), {"fingerprint_s": time.perf_counter() - t0}
 
-    def publish_broadcast(self, version: int) -> str | None:
-        """Rank 0 streams the weights to the receivers (other ranks help gather under ZeRO-3)."""
+    def publish_broadcast(self, version: int) -> float | None:
+        """Rank 0 streams the weights to the receivers (other ranks help gather under ZeRO-3);
+        returns the seconds it took, from the first receiver's join to the last bucket."""
+        t0 = time.perf_counter()
         weights = (t for _, t in self.iter_full_weights(clone=False))
         if self.rank != 0:
             for _ in weights:
                 pass
             return None
-        return self.sender.send(version, self.weight_specs(), weights)
+        try:
+            self.sender.send(version, self.weight_specs(), weights, checksum=False)
+        except BaseException:
+            self.close_broadcast()  # a receiver died or timed out: the next publication re-forms the group
+            raise
+        return time.perf_counter() - t0
+
+    def close_broadcast(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: str, step: int, version: int) -> None:
@@ -521,21 +544,27 @@ class Learner:
         self.cfg, self.model_path = cfg, str(path)
         self.num_receivers = num_receivers or cfg.generator.num_generators
         lcfg = cfg.learner
-        env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(lcfg.num_cpus)))}
+        env = {
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(max(1, int(lcfg.num_cpus))),
+            # published tensors go into the store as raw bytes and come out as zero-copy (read-only) views
+            "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+        }
         if cfg.model.device == "cpu":
             env["DS_ACCELERATOR"] = "cpu"
-        self.ranks = [
-            ray.remote(LearnerRank)
-            .options(
-                name=f"{name}-rank-{i}",
-                num_cpus=lcfg.num_cpus,
-                num_gpus=lcfg.num_gpus,
-                runtime_env={"env_vars": env},
-                max_concurrency=1,
+        self.ranks = []
+        for i in range(lcfg.num_ranks):
+            opts = actor_options(Role.LEARNER, cfg, i)  # learner-rank-i, resources, concurrency 1
+            if name != "learner":
+                opts["name"] = f"{name}-rank-{i}"
+            self.ranks.append(
+                ray.remote(LearnerRank)
+                .options(**opts, runtime_env={"env_vars": env})
+                .remote(cfg, self.model_path, i, lcfg.num_ranks)
             )
-            .remote(cfg, self.model_path, i, lcfg.num_ranks)
-            for i in range(lcfg.num_ranks)
-        ]
+        self.metrics = LearnerMetrics(name)
+        self.last_publish: dict[str, Any] = {}
+        self._pending_t0 = 0.0
         addr, port = ray.get(self.ranks[0].address.remote())
         info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
         self.num_params = info[0]["num_params"]
@@ -556,7 +585,9 @@ class Learner:
 
         if self._pending:
             pending, self._pending = self._pending, []
-            ray.get(pending)
+            send_s = ray.get(pending)[0]
+            self.last_publish.update(send_s=send_s, total_s=time.perf_counter() - self._pending_t0)
+            self.metrics.publish(self.last_publish["total_s"])
 
     def train_step(self, groups: list[list[Any]]) -> dict:
         """One RL step on complete groups (each a list of ScoredTrajectory or ObjectRefs to them).
@@ -594,6 +625,7 @@ class Learner:
             step=self._step,
             version=self.version,
         )
+        self.metrics.step(elapsed, int(out["seq_tokens"]), self.version, out["loss"])
         return out
 
     def sft_step(self, trajectories: list[Trajectory]) -> dict:
@@ -631,16 +663,30 @@ class Learner:
         via = via or self.cfg.learner.publish
         budget = self.cfg.scheduler.budget_at(self.version)
         involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
+        t0 = time.perf_counter()
         if via == "object_store":
-            results = ray.get([r.publish_object_store.remote() for r in involved])
-            (ref,), checksum = results[0]
+            (ref,), checksum, timings = ray.get([r.publish_object_store.remote() for r in involved])[0]
+            self.last_publish = {"via": via, "total_s": time.perf_counter() - t0, **timings}
+            self.metrics.publish(self.last_publish["total_s"])
             return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum)
         if via != "broadcast":
             raise ValueError(f"publish via '{via}': expected 'object_store' or 'broadcast'")
-        address = ray.get(self.ranks[0].broadcast_address.remote(self.num_receivers))
-        checksum = ray.get([r.full_fingerprint.remote() for r in involved])[0]
+        address, checksum, timings = ray.get(
+            [r.prepare_broadcast.remote(self.num_receivers) for r in involved]
+        )[0]
+        self.last_publish = {"via": via, "prepare_s": time.perf_counter() - t0, **timings}
         self._pending = [r.publish_broadcast.remote(self.version) for r in involved]
+        self._pending_t0 = t0
         return PolicyUpdate(version=self.version, budget=budget, checksum=checksum, broadcast_group=address)
+
+    def reset_broadcast(self) -> None:
+        """Dissolve the broadcast group; the next broadcast publication opens a new one (a new
+        address) that every generator joins afresh. Call it when a generator was replaced: a group's
+        membership is fixed when it forms."""
+        import ray
+
+        self._wait_pending()
+        ray.get(self.ranks[0].close_broadcast.remote())
 
     def wait_published(self) -> None:
         """Block until a broadcast publication has been received by every generator."""

@@ -161,10 +161,15 @@ def _make_group(backend: str, store: dist.Store, rank: int, world: int, host: st
     return dist.ProcessGroupNCCL(prefixed, rank, world, opts)
 
 
-def _broadcast(pg: Any, tensor: torch.Tensor) -> None:
+def _broadcast(pg: Any, tensor: torch.Tensor, wait: bool = True) -> Any:
+    """Broadcast from rank 0; with wait=False the caller waits on the returned work (and keeps
+    `tensor` alive until then), so that the next bucket is packed or consumed meanwhile."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    pg.broadcast([tensor], opts).wait()
+    work = pg.broadcast([tensor], opts)
+    if wait:
+        work.wait()
+    return work
 
 
 class BroadcastSender:
@@ -183,7 +188,7 @@ class BroadcastSender:
         host: str | None = None,
         port: int = 0,
         device: str = "cpu",
-        bucket_bytes: int = 64 << 20,
+        bucket_bytes: int = 16 << 20,
         timeout_s: float = 600.0,
     ) -> None:
         if num_receivers < 1:
@@ -200,9 +205,12 @@ class BroadcastSender:
         self.address = group_address(backend, self.host, self._store.port, self.world_size)
         self._pg: Any = None
 
-    def send(self, version: int, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> str:
+    def send(
+        self, version: int, specs: list[TensorSpec], tensors: Iterable[torch.Tensor], *, checksum: bool = True
+    ) -> str:
         """Broadcast one publication: `tensors` in the order of `specs` (a stream is fine: each is
-        copied into a bucket as it comes). Returns the fingerprint of what was sent."""
+        copied into a bucket as it comes). With `checksum`, returns the fingerprint of what was
+        sent (one more pass over the weights; the learner, which computes it before publishing, passes False)."""
         if self._pg is None:
             self._pg = _make_group(self.backend, self._store, 0, self.world_size, self.host, self._timeout)
         header = msgpack.packb(
@@ -216,6 +224,7 @@ class BroadcastSender:
         _broadcast(self._pg, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device))
         fp = StreamingFingerprint()
         it = iter(tensors)
+        in_flight: tuple[Any, torch.Tensor] | None = None  # one bucket on the wire while the next is packed
         for bucket in plan_buckets(specs, self.bucket_bytes):
             buf = torch.empty(_bucket_size(specs, bucket), dtype=torch.uint8, device=self.device)
             for i, offset in bucket:
@@ -225,9 +234,14 @@ class BroadcastSender:
                         f"tensor '{spec.name}' is {t.dtype}{tuple(t.shape)}, its spec says {spec}"
                     )
                 buf[offset : offset + spec.nbytes].view(t.dtype).copy_(t.reshape(-1))
-                fp.add(spec.name, t)
-            _broadcast(self._pg, buf)
-        return fp.digest()
+                if checksum:
+                    fp.add(spec.name, t)
+            if in_flight is not None:
+                in_flight[0].wait()
+            in_flight = (_broadcast(self._pg, buf, wait=False), buf)
+        if in_flight is not None:
+            in_flight[0].wait()
+        return fp.digest() if checksum else ""
 
     def close(self) -> None:
         self._pg = None
@@ -283,9 +297,17 @@ def receive_broadcast(
         )
     if specs is not None and list(specs) != sent:
         raise RuntimeError("weight broadcast header does not match the expected tensor specs")
-    for bucket in plan_buckets(sent, header["bucket_bytes"]):
-        buf = torch.empty(_bucket_size(sent, bucket), dtype=torch.uint8, device=dev)
-        _broadcast(pg, buf)
+    plan = plan_buckets(sent, header["bucket_bytes"])
+
+    def post(k: int) -> tuple[Any, torch.Tensor]:
+        buf = torch.empty(_bucket_size(sent, plan[k]), dtype=torch.uint8, device=dev)
+        return _broadcast(pg, buf, wait=False), buf
+
+    pending = post(0) if plan else None
+    for k, bucket in enumerate(plan):
+        work, buf = pending
+        work.wait()
+        pending = post(k + 1) if k + 1 < len(plan) else None  # the next bucket arrives while this one is used
         for i, offset in bucket:
             spec = sent[i]
             yield spec.name, buf[offset : offset + spec.nbytes].view(_dtype(spec.dtype)).view(spec.shape)

@@ -225,8 +225,15 @@ def test_broadcast_reaches_a_receiver_in_another_process(ray_session, learner3, 
             expected = ray.get(by_store.weights)
             assert all(torch.equal(got[k], expected[k]) for k in expected) and got.keys() == expected.keys()
             learner3.train_step(batches["b"])
+        first_group = update.broadcast_group
+        learner3.reset_broadcast()  # the receiver leaves: the next publication forms a new group
+        assert learner3.publish(via="object_store").broadcast_group is None
     finally:
         ray.kill(receiver)
+    _STATE["first_group"] = first_group
+
+
+_STATE: dict = {}
 
 
 def test_checkpoint_round_trip_resumes_exactly(learner1, learner3, reference_step, batches, tmp_path):
@@ -303,6 +310,7 @@ def test_published_weights_in_vllm_reproduce_learner_logprobs(
         for learner, via in ((learner1, "object_store"), (learner3, "broadcast")):
             learner.train_step(batches["b"])  # weights away from the initial ones, whatever ran before
             update = learner.publish(via=via)
+            assert update.broadcast_group != _STATE.get("first_group")  # a new group after reset_broadcast
             served = tiny_generator.run(gen.update_weights(update), timeout=180)
             learner.wait_published()
             assert served.checksum == update.checksum and served.version == update.version
