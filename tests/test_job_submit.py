@@ -92,3 +92,24 @@ def test_a_failing_job_is_reported_as_failed(head):
     assert out.returncode != 0
     assert re.search(r"Job '\S+' failed", log), log[-4000:]
     assert "does not exist" in log  # the entrypoint's one-sentence error reaches the user
+
+
+def test_job_submit_runs_a_real_training_job(head, tmp_path):
+    """The main job itself, submitted: one real RL step (vLLM, sandbox, scorer, DeepSpeed) on the
+    head's 2 CPUs; the run directory lives outside the uploaded working dir."""
+    run_dir = tmp_path / "job-run"
+    out = subprocess.run(
+        ["ray", "job", "submit", "--address", head.dashboard_url, "--working-dir", ".", "--",
+         "python", "entrypoints/train.py", "--config", "configs/tiny_cpu.yaml",
+         f"logging.run_dir={run_dir}", "logging.wandb_mode=disabled", f"model.cache_dir={PROJECT_ROOT / '.cache' / 'models'}",
+         "scheduler.total_steps=1", "learner.prompts_per_step=2", "learner.mini_batch_prompts=2",
+         "generator.samples_per_prompt=2", "generator.max_response_tokens=32", "data.num_train=16",
+         "generator.num_cpus=0.5", "learner.num_cpus=0.5"],
+        check=False, cwd=PROJECT_ROOT, env=head.env(), capture_output=True, text=True, timeout=480,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert re.search(r"Job '\S+' succeeded", log), log[-4000:]
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and '"step": 1' in rows[0]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000001"
