@@ -326,3 +326,37 @@ def test_published_weights_in_vllm_reproduce_learner_logprobs(
         init = {k: v.detach().clone() for k, v in hf_init.named_parameters()}
         restore = PolicyUpdate(max(before, gen.served_version()) + 1, 2, init, fingerprint(init.items()))
         tiny_generator.run(gen.update_weights(restore), timeout=180)
+
+
+def test_entropy_bonus_and_kl_to_reference(ray_session, tiny_model_dir, hf_init, batches):
+    """With both optional terms on, every sample is trained (zero-advantage ones included), the
+    first update's loss is -(A token mean) - entropy_coef x (token-mean entropy, as transformers
+    computes it), the KL to the frozen initial model starts at 0 and grows once the weights move."""
+    from cir_actors.advantages import compute_advantages
+    from cir_actors.learner import Learner
+
+    over = {"learner.kl_coef": 0.1, "learner.entropy_coef": 0.01, "learner.mini_batch_prompts": 8}
+    learner = Learner(_cfg(**over), tiny_model_dir, name="test-learner-terms")
+    try:
+        first = learner.train_step(batches["a"])
+        second = learner.train_step(batches["a"])
+    finally:
+        learner.shutdown()
+    advs, _ = compute_advantages([np.array(r, float) for r in REWARDS], "grpo")
+    num, den, ent = 0.0, 0, 0.0
+    for g, group in enumerate(batches["a"]):
+        for a, st in zip(advs[g], group):
+            t = st.trajectory
+            mask = t.loss_mask_T.astype(bool)
+            mask[0] = False
+            with torch.no_grad():
+                logits = hf_init(torch.from_numpy(t.token_ids_T.astype(np.int64))[None]).logits[0, :-1]
+            h = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).numpy()
+            num += float(a) * mask.sum()
+            den += int(mask.sum())
+            ent += float(h[mask[1:]].sum())
+    assert first["trained_trajectories"] == sum(len(r) for r in REWARDS) and first["tokens"] == den
+    assert first["entropy"] == pytest.approx(ent / den, rel=1e-5)
+    assert first["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert first["update_losses"][0] == pytest.approx(-num / den - 0.01 * ent / den, rel=1e-5)
+    assert second["kl_ref"] > 1e-4
