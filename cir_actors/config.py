@@ -185,6 +185,9 @@ class LearnerConfig(Section):
     """torch.distributed backend."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
+    zero3_persistence_threshold: int = Field(100_000, ge=0)
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's
+    stage3_param_persistence_threshold); 0 partitions every parameter."""
     bf16: bool = False
     """Train in bf16 (fp32 master weights)."""
     lr: float = Field(1e-3, gt=0)

@@ -194,7 +194,10 @@ class LearnerRank:
             # we call backward once per micro-batch and step() once per mini-batch ourselves
             "managed_gradient_accumulation": False,
             "gradient_clipping": self.lcfg.grad_clip,
-            "zero_optimization": {"stage": self.lcfg.zero_stage},
+            "zero_optimization": {
+                "stage": self.lcfg.zero_stage,
+                "stage3_param_persistence_threshold": self.lcfg.zero3_persistence_threshold,
+            },
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": self.lcfg.bf16},
             "steps_per_print": 2**31 - 1,
@@ -237,9 +240,12 @@ class LearnerRank:
 
     @torch.no_grad()
     def _fill_proximal(self, samples: list[_Sample]) -> None:
-        for mb in self._micro_batches(samples):
-            batch = _collate(mb, self.device)
-            lp, _ = self._logprobs(batch, self.engine)
+        micro = self._micro_batches(samples)
+        # ZeRO-3 gathers parameters collectively inside every forward: all ranks run as many
+        n_micro = int(self._all_reduce([len(micro)], "max")[0]) if self.zero3 else len(micro)
+        for k in range(n_micro):
+            mb = micro[k] if k < len(micro) else []
+            lp, _ = self._logprobs(_collate(mb, self.device), self.engine)
             for b, s in enumerate(mb):
                 s.proximal_T = lp[b, : len(s.traj.token_ids_T)].float().cpu()
 
@@ -380,6 +386,13 @@ class LearnerRank:
         samples = [_Sample(_as_trajectory(ids), 0.0, 0) for ids in token_ids_B]
         self._fill_proximal(samples)
         return [s.proximal_T.numpy() for s in samples]
+
+    def partition_numel(self) -> int:
+        """Parameter elements this rank holds (under ZeRO-3 its partition, else the whole model)."""
+        return sum(
+            int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+            for p in self.engine.module.parameters()
+        )
 
     # ---------------------------------------------------------------- weights
     @staticmethod

@@ -49,15 +49,19 @@ def _model_logprobs(model, ids: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], lp[:, 0].numpy()]).astype(np.float32)
 
 
-def make_groups(model, seed: int, noise: float = 0.0) -> list[list[ScoredTrajectory]]:
+def make_groups(
+    model, seed: int, noise: float = 0.0, rewards_list=REWARDS, lengths=None
+) -> list[list[ScoredTrajectory]]:
     """Groups of trajectories: prompt, a sampled segment, an interpreter segment (mask 0), a sampled
-    segment. Behaviour log-probs are the model's own (on-policy), plus `noise` (off-policy)."""
+    segment. Behaviour log-probs are the model's own (on-policy), plus `noise` (off-policy).
+    `lengths`: per group, the (low, high) range of sequence lengths (default 18-50)."""
     rng = np.random.default_rng(seed)
     groups = []
-    for g, rewards in enumerate(REWARDS):
+    for g, rewards in enumerate(rewards_list):
         group = []
+        low, high = lengths[g] if lengths else (18, 50)
         for i, r in enumerate(rewards):
-            T, p = int(rng.integers(18, 50)), int(rng.integers(4, 9))
+            T, p = int(rng.integers(low, high)), int(rng.integers(4, 9))
             ids = rng.integers(3, 400, T).astype(np.int32)
             mask = np.zeros(T, np.int8)
             mask[p:] = 1
@@ -167,7 +171,8 @@ def learner3(ray_session, tiny_model_dir):
     from cir_actors.learner import Learner
 
     learner = Learner(
-        _cfg(**{"learner.num_ranks": 2, "learner.zero_stage": 3}),
+        # threshold 0: every parameter is partitioned (the tiny model's would all stay whole otherwise)
+        _cfg(**{"learner.num_ranks": 2, "learner.zero_stage": 3, "learner.zero3_persistence_threshold": 0}),
         tiny_model_dir,
         name="test-learner3",
         num_receivers=1,
@@ -176,6 +181,7 @@ def learner3(ray_session, tiny_model_dir):
     learner.shutdown()
 
 
+@pytest.mark.timeout(600, method="thread")  # a rank stuck in a collective never returns
 def test_zero3_publishes_full_weights(learner3, hf_init, reference_step, batches):
     """ZeRO-3 partitions every parameter over the two ranks; publishing gathers them whole, under
     their HF names, and a ZeRO-3 step matches the ZeRO-2 one."""
@@ -183,6 +189,8 @@ def test_zero3_publishes_full_weights(learner3, hf_init, reference_step, batches
 
     from cir_actors.weight_sync import fingerprint
 
+    held = ray.get([r.partition_numel.remote() for r in learner3.ranks])
+    assert max(held) < 0.55 * learner3.num_params  # really partitioned over the two ranks
     update0 = learner3.publish()
     state0 = ray.get(update0.weights)
     init = dict(hf_init.named_parameters())
@@ -196,6 +204,13 @@ def test_zero3_publishes_full_weights(learner3, hf_init, reference_step, batches
     assert update1.version == 1
     assert metrics["update_losses"] == pytest.approx(reference_step[0]["update_losses"], rel=1e-5)
     _assert_state_close(reference_step[2], ray.get(update1.weights), atol=1e-5)
+
+    # Very unequal shards (rank 0: 8 long sequences, one per micro-batch; rank 1: 4 short ones) and
+    # two updates, so a separate proximal pass: every rank must still run as many forwards.
+    rewards = [[1, -1, 1, -1], [1, -1], [1, -1, -1, 1], [-1, 1]] * 2
+    lengths = [(45, 60), (10, 14), (45, 60), (10, 14)] * 2
+    lopsided = learner3.train_step(make_groups(hf_init, seed=3, rewards_list=rewards, lengths=lengths))
+    assert lopsided["updates"] == 2 and lopsided["trained_trajectories"] == 24
 
 
 def test_broadcast_reaches_a_receiver_in_another_process(ray_session, learner3, batches):
