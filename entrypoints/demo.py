@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    p.add_argument("--sft-steps", type=int, default=400, help="SFT updates of the warm start")
+    p.add_argument("--sft-steps", type=int, default=650, help="SFT updates of the warm start")
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--eval-n", type=int, default=2, help="samples per held-out problem")
     p.add_argument("overrides", nargs="*")
