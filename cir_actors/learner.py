@@ -36,495 +36,18 @@ What this module does not do: decide when to train or publish (the training loop
 from __future__ import annotations
 
 import json
-import os
-import random
-import shutil
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from cir_actors.advantages import compute_advantages
 from cir_actors.cluster import Role, actor_options
 from cir_actors.config import Config
-from cir_actors.loss import policy_loss, token_entropy, token_logprobs
-from cir_actors.metrics import LearnerMetrics
-from cir_actors.types import FinishReason, PolicyUpdate, ScoredTrajectory, Trajectory
+from cir_actors.learner_rank import MAX_SUMS, MEAN_DIAGS, LearnerRank, plan_micro_batches
+from cir_actors.types import PolicyUpdate, Trajectory
 
-MAX_SUMS = ("ratio_max", "is_weight_max")
-MEAN_DIAGS = (
-    "clip_frac_low",
-    "clip_frac_high",
-    "dual_clip_frac",
-    "ratio_mean",
-    "is_weight_mean",
-    "is_cap_frac",
-    "kl_prox_behav",
-    "logprob_abs_diff",
-)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-
-
-def plan_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped into micro-batches whose padded size (rows x longest) is <= max_tokens;
-    longest first so rows of similar length share a batch. A row longer than max_tokens is alone."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-@dataclass
-class _Sample:
-    """One trajectory on a rank, with what the step computed for it."""
-
-    traj: Trajectory
-    advantage: float
-    minibatch: int
-    proximal_T: torch.Tensor | None = None
-
-
-def _collate(samples: list[_Sample], device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded [B, T] tensors; the first token never has a log-prob, so its mask is 0."""
-    T = max(len(s.traj.token_ids_T) for s in samples) if samples else 2
-    B = max(len(samples), 1)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T)
-    behav = torch.zeros(B, T)
-    prox = torch.zeros(B, T)
-    adv = torch.zeros(B)
-    for b, s in enumerate(samples):
-        n = len(s.traj.token_ids_T)
-        ids[b, :n] = torch.from_numpy(s.traj.token_ids_T.astype(np.int64))
-        attn[b, :n] = 1
-        mask[b, :n] = torch.from_numpy(s.traj.loss_mask_T.astype(np.float32))
-        behav[b, :n] = torch.from_numpy(s.traj.logprobs_T.astype(np.float32))
-        if s.proximal_T is not None:
-            prox[b, :n] = s.proximal_T
-        adv[b] = s.advantage
-    if not samples:  # an empty micro-batch that keeps a short rank in step with the others
-        attn[0] = 1
-    mask[:, 0] = 0
-    out = {"input_ids": ids, "attention_mask": attn, "mask": mask, "behav": behav, "prox": prox, "adv": adv}
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def _as_trajectory(token_ids: np.ndarray) -> Trajectory:
-    """A bare sequence wrapped for the batching code (all tokens count as sampled)."""
-    ids = np.asarray(token_ids, dtype=np.int32)
-    n = len(ids)
-    return Trajectory(
-        "",
-        0,
-        ids,
-        np.ones(n, np.int8),
-        np.zeros(n, np.float32),
-        np.zeros(n, np.int32),
-        1,
-        FinishReason.STOP,
-        0,
-    )
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class LearnerRank:
-    """One DeepSpeed data-parallel rank (a Ray actor in `Learner`; usable alone for world size 1)."""
-
-    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int) -> None:
-        self.cfg, self.model_path = cfg, str(model_path)
-        self.rank, self.world_size = rank, world_size
-        self.lcfg = cfg.learner
-        self.device = torch.device("cuda" if cfg.model.device == "cuda" else "cpu")
-        self.engine: Any = None
-        self.sender: Any = None
-        torch.set_num_threads(max(1, int(self.lcfg.num_cpus)))
-
-    def address(self) -> tuple[str, int]:
-        """Where rank 0 hosts the torch.distributed rendezvous."""
-        from cir_actors.weight_sync import node_ip
-
-        ip = node_ip()
-        return ip, _free_port(ip)
-
-    def setup(self, master_addr: str, master_port: int) -> dict:
-        """Join the world, load the model, build the engine (blocks until every rank joined)."""
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0",  # under Ray each rank sees only its own device
-        )
-        if self.device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-        from transformers import AutoModelForCausalLM
-
-        seed = self.lcfg.seed
-        random.seed(seed + self.rank)
-        np.random.seed(seed + self.rank)
-        torch.manual_seed(seed)  # identical on every rank: the model is loaded, not initialised
-        deepspeed.init_distributed(dist_backend=self.lcfg.backend, auto_mpi_discovery=False, verbose=False)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-        self.publish_dtype = getattr(torch, self.cfg.model.dtype)
-        self.ref_model = None
-        if self.lcfg.kl_coef > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.publish_dtype)
-            self.ref_model.to(self.device).eval().requires_grad_(False)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=self.lcfg.lr, weight_decay=self.lcfg.weight_decay
-        )
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            # we call backward once per micro-batch and step() once per mini-batch ourselves
-            "managed_gradient_accumulation": False,
-            "gradient_clipping": self.lcfg.grad_clip,
-            "zero_optimization": {
-                "stage": self.lcfg.zero_stage,
-                "stage3_param_persistence_threshold": self.lcfg.zero3_persistence_threshold,
-            },
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": self.lcfg.bf16},
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        self.engine.train()
-        self.zero3 = self.lcfg.zero_stage == 3
-        return {
-            "rank": self.rank,
-            "num_params": sum(self._shape_numel(p) for p in self.engine.module.parameters()),
-        }
-
-    # ---------------------------------------------------------------- collectives
-    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return t.tolist()
-
-    def _all_gather_object(self, obj: Any) -> list[Any]:
-        import torch.distributed as dist
-
-        if self.world_size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    # ---------------------------------------------------------------- forward passes
-    def _logprobs(self, batch: dict[str, torch.Tensor], model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_logprobs(logits, batch["input_ids"]), logits
-
-    def _micro_batches(self, samples: list[_Sample]) -> list[list[_Sample]]:
-        plan = plan_micro_batches([len(s.traj.token_ids_T) for s in samples], self.lcfg.micro_batch_tokens)
-        return [[samples[i] for i in mb] for mb in plan]
-
-    @torch.no_grad()
-    def _fill_proximal(self, samples: list[_Sample]) -> None:
-        micro = self._micro_batches(samples)
-        # ZeRO-3 gathers parameters collectively inside every forward: all ranks run as many
-        n_micro = int(self._all_reduce([len(micro)], "max")[0]) if self.zero3 else len(micro)
-        for k in range(n_micro):
-            mb = micro[k] if k < len(micro) else []
-            lp, _ = self._logprobs(_collate(mb, self.device), self.engine)
-            for b, s in enumerate(mb):
-                s.proximal_T = lp[b, : len(s.traj.token_ids_T)].float().cpu()
-
-    def _run_minibatch(self, samples: list[_Sample], loss_fn: Any) -> dict:
-        """Forward/backward over micro-batches in step with the other ranks, then one optimizer step.
-        Returns summed diagnostics, `loss` being this rank's share of the global token-mean loss."""
-        micro = self._micro_batches(samples)
-        (n_micro,) = self._all_reduce([len(micro)], "max")
-        (n_tokens,) = self._all_reduce([sum(float(s.traj.loss_mask_T[1:].sum()) for s in samples)])
-        sums: dict[str, float] = {"loss": 0.0}
-        if n_tokens == 0:  # nothing to learn from on any rank: no update (all ranks agree)
-            return sums
-        for k in range(int(n_micro)):
-            batch = _collate(micro[k] if k < len(micro) else [], self.device)
-            lp, logits = self._logprobs(batch, self.engine)
-            loss, diag = loss_fn(batch, lp, logits, n_tokens)
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            sums["loss"] += float(loss.item())
-            n = diag.pop("num_tokens", 0.0)
-            for key, v in diag.items():
-                if key in MAX_SUMS:
-                    sums[key] = max(sums.get(key, 0.0), v)
-                else:
-                    sums[key] = sums.get(key, 0.0) + v * n
-            sums["tokens"] = sums.get("tokens", 0.0) + n
-            sums["seq_tokens"] = sums.get("seq_tokens", 0.0) + float(batch["attention_mask"].sum()) * (
-                k < len(micro)
-            )
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        sums["grad_norm"] = float(norm) if norm is not None else float("nan")
-        return sums
-
-    # ---------------------------------------------------------------- steps
-    def train_step(self, shard: list[tuple[int, int, list[Any]]]) -> dict:
-        """`shard`: (global group index, mini-batch index, the group's ScoredTrajectory or refs to
-        them). Returns this rank's sums; the driver merges ranks (`Learner.train_step`)."""
-        import ray
-
-        t0 = time.perf_counter()
-        groups: dict[int, tuple[int, list[ScoredTrajectory]]] = {}
-        for gidx, mb, items in shard:
-            refs = [i for i in items if isinstance(i, ray.ObjectRef)]
-            got = iter(ray.get(refs)) if refs else iter(())
-            groups[gidx] = (mb, [next(got) if isinstance(i, ray.ObjectRef) else i for i in items])
-        local = {
-            g: ([s.reward for s in st], [s.trajectory.num_sampled for s in st])
-            for g, (_, st) in groups.items()
-        }
-        merged: dict[int, Any] = {}
-        for part in self._all_gather_object(local):
-            merged.update(part)
-        order = sorted(merged)
-        advs, adv_stats = compute_advantages(
-            [np.asarray(merged[g][0]) for g in order],
-            self.lcfg.advantage,
-            num_tokens_list=[np.asarray(merged[g][1]) for g in order],
-        )
-        adv_of = dict(zip(order, advs))
-        extra_terms = self.lcfg.kl_coef > 0 or self.lcfg.entropy_coef > 0
-        samples = [
-            _Sample(st.trajectory, float(a), mb)
-            for g, (mb, sts) in sorted(groups.items())
-            for st, a in zip(sts, adv_of[g])
-            if a != 0.0 or extra_terms
-        ]
-        n_mb = int(self._all_reduce([max([mb for mb, _ in groups.values()], default=-1) + 1], "max")[0])
-        reuse_forward = n_mb == 1
-        if not reuse_forward:
-            self._fill_proximal(samples)
-
-        def loss_fn(batch, lp, logits, n_tokens):
-            prox = lp.detach() if reuse_forward else batch["prox"]
-            loss, diag = policy_loss(
-                lp, prox, batch["behav"], batch["adv"], batch["mask"],
-                clip_low=self.lcfg.clip_low, clip_high=self.lcfg.clip_high, is_cap=self.lcfg.is_cap,
-                dual_clip=self.lcfg.dual_clip, num_tokens=n_tokens,
-            )  # fmt: skip
-            return self._extra_terms(loss, diag, batch, lp, logits, n_tokens)
-
-        totals: dict[str, float] = {"loss": 0.0, "updates": 0}
-        for mb in range(n_mb):
-            sums = self._run_minibatch([s for s in samples if s.minibatch == mb], loss_fn)
-            totals.setdefault("update_losses", []).append(sums["loss"])
-            for k, v in sums.items():
-                if k in MAX_SUMS:
-                    totals[k] = max(totals.get(k, 0.0), v)
-                elif k == "grad_norm":
-                    totals.setdefault("grad_norms", []).append(v)
-                else:
-                    totals[k] = totals.get(k, 0.0) + v
-            totals["updates"] += "grad_norm" in sums
-        totals.update(
-            trajectories=sum(len(st) for _, st in groups.values()),
-            trained_trajectories=len(samples),
-            minibatches=n_mb,
-            adv_stats=adv_stats,
-            time_s=time.perf_counter() - t0,
-        )
-        return totals
-
-    def _extra_terms(self, loss, diag, batch, lp, logits, n_tokens):
-        """Optional KL (k3, against the frozen initial model) and entropy-bonus terms, token-mean."""
-        mask = batch["mask"]
-        if self.lcfg.entropy_coef > 0:
-            ent = token_entropy(logits)
-            loss = loss - self.lcfg.entropy_coef * (ent * mask).sum() / n_tokens
-        else:
-            with torch.no_grad():
-                ent = token_entropy(logits)
-        diag["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
-        if self.ref_model is not None:
-            with torch.no_grad():
-                ref, _ = self._logprobs(batch, self.ref_model)
-            d = ref.float() - lp
-            kl = torch.exp(d) - d - 1.0
-            loss = loss + self.lcfg.kl_coef * (kl * mask).sum() / n_tokens
-            diag["kl_ref"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
-        return loss, diag
-
-    def sft_step(self, trajectories: list[Trajectory]) -> dict:
-        """One optimizer update of cross-entropy on the loss-masked tokens (token mean over ranks)."""
-        t0 = time.perf_counter()
-        samples = [_Sample(t, 0.0, 0) for t in trajectories]
-
-        def loss_fn(batch, lp, logits, n_tokens):
-            mask = batch["mask"]
-            n = float(mask.sum())
-            return -(lp * mask).sum() / n_tokens, {"num_tokens": n}
-
-        sums = self._run_minibatch(samples, loss_fn)
-        sums.update(trajectories=len(trajectories), time_s=time.perf_counter() - t0)
-        return sums
-
-    @torch.no_grad()
-    def compute_logprobs(self, token_ids_B: list[np.ndarray]) -> list[np.ndarray]:
-        """log p(token t | tokens < t) under the current weights, per sequence; entry 0 is 0."""
-        samples = [_Sample(_as_trajectory(ids), 0.0, 0) for ids in token_ids_B]
-        self._fill_proximal(samples)
-        return [s.proximal_T.numpy() for s in samples]
-
-    def partition_numel(self) -> int:
-        """Parameter elements this rank holds (under ZeRO-3 its partition, else the whole model)."""
-        return sum(
-            int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
-            for p in self.engine.module.parameters()
-        )
-
-    # ---------------------------------------------------------------- weights
-    @staticmethod
-    def _shape_numel(p: torch.nn.Parameter) -> int:
-        return int(np.prod(getattr(p, "ds_shape", p.shape)))
-
-    def weight_specs(self) -> list:
-        from cir_actors.weight_sync import TensorSpec
-
-        dtype = str(self.publish_dtype).removeprefix("torch.")
-        return [
-            TensorSpec(name, dtype, tuple(getattr(p, "ds_shape", p.shape)))
-            for name, p in self.engine.module.named_parameters()
-        ]
-
-    def iter_full_weights(self, clone: bool):
-        """(hf_name, full tensor on CPU in the publish dtype) per parameter; under ZeRO-3 every rank
-        must iterate (each parameter is gathered collectively) and only rank 0 gets tensors."""
-        import deepspeed
-
-        for name, p in self.engine.module.named_parameters():
-            if self.zero3:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    t = p.data.detach().to("cpu", self.publish_dtype)
-                    yield name, (t.clone() if clone and t.data_ptr() == p.data.data_ptr() else t)
-            else:
-                t = p.detach().to("cpu", self.publish_dtype)
-                yield name, (t.clone() if clone and t.data_ptr() == p.data_ptr() else t)
-
-    def publish_object_store(self) -> tuple[list[Any], str, dict] | None:
-        """Rank 0: ([ref to the state dict], fingerprint, timings). Other ranks (ZeRO-3 only) help
-        gather. Tensors are stored as raw bytes (Ray's zero-copy tensor serialisation, set in the
-        rank's environment by `Learner`): readers get read-only views of the store, no copy."""
-        import ray
-
-        from cir_actors.weight_sync import fingerprint
-
-        if self.rank != 0:
-            for _ in self.iter_full_weights(clone=False):
-                pass
-            return None
-        t0 = time.perf_counter()
-        # ray.put copies the bytes into the store at once; only gathered ZeRO-3 tensors, which are
-        # freed when their gather ends, must be cloned first.
-        state = dict(self.iter_full_weights(clone=self.zero3))
-        t1 = time.perf_counter()
-        checksum = fingerprint(state.items())
-        t2 = time.perf_counter()
-        ref = ray.put(state)
-        t3 = time.perf_counter()
-        return [ref], checksum, {"gather_s": t1 - t0, "fingerprint_s": t2 - t1, "put_s": t3 - t2}
-
-    def prepare_broadcast(self, num_receivers: int) -> tuple[str, str, dict] | None:
-        """Rank 0: open (once) the broadcast group's rendezvous; (address, fingerprint of the
-        current weights, timings). Other ranks (ZeRO-3 only) help gather."""
-        from cir_actors.weight_sync import BroadcastSender, StreamingFingerprint
-
-        t0 = time.perf_counter()
-        fp = StreamingFingerprint()
-        for name, t in self.iter_full_weights(clone=False):
-            fp.add(name, t)
-        if self.rank != 0:
-            return None
-        if self.sender is None or self.sender.world_size != num_receivers + 1:
-            self.sender = BroadcastSender(num_receivers, self.lcfg.backend, device=str(self.device))
-        return self.sender.address, fp.digest(), {"fingerprint_s": time.perf_counter() - t0}
-
-    def publish_broadcast(self, version: int) -> float | None:
-        """Rank 0 streams the weights to the receivers (other ranks help gather under ZeRO-3);
-        returns the seconds it took, from the first receiver's join to the last bucket."""
-        t0 = time.perf_counter()
-        weights = (t for _, t in self.iter_full_weights(clone=False))
-        if self.rank != 0:
-            for _ in weights:
-                pass
-            return None
-        try:
-            self.sender.send(version, self.weight_specs(), weights, checksum=False)
-        except BaseException:
-            self.close_broadcast()  # a receiver died or timed out: the next publication re-forms the group
-            raise
-        return time.perf_counter() - t0
-
-    def close_broadcast(self) -> None:
-        if self.sender is not None:
-            self.sender.close()
-            self.sender = None
-
-    # ---------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, path: str, step: int, version: int) -> None:
-        from safetensors.torch import save_file
-
-        root = Path(path)
-        state = dict(self.iter_full_weights(clone=self.rank == 0))
-        if self.rank == 0:
-            hf = root / "hf"
-            hf.mkdir(parents=True, exist_ok=True)
-            for f in Path(self.model_path).iterdir():
-                if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
-                    shutil.copy2(f, hf / f.name)
-            save_file(
-                {k: v.contiguous() for k, v in state.items()}, str(hf / "model.safetensors"), {"format": "pt"}
-            )
-        del state
-        self.engine.save_checkpoint(
-            str(root / "deepspeed"), tag="state", client_state={"step": step, "version": version}
-        )
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, root / f"rng_rank{self.rank}.pt")
-        if self.rank == 0:
-            meta = {
-                "step": step,
-                "version": version,
-                "num_ranks": self.world_size,
-                "zero_stage": self.lcfg.zero_stage,
-            }
-            (root / "learner_state.json").write_text(json.dumps(meta))
-
-    def load_checkpoint(self, path: str) -> dict:
-        root = Path(path)
-        _, client = self.engine.load_checkpoint(
-            str(root / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        rng = torch.load(root / f"rng_rank{self.rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
-        return {"step": client["step"], "version": client["version"]}
+__all__ = ["Learner", "LearnerRank", "plan_micro_batches"]
 
 
 def _merge_rank_sums(parts: list[dict], extra_keys: tuple[str, ...] = ()) -> dict:
@@ -542,7 +65,10 @@ def _merge_rank_sums(parts: list[dict], extra_keys: tuple[str, ...] = ()) -> dic
 
 
 class Learner:
-    """Driver-side facade: creates the rank actors (named `{name}-rank-{i}`) and drives them."""
+    """Driver-side facade: creates the rank actors (`learner-rank-{i}`, or `{name}-rank-{i}`) and
+    drives them. `num_receivers`: generators in the weight broadcast group (default
+    generator.num_generators). Prometheus figures are the caller's to record (`LearnerMetrics`);
+    `last_publish` holds the latest publication's timings (gather, fingerprint, put or send)."""
 
     def __init__(
         self, cfg: Config, model_path: str | Path, *, name: str = "learner", num_receivers: int | None = None
@@ -575,11 +101,14 @@ class Learner:
                 .options(**opts, runtime_env={"env_vars": env})
                 .remote(cfg, self.model_path, i, lcfg.num_ranks)
             )
-        self.metrics = LearnerMetrics(name)
         self.last_publish: dict[str, Any] = {}
         self._pending_t0 = 0.0
-        addr, port = ray.get(self.ranks[0].address.remote())
-        info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        try:
+            addr, port = ray.get(self.ranks[0].address.remote())
+            info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        except BaseException:
+            self.shutdown()
+            raise
         self.num_params = info[0]["num_params"]
         self._step = 0
         self._pending: list[Any] = []  # an unfinished broadcast publication
@@ -600,7 +129,6 @@ class Learner:
             pending, self._pending = self._pending, []
             send_s = ray.get(pending)[0]
             self.last_publish.update(send_s=send_s, total_s=time.perf_counter() - self._pending_t0)
-            self.metrics.publish(self.last_publish["total_s"])
 
     def train_step(self, groups: list[list[Any]]) -> dict:
         """One RL step on complete groups (each a list of ScoredTrajectory or ObjectRefs to them).
@@ -638,7 +166,6 @@ class Learner:
             step=self._step,
             version=self.version,
         )
-        self.metrics.step(elapsed, int(out["seq_tokens"]), self.version, out["loss"])
         return out
 
     def sft_step(self, trajectories: list[Trajectory]) -> dict:
@@ -680,7 +207,6 @@ class Learner:
         if via == "object_store":
             (ref,), checksum, timings = ray.get([r.publish_object_store.remote() for r in involved])[0]
             self.last_publish = {"via": via, "total_s": time.perf_counter() - t0, **timings}
-            self.metrics.publish(self.last_publish["total_s"])
             return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum)
         if via != "broadcast":
             raise ValueError(f"publish via '{via}': expected 'object_store' or 'broadcast'")
