@@ -1,15 +1,18 @@
 """The learner: DeepSpeed data-parallel ranks, one Ray actor each, and the driver-side facade.
 
-`LearnerRank` is plain Python (Ray is applied in `Learner.__init__`): it holds one DeepSpeed engine
-(ZeRO 2 by default, 0/1/3 by config; a client torch AdamW, because DeepSpeed's own CPU Adam takes
-minutes to compile) in one torch.distributed world (gloo on CPU, nccl on GPU).
+`LearnerRank` (in `learner_rank.py`, re-exported here) is plain Python (Ray is applied in
+`Learner.__init__`): it holds one DeepSpeed engine (ZeRO 2 by default, 0/1/3 by config; a client
+torch AdamW, because DeepSpeed's own CPU Adam takes minutes to compile) in one torch.distributed
+world (gloo on CPU, nccl on GPU). Ranks are placed by Ray's scheduler as ordinary actors (no
+placement group), which is right for one node; a multi-node GPU learner wants them packed.
 
 A training step, for a batch of complete GRPO groups:
 1. The driver shards groups over ranks (whole groups; round-robin inside each optimizer
    mini-batch) and passes *references*: each rank `ray.get`s only its own trajectories.
 2. Advantages: every rank all-gathers the rewards of the whole batch (a few floats per sample)
    and runs the same `compute_advantages` on them, so GRPO's group statistics and the batch
-   whitening of REINFORCE++-baseline are those of the full batch whatever the sharding.
+   whitening of REINFORCE++-baseline are those of the full batch whatever the sharding. (Groups
+   go to ranks round-robin, not by token count: the driver never sees the trajectories.)
 3. Samples with advantage exactly 0 (their groups' rewards were all equal) are not run when no
    KL or entropy term is configured: their policy-gradient term is exactly zero. They are not in
    the token-mean denominator either (as if the buffer had dropped those groups, DAPO-style).
