@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import signal
@@ -38,6 +39,8 @@ from typing import Any, Self
 import yaml
 
 from cir_actors.config import Config
+
+log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = PROJECT_ROOT / "ray_cluster.yaml"
@@ -477,7 +480,14 @@ class LocalHead:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
-        return self.start()
+        # One retry: on a loaded 2-core machine a head's GCS can miss its first start-up deadline
+        # ("Failed to get node info: Deadline Exceeded"); a second start (same ports: an autoscaling
+        # config names the GCS address) succeeds.
+        try:
+            return self.start()
+        except RuntimeError as first:
+            log.warning("local Ray head did not start (%s); retrying once", str(first)[-200:])
+            return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -220,7 +220,7 @@ class Trainer:
                 update = ray.get(self.scheduler.advance.remote(update))
                 version = update.version
                 t_pub = time.monotonic()
-                learner_metrics.step(t_train - t_batch, int(train_metrics.get("tokens", 0)), version,
+                learner_metrics.step(t_train - t_batch, int(train_metrics.get("seq_tokens", 0)), version,
                                      train_metrics.get("loss"))
                 learner_metrics.publish(t_pub - t_train)
                 row = self._row(version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start,
