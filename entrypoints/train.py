@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cir_actors.config import ConfigError, dump_config, load_config  # noqa: E402
+from cir_actors.config import ConfigError, dump_config, load_config
 
 
 def main(argv: list[str]) -> int:

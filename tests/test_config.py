@@ -79,13 +79,13 @@ def test_bad_files(tmp_path):
 def test_dry_run_cli(tmp_path):
     ok = subprocess.run(
         [sys.executable, "entrypoints/train.py", "--config", "configs/tiny_cpu.yaml", "--dry-run", "learner.lr=0.01"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert ok.returncode == 0, ok.stderr
     assert "lr: 0.01" in ok.stdout
     bad = subprocess.run(
         [sys.executable, "entrypoints/train.py", "--dry-run", "generator.temperature=hot"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert bad.returncode != 0
     assert "generator.temperature" in bad.stderr and "hot" in bad.stderr and "Traceback" not in bad.stderr

@@ -41,8 +41,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     args = p.parse_args(argv)
     import ray
 
-    from cir_actors.trainer import init_ray
     from cir_actors.config import load_config
+    from cir_actors.trainer import init_ray
 
     model = args.model
     warm = ROOT / "runs" / "demo" / "warm_start" / "hf"
