@@ -39,6 +39,7 @@ What this module does not do: decide when to train or publish (the training loop
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ from cir_actors.learner_rank import MAX_SUMS, MEAN_DIAGS, LearnerRank, plan_micr
 from cir_actors.types import PolicyUpdate, Trajectory
 
 __all__ = ["Learner", "LearnerRank", "plan_micro_batches"]
+
+log = logging.getLogger(__name__)
 
 
 def _merge_rank_sums(parts: list[dict], extra_keys: tuple[str, ...] = ()) -> dict:
@@ -94,24 +97,32 @@ class Learner:
         }
         if cfg.model.device == "cpu":
             env["DS_ACCELERATOR"] = "cpu"
-        self.ranks = []
-        for i in range(lcfg.num_ranks):
-            opts = actor_options(Role.LEARNER, cfg, i)  # learner-rank-i, resources, concurrency 1
-            if name != "learner":
-                opts["name"] = f"{name}-rank-{i}"
-            self.ranks.append(
-                ray.remote(LearnerRank)
-                .options(**opts, runtime_env={"env_vars": env})
-                .remote(cfg, self.model_path, i, lcfg.num_ranks)
-            )
         self.last_publish: dict[str, Any] = {}
         self._pending_t0 = 0.0
-        try:
-            addr, port = ray.get(self.ranks[0].address.remote())
-            info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
-        except BaseException:
-            self.shutdown()
-            raise
+        # The rendezvous port is picked free by rank 0 and bound a moment later by torch.distributed;
+        # another process can take it in between (EADDRINUSE): then start the ranks again.
+        for attempt in range(3):
+            self.ranks = []
+            for i in range(lcfg.num_ranks):
+                opts = actor_options(Role.LEARNER, cfg, i)  # learner-rank-i, resources, concurrency 1
+                if name != "learner":
+                    opts["name"] = f"{name}-rank-{i}"
+                if attempt:  # the killed ranks may still hold their names for a moment
+                    opts["name"] += f"-retry{attempt}"
+                self.ranks.append(
+                    ray.remote(LearnerRank)
+                    .options(**opts, runtime_env={"env_vars": env})
+                    .remote(cfg, self.model_path, i, lcfg.num_ranks)
+                )
+            try:
+                addr, port = ray.get(self.ranks[0].address.remote())
+                info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
+                break
+            except BaseException as e:
+                self.shutdown()
+                if attempt == 2 or "EADDRINUSE" not in str(e):
+                    raise
+                log.warning("learner rendezvous port %d was taken; starting the ranks again", port)
         self.num_params = info[0]["num_params"]
         self._step = 0
         self._pending: list[Any] = []  # an unfinished broadcast publication
