@@ -9,163 +9,31 @@ a size-limited tmpfs as working dir, chroot into the jail, rlimits, an unprivile
 cleared environment, no_new_privs, landlock and seccomp. The zygote enforces the wall-clock deadline
 (SIGKILL to pid 1 tears down the namespace) and the output bound, reaps, and replies.
 
-Not here: the supervisor side, result formatting (`interpreter.py`), and the syscalls (`sandbox_layers.py`).
+Not here: the supervisor side, result formatting (`interpreter.py`), the child's side of each call
+(`sandbox_child.py`), and the syscalls (`sandbox_layers.py`).
 Every frame from a child is untrusted input: sizes are capped and fields type-checked.
 """
 
 from __future__ import annotations
 
-import builtins
 import collections
 import contextlib
 import errno
-import fcntl
 import gc
 import os
-import resource
 import selectors
 import signal
 import socket
-import sys
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 
 from cir_actors import sandbox_layers as L
+from cir_actors.sandbox_child import CHILD_ENV, MAX_ERROR_CHARS, WORKDIR, run_child
 
 LAYERS = ("namespaces", "filesystem_jail", "pid_namespace", "private_workdir", "rlimits", "unprivileged_uid",
           "cleared_env", "no_new_privs", "landlock", "seccomp")
-WORKDIR = "/sandbox"  # inside the jail; must not be a prefix of any jailed host path
-CHILD_ENV = {"PATH": "/usr/bin:/bin", "HOME": WORKDIR, "TMPDIR": WORKDIR, "LANG": "C.UTF-8",
-             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MAX_CHILD_FRAME = 1 << 20
-MAX_ERROR_CHARS = 2000
-WORKDIR_MB = 64
 SESSION_CPU_BLOCKS = 8
-
-
-# ---- the child: runs inside every layer ------------------------------------------------------
-
-_BUILTINS = dict(builtins.__dict__)
-
-
-def _run_block(code: str, scope: dict) -> tuple[bool, str | None]:
-    """exec one block; (ok, error line). Builtins the block replaced (print = None) are put back
-    afterwards, so that reporting its result and the next block of a session still work."""
-    raised: BaseException | None = None
-    try:
-        exec(compile(code, "<code>", "exec"), scope)  # noqa: S102 - running it is the point
-    except BaseException as e:  # noqa: BLE001 - everything the code raises is a result
-        raised = e
-    builtins.__dict__.update(_BUILTINS)
-    if raised is None:
-        ok, err = True, None
-    elif isinstance(raised, SystemExit):
-        ok = raised.code in (None, 0)
-        err = None if ok else f"SystemExit: {raised.code}"
-    else:
-        try:
-            ok, err = False, traceback.format_exception_only(type(raised), raised)[-1].strip()
-        except BaseException:  # noqa: BLE001 - an exception whose __str__ fails
-            ok, err = False, type(raised).__name__
-    with contextlib.suppress(BaseException):  # the code may have replaced or closed stdout
-        sys.stdout.flush()
-    if err is not None and len(err) > MAX_ERROR_CHARS:
-        err = err[: MAX_ERROR_CHARS // 2] + "..." + err[-MAX_ERROR_CHARS // 2 :]
-    return ok, err
-
-
-def _child(z: Zygote, slot: int, fds: tuple[int, int, int], stage: dict) -> None:
-    """Apply every active layer, then run the blocks the zygote sends on the command pipe. Never
-    returns. fds: (stdout pipe, result pipe, command pipe); stage["res"] is where the result pipe
-    currently is (so that a failure to apply a layer can be reported)."""
-    out_w, res_w, cmd_r = fds
-    on = z.active
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.setsid()
-    uid = gid = z.uid_base + slot if z.is_root else 0
-    devnull = os.open("/dev/null", os.O_RDWR)
-    # descriptors: 0 /dev/null, 1 stdout pipe, 2 /dev/null, 3 result pipe, 4 commands, 5 saved stdout
-    high = {name: fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for name, fd in
-            (("null", devnull), ("out", out_w), ("res", res_w), ("cmd", cmd_r))}
-    for name, dst in (("null", 0), ("out", 1), ("null", 2), ("res", 3), ("cmd", 4), ("out", 5)):
-        os.dup2(high[name], dst)
-    stage["res"] = 3
-    os.closerange(6, 1 << 16)
-    if on["private_workdir"]:
-        if on["filesystem_jail"]:
-            L.unshare(L.CLONE_NEWNS)
-            L.mount("cir-work", z.jail + WORKDIR, "tmpfs", L.MS_NOSUID | L.MS_NODEV,
-                    f"size={WORKDIR_MB}m,mode=0700,uid={uid},gid={gid}")
-        else:
-            work = tempfile.mkdtemp(dir=z.scratch)
-            os.chown(work, uid, gid)
-            os.chdir(work)
-    if on["filesystem_jail"]:
-        os.chroot(z.jail)
-        os.chdir(WORKDIR)
-    if on["rlimits"]:
-        cfg = z.cfg
-        lim = [(resource.RLIMIT_AS, z.base_vm_bytes + (cfg["memory_mb"] << 20)),
-               (resource.RLIMIT_FSIZE, WORKDIR_MB << 20),
-               (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_NPROC, cfg["max_processes"]),
-               (resource.RLIMIT_CORE, 0)]
-        for which, value in lim:
-            resource.setrlimit(which, (value, value))
-    if on["unprivileged_uid"] and z.is_root:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    if on["cleared_env"]:
-        os.environ.clear()
-        os.environ.update(CHILD_ENV)
-    if on["no_new_privs"] or on["landlock"] or on["seccomp"]:
-        L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
-    if on["landlock"]:
-        dev = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"]
-        work = WORKDIR if on["filesystem_jail"] else os.getcwd()
-        L.landlock_restrict(z.landlock_abi, z.ro_paths + dev, [work, "/dev/null"])
-    if on["seccomp"]:
-        L.load_seccomp(z.seccomp_bpf)
-    import io
-
-    # Unbuffered stdout: output printed before os._exit or a segfault is not lost.
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="replace",
-                                  write_through=True)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="replace",
-                                  write_through=True)
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    # Warm-up while nobody waits: the first block run in a fresh fork pays a few ms of copy-on-write
-    # faults (compiler, eval loop, io); take them here, with the output going nowhere.
-    os.dup2(2, 1)
-    _run_block("x = [i * 2 for i in range(3)]\nprint(x, 1.5)", {})
-    os.dup2(5, 1)
-    scope: dict = {"__name__": "__main__", "__builtins__": builtins}
-    reader = L.FrameReader()
-    while True:  # ready: wait for a block
-        msg = None
-        while msg is None:
-            data = os.read(4, 1 << 20)
-            if not data:
-                os._exit(0)
-            frames = reader.feed(data)
-            msg = frames[0] if frames else None
-        if "cpu_s" in msg and on["rlimits"]:  # the first block: from here on the limit can only go down
-            resource.setrlimit(resource.RLIMIT_CPU, (msg["cpu_s"], msg["cpu_s"]))
-        if msg.get("replay"):  # a lost session's earlier blocks, output discarded
-            os.dup2(2, 1)
-            for block in msg["replay"]:
-                _run_block(block, scope)
-            os.dup2(5, 1)
-        ok, err = _run_block(msg["code"], scope)
-        os.write(3, L.pack_frame({"ok": ok, "error": err}))
-        if not msg.get("keep"):
-            os._exit(0)
 
 
 # ---- the zygote: bookkeeping and the event loop ----------------------------------------------
@@ -380,7 +248,7 @@ class Zygote:
         if pid == 0:
             stage = {"res": res_w}
             try:
-                _child(self, slot, (out_w, res_w, cmd_r), stage)
+                run_child(self, slot, (out_w, res_w, cmd_r), stage)
             except BaseException as e:  # noqa: BLE001 - a layer could not be applied: no code runs
                 with contextlib.suppress(BaseException):
                     os.write(stage["res"], L.pack_frame({"ok": False, "error": f"SandboxError: {e}"}))
