@@ -189,8 +189,8 @@ def eval_cfg():
 @pytest.fixture(scope="module")
 def runner(eval_cfg, tiny_model_dir):
     """Engine and sandbox as local objects (the CLI with no Ray session). The Ray-actor setting
-    (use_ray=True: `ray job submit`, or after training) differs only in where the two live; a
-    second engine start would exceed this file's time budget, so it is not started here."""
+    (use_ray=True: `ray job submit`, the demo) differs only in where the two live: it gets one
+    short test of its own below (a second engine start, ~30 s)."""
     r = EvalRunner(eval_cfg, tiny_model_dir, use_ray=False)
     yield r
     r.close()
@@ -256,3 +256,21 @@ def test_evaluate_tiny_model_without_tools(runner, benchmarks, tmp_path):
     assert all(s["num_code_blocks"] >= 1 for s in probe)  # written, counted, not run
     assert results["benchmarks"]["probe"]["interp_error_rate"] is None
     assert "tools off" in (out / "results.md").read_text()
+
+
+def test_evaluate_through_ray_actors(ray_session, eval_cfg, tiny_model_dir, benchmarks, tmp_path):
+    """The setting of `ray job submit` and of the demo: the engine and the sandbox as Ray actors
+    (anonymous, so a training run's named actors can live beside them), gone after close()."""
+    import ray
+
+    with EvalRunner(eval_cfg, tiny_model_dir, use_ray=True) as runner:
+        results = runner.run({"probe": benchmarks["probe"]}, n=2, tools=True, out_dir=tmp_path, max_tool_calls=2)
+        actors = runner._gen_actors + runner._pool_actors
+        assert len(runner._gen_actors) == 1 and len(runner._pool_actors) == 1
+        assert ray.get(runner._gen_actors[0].served_version.remote()) == 0
+    assert results["settings"]["ray"] is True
+    samples = _samples(tmp_path)
+    assert len(samples) == 2 and all(s["tool_calls"][0]["ok"] and "42" in s["tool_calls"][0]["output"] for s in samples)
+    for actor in actors:  # close() killed them
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=60)
