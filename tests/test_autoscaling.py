@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cir_actors.cluster import ROLE_RESOURCE, LocalHead, Role, check_cluster_yaml
+from cir_actors.cluster import ROLE_RESOURCE, Role, check_cluster_yaml
+from cir_actors.local_head import LocalHead
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

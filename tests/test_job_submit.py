@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cir_actors.cluster import LocalHead
+from cir_actors.local_head import LocalHead
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MAX_UPLOAD_MIB = 5.0
