@@ -166,7 +166,8 @@ class Learner:
         out = _merge_rank_sums(parts)
         updates = max(parts[0]["updates"], 1)
         out["loss"] /= updates
-        out["grad_norm"] = float(np.mean(parts[0].get("grad_norms", [float("nan")])))
+        grad_norms = parts[0].get("grad_norms", [])
+        out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else None  # None: no update (no signal)
         out["update_losses"] = [float(sum(x)) for x in zip(*[p.get("update_losses", []) for p in parts])]
         out.update(
             updates=parts[0]["updates"],

@@ -2,12 +2,13 @@
 
 1. build the tiny model locally;
 2. warm-start it with SFT on tool-use demonstrations (the learner's SFT mode) until its estimated
-   sampled accuracy reaches --warm-target: RL learns only where the model is uncertain, not wrong;
+   sampled accuracy reaches --warm-target and each task kind's reaches --kind-floor: RL learns only
+   where the model is uncertain, not wrong;
 3. evaluate the warm start on held-out problems, with and without the interpreter;
 4. asynchronous RL with the interpreter on the synthetic task (the train entrypoint's code);
 5. evaluate the result the same way, and print the comparison (also run_dir/demo_results.md).
 
-`python entrypoints/demo.py [--warm-target T] [--sft-steps N] [--eval-n K] [dotted config overrides]`.
+`python entrypoints/demo.py [--warm-target T] [--kind-floor F] [--sft-steps N] [--eval-n K] [dotted config overrides]`.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sft-steps", type=int, default=1000, help="most SFT updates of the warm start")
     p.add_argument("--warm-target", type=float, default=0.55,
                    help="stop SFT once its estimated sampled accuracy reaches this (0 < t <= 1)")
+    p.add_argument("--kind-floor", type=float, default=0.25,
+                   help="... and every task kind's estimate reaches this (0 <= f <= 1)")
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--eval-n", type=int, default=2, help="samples per held-out problem")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     if not 0 < args.warm_target <= 1:
         p.error(f"--warm-target must be in (0, 1], got {args.warm_target}")
+    if not 0 <= args.kind_floor <= 1:
+        p.error(f"--kind-floor must be in [0, 1], got {args.kind_floor}")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -66,10 +71,12 @@ def main(argv: list[str]) -> int:
 
     t = time.monotonic()
     warm, sft = warm_start(cfg, base, run_dir / "warm_start", steps=args.sft_steps, lr=args.sft_lr,
-                           target_accuracy=args.warm_target)
+                           target_accuracy=args.warm_target, kind_floor=args.kind_floor)
     timings["sft_s"] = time.monotonic() - t
     print(f"[demo] SFT warm start: {sft['steps']} steps, loss {sft['first_loss']:.3f} -> {sft['last_loss']:.3f}, "
-          f"estimated sampled accuracy {sft['checks'][-1][1]:.1%} in {sft['time_s']:.0f} s", flush=True)
+          f"estimated sampled accuracy {sft['checks'][-1]['accuracy']:.1%} (by kind: "
+          + ", ".join(f"{k} {v:.1%}" for k, v in sft["checks"][-1]["by_kind"].items())
+          + f") in {sft['time_s']:.0f} s", flush=True)
 
     tokenizer = AutoTokenizer.from_pretrained(str(warm))
     held_out = {"synthetic-heldout": load_tasks(cfg, tokenizer, "eval")}

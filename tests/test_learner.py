@@ -375,3 +375,15 @@ def test_entropy_bonus_and_kl_to_reference(ray_session, tiny_model_dir, hf_init,
     assert first["kl_ref"] == pytest.approx(0.0, abs=1e-6)
     assert first["update_losses"][0] == pytest.approx(-num / den - 0.01 * ent / den, rel=1e-5)
     assert second["kl_ref"] > 1e-4
+
+
+def test_step_without_signal_leaves_weights_alone(learner1, hf_init):
+    """A batch whose every group is all-right or all-wrong (zero advantages; the demo meets several)
+    takes no optimizer update: the weights do not move and no grad norm is reported."""
+    import ray
+
+    before = ray.get(learner1.publish().weights)
+    metrics = learner1.train_step(make_groups(hf_init, seed=5, rewards_list=[[1, 1, 1, 1], [-1, -1, -1, -1]]))
+    after = ray.get(learner1.publish().weights)
+    assert metrics["updates"] == 0 and metrics["zero_adv_groups"] == 2 and metrics["grad_norm"] is None
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,8 +1,8 @@
 """The SFT warm start and the direction of learning on the real task format.
 
 Covers: the warm start's accuracy estimate (equal to plain transformers' probability of reproducing
-each demonstration), its stopping rule (stops at the first check that reaches the target, else
-runs every step) and its summary, and that one GRPO update on real demonstrations raises the
+each demonstration), its stopping rule (stops at the first check where the estimate reaches the
+target and every task kind's reaches the floor, else runs every step) and its summary, and that one GRPO update on real demonstrations raises the
 log-probability of the rewarded responses, and their margin over the punished ones.
 """
 
@@ -49,12 +49,12 @@ def _sequence_logprob(lp: np.ndarray, traj: Trajectory) -> float:
     return float((np.asarray(lp, np.float64) * traj.loss_mask_T)[1:].sum())
 
 
-def test_estimated_accuracy_is_the_probability_of_reproducing_demonstrations(learner, demos, tiny_model_dir):
+def test_estimate_is_the_probability_of_reproducing_each_demonstration(learner, demos, tiny_model_dir):
     import ray
     from transformers import AutoModelForCausalLM
 
     from cir_actors.loss import token_logprobs
-    from cir_actors.warm_start import estimated_accuracy
+    from cir_actors.warm_start import reproduction_probabilities
 
     learner.sft_step(demos)  # away from the uniform init, so the probabilities differ per demo
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
@@ -64,8 +64,8 @@ def test_estimated_accuracy_is_the_probability_of_reproducing_demonstrations(lea
         for d in demos:
             ids = torch.from_numpy(d.token_ids_T.astype(np.int64))[None]
             probs.append(np.exp(_sequence_logprob(token_logprobs(model(ids).logits, ids)[0].numpy(), d)))
-    assert 0 < np.mean(probs) < 1
-    assert estimated_accuracy(learner, demos) == pytest.approx(float(np.mean(probs)), rel=1e-4)
+    assert 0 < np.mean(probs) < 1 and np.ptp(np.log(probs)) > 1  # the demos differ, so the match is per demo
+    np.testing.assert_allclose(reproduction_probabilities(learner, demos), probs, rtol=1e-4)
 
 
 def _corrupt_answer(traj: Trajectory, tokenizer) -> Trajectory:
@@ -116,14 +116,21 @@ def test_warm_start_stops_at_the_target_and_reports_its_checks(ray_session, tiny
     cfg = _cfg()
     # a target the random model already meets: stop at the first check
     hf, summary = warm_start(cfg, tiny_model_dir, tmp_path / "early", steps=6, batch_size=4, target_accuracy=1e-300,
-                             check_every=2, check_size=16)
-    assert summary["steps"] == 2 and [s for s, _ in summary["checks"]] == [2]
+                             kind_floor=1e-300, check_every=2, check_size=16)
+    assert summary["steps"] == 2 and [c["step"] for c in summary["checks"]] == [2]
     assert AutoModelForCausalLM.from_pretrained(str(hf)) is not None
     # an unreachable target: every step runs, a check every 2 and at the end
     _, summary = warm_start(cfg, tiny_model_dir, tmp_path / "full", steps=5, batch_size=4, target_accuracy=1.0,
                             check_every=2, check_size=16)
-    assert summary["steps"] == 5 and [s for s, _ in summary["checks"]] == [2, 4, 5]
-    assert all(0 <= a < 1 for _, a in summary["checks"]) and summary["last_loss"] < summary["first_loss"]
+    assert summary["steps"] == 5 and [c["step"] for c in summary["checks"]] == [2, 4, 5]
+    assert all(0 <= c["accuracy"] < 1 for c in summary["checks"]) and summary["last_loss"] < summary["first_loss"]
+    # the target is met but the floor is not, for some kind: every step runs too
+    _, summary = warm_start(cfg, tiny_model_dir, tmp_path / "floor", steps=3, batch_size=4, target_accuracy=1e-300,
+                            kind_floor=1.0, check_every=2, check_size=16)
+    assert summary["steps"] == 3 and [c["step"] for c in summary["checks"]] == [2, 3]
+    check = summary["checks"][-1]
+    kinds = check["by_kind"]
+    assert len(kinds) > 1 and min(kinds.values()) <= check["accuracy"] <= max(kinds.values())
 
 
 def test_warm_start_needs_enough_problems_for_its_check(ray_session, tiny_model_dir, tmp_path):
