@@ -45,6 +45,8 @@ def warm_start(cfg: Config, base_model: str | Path, out_dir: str | Path, *, step
     from cir_actors.learner import Learner
     from cir_actors.tasks import demonstration_trajectory
 
+    if kind_floor > 0 and target_accuracy is None:
+        raise ValueError("kind_floor is a condition of the stop at target_accuracy; give target_accuracy too")
     if cfg.data.source != "synthetic":
         raise ValueError("warm_start needs data.source 'synthetic' (its demonstrations come from the task generator)")
     sft_cfg = cfg.model_copy(deep=True)

@@ -2,8 +2,9 @@
 
 Covers: the warm start's accuracy estimate (equal to plain transformers' probability of reproducing
 each demonstration), its stopping rule (stops at the first check where the estimate reaches the
-target and every task kind's reaches the floor, else runs every step) and its summary, and that one GRPO update on real demonstrations raises the
-log-probability of the rewarded responses, and their margin over the punished ones.
+target and every task kind's reaches the floor, else runs every step) and its summary, and that
+one GRPO update on real demonstrations raises the log-probability of the rewarded responses, and
+their margin over the punished ones.
 """
 
 from __future__ import annotations
@@ -138,3 +139,5 @@ def test_warm_start_needs_enough_problems_for_its_check(ray_session, tiny_model_
 
     with pytest.raises(ValueError, match="at least 256 training problems"):
         warm_start(_cfg("data.num_train=100"), tiny_model_dir, tmp_path, steps=1, target_accuracy=0.5)
+    with pytest.raises(ValueError, match="kind_floor is a condition of the stop at target_accuracy"):
+        warm_start(_cfg(), tiny_model_dir, tmp_path, steps=1, kind_floor=0.25)
