@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cir_actors.config import Config
-from cir_actors.types import GroupRequest, PolicyUpdate, Task
+from cir_actors.types import DropReason, GroupRequest, PolicyUpdate, Task
 
 
 class TaskStream:
@@ -88,13 +89,29 @@ class TaskStream:
 class _Counts:
     admitted: int = 0  # groups handed to generators, ever (including before a resume)
     completed: int = 0  # groups whose n samples all reached the buffer
-    failed: int = 0  # groups lost in flight and re-queued
-    released: int = 0  # groups that left without training (dropped by the buffer, failed)
+    trained: int = 0  # groups the learner trained on
+    dropped: Counter[str] = field(default_factory=Counter)  # groups that left untrained, by DropReason
     by_generator: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def released(self) -> int:
+        return sum(self.dropped.values())
+
+
+def data_key(cfg: Config) -> dict[str, Any]:
+    """What a resumed run's data must match (file, seed, order, kinds): a different data config
+    would make the saved loader position point at other prompts."""
+    return {k: v for k, v in cfg.data.model_dump(mode="json").items() if k != "num_cpus"}
 
 
 class BudgetScheduler:
-    """Plain Python; the system runs it as the async Ray actor named `scheduler`."""
+    """Plain Python; the system runs it as the async Ray actor named `scheduler`.
+
+    It also keeps the run's ledger of groups: each admitted group is in exactly one of in flight,
+    buffered (complete in the buffer), trained or dropped (by reason). The buffer reports completion
+    and its drops here before acting on them, the driver reports training and lost objects, so
+    `conservation()` is exact at any instant.
+    """
 
     def __init__(
         self,
@@ -117,9 +134,13 @@ class BudgetScheduler:
         self._version = self._update.version
         self._counts = _Counts()
         self._inflight: dict[int, tuple[GroupRequest, str]] = {}
+        self._buffered: set[int] = set()
         self._next_group_id = 0
         self._generators: dict[str, Any] = {}  # name -> handle with update_weights(update)
+        self._verified: dict[str, bool] = {}  # name -> echoed the fingerprint of what it was last sent
         self._served: dict[str, dict[str, Any]] = {}  # name -> what it reported after its last update
+        self._push_failures: dict[str, str] = {}  # name -> the sentence the driver ends the run with
+        self._dead: set[str] = set()  # generators whose actor died (the driver restarts them)
         self._pushes: set[asyncio.Task] = set()
         self._waiting: dict[str, float] = {}  # generator -> since when it waits for admission
         self._wait_s: dict[str, float] = {}  # accumulated admission wait per generator
@@ -136,8 +157,11 @@ class BudgetScheduler:
         return (self._version + self._max_staleness + 1) * self._batch - live
 
     def try_admit(self, generator: str, served_version: int) -> GroupRequest | None:
-        """A new group for `generator`, or None (at capacity, generator behind, stopped, or all steps' data admitted)."""
+        """A new group for `generator`, or None (at capacity, generator behind or not yet verified,
+        stopped, or all steps' data admitted)."""
         if self._stopped or served_version < self._version or self.capacity() <= 0:
+            return None
+        if not self._verified.get(generator, True) or generator in self._dead:
             return None
         if self._counts.admitted - self._counts.released >= self._total_steps * self._batch:
             return None  # every group the run will train on has been admitted
@@ -171,7 +195,8 @@ class BudgetScheduler:
                 if req is None and not self._stopped:
                     try:
                         await asyncio.wait_for(
-                            cond.wait_for(lambda: self._stopped or self._admissible(served_version)), timeout_s
+                            cond.wait_for(lambda: self._stopped or self._admissible(generator, served_version)),
+                            timeout_s,
                         )
                     except TimeoutError:
                         return None
@@ -180,8 +205,8 @@ class BudgetScheduler:
         finally:
             self._wait_s[generator] = self._wait_s.get(generator, 0.0) + self._clock() - self._waiting.pop(generator)
 
-    def _admissible(self, served_version: int) -> bool:
-        return served_version >= self._version and self.capacity() > 0
+    def _admissible(self, generator: str, served_version: int) -> bool:
+        return served_version >= self._version and self.capacity() > 0 and self._verified.get(generator, True)
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -193,40 +218,102 @@ class BudgetScheduler:
         async with cond:
             cond.notify_all()
 
-    # ---- group lifecycle -------------------------------------------------------------------
-    async def group_completed(self, group_id: int) -> None:
-        """All n samples of the group reached the buffer."""
-        if self._inflight.pop(group_id, None) is not None:
-            self._counts.completed += 1
-        self._export()
-
-    async def group_failed(self, group_id: int) -> None:
-        """A group was lost in flight (generator died, engine error): re-queue its task."""
+    # ---- the ledger: group lifecycle -------------------------------------------------------
+    def group_buffered(self, group_id: int) -> bool:
+        """The buffer completed the group (all n samples in). False: the group had already left
+        (its generator was declared dead and its prompt re-admitted), so the buffer must discard it."""
         entry = self._inflight.pop(group_id, None)
-        if entry is not None:
-            self._stream.requeue(entry[0].task)
-            self._counts.failed += 1
-            self._counts.released += 1
+        if entry is None:
+            return False
+        self._buffered.add(group_id)
+        self._counts.completed += 1
+        self._export()
+        return True
+
+    async def group_completed(self, group_id: int) -> None:
+        """All n samples reached the buffer (a buffer without a ledger; see `group_buffered`)."""
+        self.group_buffered(group_id)
+
+    def groups_trained(self, group_ids: list[int]) -> None:
+        """The learner trained on these buffered groups."""
+        for gid in group_ids:
+            if gid not in self._buffered:
+                raise ValueError(f"group {gid} trained but not buffered (trained twice, or never completed)")
+            self._buffered.discard(gid)
+            self._counts.trained += 1
+
+    async def groups_dropped(self, group_ids: list[int], reason: str, requeue: bool = False) -> int:
+        """Groups that leave untrained (buffered or in flight): counted by `reason`; with `requeue`
+        their prompts are admitted again. Returns how many were still here to drop."""
+        n = 0
+        for gid in group_ids:
+            if gid in self._buffered:
+                self._buffered.discard(gid)
+            elif gid in self._inflight:
+                req, _ = self._inflight.pop(gid)
+                if requeue:
+                    self._stream.requeue(req.task)
+            else:
+                continue
+            self._counts.dropped[str(reason)] += 1
+            n += 1
+        if n:
             await self._notify()
+        self._export()
+        return n
+
+    async def group_failed(self, group_id: int, reason: str = DropReason.ABORTED) -> None:
+        """A group was lost in flight (an infrastructure fault, an engine error): re-queue its task."""
+        await self.groups_dropped([group_id], reason, requeue=True)
 
     async def groups_released(self, count: int) -> None:
-        """The buffer dropped `count` complete groups (stale, zero advantage): free their slots."""
-        self._counts.released += count
+        """A buffer without a ledger dropped `count` complete groups: free their slots."""
+        self._counts.dropped["released"] += count
         await self._notify()
 
-    def fail_generator(self, generator: str) -> list[int]:
-        """Re-queue every group in flight on a dead generator; returns their ids."""
-        lost = [gid for gid, (_, g) in self._inflight.items() if g == generator]
-        for gid in lost:
-            req, _ = self._inflight.pop(gid)
-            self._stream.requeue(req.task)
-            self._counts.failed += 1
-            self._counts.released += 1
+    def inflight_of(self, generator: str) -> list[int]:
+        return [gid for gid, (_, g) in self._inflight.items() if g == generator]
+
+    async def fail_generator(self, generator: str) -> list[int]:
+        """The generator died: drop its in-flight groups (reason generator_lost), re-queue their
+        prompts, and admit it again only once it is registered anew and verified. Returns the ids."""
+        self._dead.add(generator)
+        self._verified[generator] = False
+        lost = self.inflight_of(generator)
+        await self.groups_dropped(lost, DropReason.GENERATOR_LOST, requeue=True)
         return lost
 
+    def conservation(self) -> dict[str, Any]:
+        """admitted = trained + dropped (by reason) + in flight + buffered, for groups; `ok` says it holds."""
+        c = self._counts
+        out = {
+            "admitted": c.admitted,
+            "trained": c.trained,
+            "dropped": sum(c.dropped.values()),
+            "dropped_by_reason": dict(c.dropped),
+            "inflight": len(self._inflight),
+            "buffered": len(self._buffered),
+        }
+        out["ok"] = out["admitted"] == out["trained"] + out["dropped"] + out["inflight"] + out["buffered"]
+        return out
+
     # ---- versions and budget ---------------------------------------------------------------
-    def register_generator(self, name: str, handle: Any) -> None:
+    async def register_generator(self, name: str, handle: Any, update: PolicyUpdate | None = None) -> None:
+        """Register a generator. With `update` (a restarted generator: the current version's weights),
+        push it and admit the generator only after it echoed the fingerprint."""
         self._generators[name] = handle
+        self._dead.discard(name)
+        self._push_failures.pop(name, None)
+        if update is None:
+            self._verified.setdefault(name, True)
+            return
+        self._verified[name] = False
+        self._spawn_push(name, handle, update)
+
+    def _spawn_push(self, name: str, handle: Any, update: PolicyUpdate) -> None:
+        task = asyncio.create_task(self._push(name, handle, update))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
 
     async def advance(self, update: PolicyUpdate) -> PolicyUpdate:
         """A new learner version is published: attach its budget and push it to every generator."""
@@ -235,22 +322,58 @@ class BudgetScheduler:
         self._version = update.version
         self._update = PolicyUpdate(**{**update.__dict__, "budget": self._cfg.scheduler.budget_at(update.version)})
         for name, handle in self._generators.items():
-            # Not awaited here (the learner goes on); the generator is not admitted until it has loaded.
-            task = asyncio.create_task(self._push(name, handle, self._update))
-            self._pushes.add(task)
-            task.add_done_callback(self._pushes.discard)
+            if name not in self._dead:
+                # Not awaited here (the learner goes on); the generator is not admitted until it has loaded.
+                self._spawn_push(name, handle, self._update)
         self._export()
         await self._notify()
         return self._update
 
     async def _push(self, name: str, handle: Any, update: PolicyUpdate) -> None:
-        try:
-            served = await handle.update_weights.remote(update)
-            self._served[name] = {"version": served.version, "budget": served.budget, "checksum": served.checksum,
-                                  "expected_checksum": update.checksum, "error": None}
-        except Exception as e:  # noqa: BLE001 - reported in state(); the driver decides
-            self._served[name] = {"version": None, "error": f"{type(e).__name__}: {e}"}
+        """Send `update` to one generator, retried (recovery.push_retries) on a transient error or a
+        fingerprint mismatch; a dead generator is left to the driver; anything else that persists is
+        recorded in `push_failures()` as the sentence the driver ends the run with."""
+        rcfg = self._cfg.recovery
+        problem = ""
+        for attempt in range(rcfg.push_retries + 1):
+            if self._generators.get(name) is not handle or update.version < self._version:
+                return  # superseded: a newer version or a new incarnation has its own push
+            try:
+                served = await asyncio.wait_for(_await(handle.update_weights.remote(update)), rcfg.push_timeout_s)
+            except Exception as e:  # noqa: BLE001 - sorted below
+                import ray.exceptions as rex
+
+                if isinstance(e, rex.RayActorError | rex.ActorUnavailableError):
+                    self._served[name] = {"version": None, "error": f"{type(e).__name__}: generator died"}
+                    self._dead.add(name)
+                    await self._notify()
+                    return  # the driver restarts it
+                kind = "timed out" if isinstance(e, TimeoutError) else f"failed ({type(e).__name__}: {e})"
+                problem = f"{kind}; received fingerprint none"
+            else:
+                self._served[name] = {"version": served.version, "budget": served.budget, "checksum": served.checksum,
+                                      "expected_checksum": update.checksum, "error": None}
+                if not update.checksum or served.checksum == update.checksum:
+                    if update.version >= self._version:
+                        self._verified[name] = True
+                    await self._notify()
+                    return
+                problem = f"fingerprint mismatch: received {served.checksum or 'none'}"
+            self._served[name] = {"version": None, "error": problem, "expected_checksum": update.checksum}
+            if attempt < rcfg.push_retries:
+                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+        self._verified[name] = False
+        self._push_failures[name] = (
+            f"weight push to {name} failed after {rcfg.push_retries + 1} attempts: version {update.version}, "
+            f"expected fingerprint {update.checksum or 'none'}, {problem}"
+        )
         await self._notify()
+
+    def push_failures(self) -> dict[str, str]:
+        return dict(self._push_failures)
+
+    def dead_generators(self) -> list[str]:
+        return sorted(self._dead)
 
     def current_update(self) -> PolicyUpdate:
         return self._update
@@ -270,15 +393,22 @@ class BudgetScheduler:
             "budget": self._update.budget,
             "epoch": self._stream.epoch,
             "inflight_groups": len(self._inflight),
+            "buffered_groups": len(self._buffered),
             "capacity": self.capacity(),
             "waiting_generators": len(self._waiting),
             "admitted_groups": c.admitted,
             "completed_groups": c.completed,
-            "failed_groups": c.failed,
+            "trained_groups": c.trained,
+            "failed_groups": sum(v for k, v in c.dropped.items()
+                                 if k in (DropReason.ABORTED, DropReason.INFRA, DropReason.GENERATOR_LOST)),
             "released_groups": c.released,
+            "dropped_groups": dict(c.dropped),
             "admitted_by_generator": dict(c.by_generator),
             "admission_wait_s": dict(self._wait_s),
             "served": {k: dict(v) for k, v in self._served.items()},
+            "verified": dict(self._verified),
+            "dead_generators": sorted(self._dead),
+            "push_failures": dict(self._push_failures),
         }
 
     async def wait_served(self, version: int, timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
@@ -299,31 +429,50 @@ class BudgetScheduler:
         return {k: dict(v) for k, v in self._served.items()}
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Loader position with in-flight groups re-queued: they are regenerated after a resume."""
+        """The scheduler's half of a consistent cut (the buffer calls it while holding its own state
+        still): loader position with in-flight groups re-queued (they are regenerated after a resume
+        and counted as dropped `resumed`), the ledger's counts and the buffered group ids."""
         pos = self._stream.position()
         inflight_ids = [self._stream._by_id[req.task.task_id] for req, _ in self._inflight.values()]
         pos["requeued"] = inflight_ids + pos["requeued"]
         c = self._counts
+        dropped = Counter(c.dropped)
+        dropped[DropReason.RESUMED] += len(self._inflight)
         return {
             "version": self._version,
             "stream": pos,
             "next_group_id": self._next_group_id,
-            # in-flight groups are released: they will be admitted again
             "admitted": c.admitted,
-            "released": c.released + len(self._inflight),
             "completed": c.completed,
-            "failed": c.failed,
+            "trained": c.trained,
+            "dropped": dict(dropped),
+            "buffered": sorted(self._buffered),
+            "by_generator": dict(c.by_generator),
+            "data": data_key(self._cfg),
         }
 
     def restore(self, state: dict[str, Any], update: PolicyUpdate) -> None:
+        saved, now = state.get("data"), data_key(self._cfg)
+        if saved is not None and saved != now:
+            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ValueError(
+                f"cannot resume: the checkpoint was written with a different data config "
+                f"({', '.join('data.' + k for k in changed)}); use a new logging.run_dir or the original data"
+            )
         self._stream.restore(state["stream"])
         self._next_group_id = int(state["next_group_id"])
         self._counts = _Counts(
             admitted=int(state["admitted"]),
             completed=int(state["completed"]),
-            failed=int(state["failed"]),
-            released=int(state["released"]),
+            trained=int(state.get("trained", 0)),
+            dropped=Counter({str(k): int(v) for k, v in state.get("dropped", {}).items()}),
+            by_generator=dict(state.get("by_generator", {})),
         )
+        self._buffered = {int(g) for g in state.get("buffered", [])}
         self._inflight.clear()
         self._version = update.version
         self._update = PolicyUpdate(**{**update.__dict__, "budget": self._cfg.scheduler.budget_at(update.version)})
+
+
+async def _await(ref: Any) -> Any:
+    return await ref

@@ -143,6 +143,9 @@ def actor_options(role: Role | str, cfg: Config, index: int | None = None) -> di
     }
     if res:
         opts["resources"] = res
+    from cir_actors.failures import restart_options
+
+    opts.update(restart_options(role, cfg))  # the failure policy of the role (cir_actors/failures.py)
     return opts
 
 

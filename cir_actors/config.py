@@ -218,8 +218,9 @@ class LearnerConfig(Section):
     """Entropy bonus (CIR: 0)."""
     publish: Literal["object_store", "broadcast"] = "object_store"
     """How new weights reach the generators."""
-    save_every: int = Field(0, ge=0)
-    """Checkpoint every N steps (0: only at the end)."""
+    save_every: int = Field(10, ge=0)
+    """Checkpoint every N steps (0: only at the end). A checkpoint is a consistent cut of learner,
+    buffer and scheduler; an automatic recovery resumes from the latest one."""
     seed: int = 0
     """Seed for init of the training RNGs."""
 
@@ -254,6 +255,31 @@ class LoggingConfig(Section):
     """Print a live progress line per step."""
 
 
+class RecoveryConfig(Section):
+    """The failure policy (cir_actors/failures.py owns it; docs/failures.md tells what a user sees)."""
+
+    max_recoveries: int = Field(3, ge=0)
+    """Automatic resumes from the latest checkpoint after a stateful role (learner rank, buffer,
+    scheduler) died; 0 ends the run at the first such death."""
+    max_generator_restarts: int = Field(10, ge=0)
+    """Generator restarts in place per run (in-flight groups released, weights re-sent)."""
+    stateless_max_restarts: int = Field(100, ge=0)
+    """Ray restarts of each interpreter pool and scorer actor."""
+    call_retries: int = Field(2, ge=0)
+    """Retries of an interpreter call or verdict that failed for infrastructure reasons (on another
+    replica when there is one); then the trajectory is dropped with reason `infra`."""
+    push_retries: int = Field(2, ge=0)
+    """Retries of a failed weight push to a live generator; then the run ends naming it."""
+    push_timeout_s: float = Field(600.0, gt=0)
+    """Deadline of one weight push (a generator finishing its in-flight rollouts first counts)."""
+    stall_factor: float = Field(10.0, gt=1)
+    """Watchdog: no batch for stall_factor x the median step time is an error..."""
+    min_stall_s: float = Field(600.0, gt=0)
+    """...but never before this many seconds (the first steps include engine start-up)."""
+    call_timeout_s: float = Field(120.0, gt=0)
+    """Deadline of the driver's control calls to the scheduler and buffer."""
+
+
 class ClusterConfig(Section):
     address: str | None = None
     """Ray address to join ("auto" for a running cluster); None starts a local Ray."""
@@ -276,6 +302,7 @@ class Config(Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     logging: LoggingConfig = LoggingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

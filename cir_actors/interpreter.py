@@ -214,6 +214,7 @@ class InterpreterPool:
         self._lock = threading.Lock()
         self._closed = False
         self._metrics = InterpreterMetrics(_actor_name() or "interpreter")
+        self.zygote_restarts = 0
         self._zygote = self._start()
 
     def _start(self) -> _Zygote:
@@ -229,6 +230,7 @@ class InterpreterPool:
                 raise RuntimeError("InterpreterPool is closed")
             if not self._zygote.alive:
                 log.warning("interpreter zygote died; starting a new one")
+                self.zygote_restarts += 1
                 self._zygote.close()
                 self._zygote = self._start()
             zygote, call_id = self._zygote, next(self._ids)
@@ -273,6 +275,10 @@ class InterpreterPool:
     async def close_session_async(self, session: str) -> None:
         if self.cfg.sessions:
             await asyncio.wrap_future(self._submit({"op": "close_session", "session": str(session)}))
+
+    def health(self) -> dict[str, int]:
+        """The process serving this pool (a new pid after Ray restarted it) and its zygote restarts."""
+        return {"pid": os.getpid(), "zygote_restarts": self.zygote_restarts}
 
     def isolation_report(self) -> dict[str, Any]:
         """Which layers are active ({"layers": {name: bool}, "off": [...]}) and how the host looked."""

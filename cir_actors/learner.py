@@ -170,6 +170,7 @@ class Learner:
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else None  # None: no update (no signal)
         out["update_losses"] = [float(sum(x)) for x in zip(*[p.get("update_losses", []) for p in parts])]
         out.update(
+            lost_groups=sorted(g for p in parts for g in p.get("lost_groups", [])),
             updates=parts[0]["updates"],
             trajectories=sum(p["trajectories"] for p in parts),
             trained_trajectories=sum(p["trained_trajectories"] for p in parts),

@@ -11,6 +11,7 @@ torch.distributed collectives, the weight broadcast group, and `ray.get`/`ray.pu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -29,6 +30,8 @@ from cir_actors.loss import policy_loss, token_entropy, token_logprobs
 from cir_actors.types import FinishReason, ScoredTrajectory, Trajectory
 
 MAX_SUMS = ("ratio_max", "is_weight_max")
+FETCH_TIMEOUT_S = 300.0  # a trajectory not fetched by then is lost (its node is gone)
+log = logging.getLogger(__name__)
 MEAN_DIAGS = (
     "clip_frac_low",
     "clip_frac_high",
@@ -260,9 +263,15 @@ class LearnerRank:
 
         t0 = time.perf_counter()
         groups: dict[int, tuple[int, list[ScoredTrajectory]]] = {}
+        lost: list[int] = []  # groups whose objects are gone (node lost): every rank leaves them out
         for gidx, mb, items in shard:
             refs = [i for i in items if isinstance(i, ray.ObjectRef)]
-            got = iter(ray.get(refs)) if refs else iter(())
+            try:
+                got = iter(ray.get(refs, timeout=FETCH_TIMEOUT_S)) if refs else iter(())
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                log.warning("rank %d: group %d lost (%s); not trained", self.rank, gidx, type(e).__name__)
+                lost.append(gidx)
+                continue
             groups[gidx] = (mb, [next(got) if isinstance(i, ray.ObjectRef) else i for i in items])
         local = {
             g: ([s.reward for s in st], [s.trajectory.num_sampled for s in st])
@@ -312,6 +321,7 @@ class LearnerRank:
                     totals[k] = totals.get(k, 0.0) + v
             totals["updates"] += "grad_norm" in sums
         totals.update(
+            lost_groups=lost,
             trajectories=sum(len(st) for _, st in groups.values()),
             trained_trajectories=len(samples),
             minibatches=n_mb,

@@ -98,6 +98,15 @@ BUF_STALENESS = _spec(
     "Staleness of trained data: learner version minus the oldest policy version in the trajectory.",
     (), STALENESS_BUCKETS,
 )
+# The run (recorded by the driver after every step: cir_actors/trainer.py)
+RUN_GROUPS = _spec("cir_run_groups", "gauge", "Prompt groups by place in the conservation identity (admitted, "
+                   "trained, dropped, inflight, buffered).", ("state",))
+RUN_TRAJ = _spec("cir_run_trajectories", "gauge", "Trajectories by place (added, trained, dropped, partial, ready).",
+                 ("state",))
+RUN_DROPPED = _spec("cir_run_groups_dropped", "gauge", "Groups that left untrained, by reason.", ("reason",))
+RUN_CONSERVED = _spec("cir_run_conservation_ok", "gauge", "1 while both conservation identities hold.")
+RUN_RESTARTS = _spec("cir_run_restarts", "gauge", "Actor restarts and automatic resumes so far, by role.", ("role",))
+RUN_RECOVERY_S = _spec("cir_run_recovery_seconds", "gauge", "Duration of the latest recovery, by role.", ("role",))
 
 _built: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -239,3 +248,25 @@ class BufferMetrics(_RoleMetrics):
     def dropped(self, n: int, reason: str) -> None:
         """`reason` is a DropReason (stale, aborted, zero_advantage)."""
         self._inc(BUF_DROPPED, n, reason=str(reason))
+
+
+class RunMetrics(_RoleMetrics):
+    """The driver's per-step view of the whole run: conservation counts, restarts, recovery times."""
+
+    def __init__(self, name: str = "driver"):
+        super().__init__(name)
+
+    def conservation(self, groups: dict[str, Any], trajectories: dict[str, Any]) -> None:
+        for state in ("admitted", "trained", "dropped", "inflight", "buffered"):
+            self._set(RUN_GROUPS, groups[state], state=state)
+        for state in ("added", "trained", "dropped", "partial", "ready"):
+            self._set(RUN_TRAJ, trajectories[state], state=state)
+        for reason, n in groups.get("dropped_by_reason", {}).items():
+            self._set(RUN_DROPPED, n, reason=reason)
+        self._set(RUN_CONSERVED, float(bool(groups["ok"]) and bool(trajectories["ok"])))
+
+    def restarts(self, by_role: dict[str, int], last_recovery_s: dict[str, float]) -> None:
+        for role, n in by_role.items():
+            self._set(RUN_RESTARTS, n, role=role)
+        for role, seconds in last_recovery_s.items():
+            self._set(RUN_RECOVERY_S, seconds, role=role)

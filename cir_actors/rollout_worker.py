@@ -8,18 +8,32 @@ Many groups are in flight at once, up to the engine's trajectory capacity.
 
 It does not decide what to generate or when weights change: the scheduler admits groups and pushes
 `PolicyUpdate`s, which this actor forwards to its generator.
+
+Failures (cir_actors/failures.py): interpreter calls and verdicts go through retrying adapters over
+every interpreter pool and scorer (its own pool first). When they give up (`InfraFault`) the group
+is dropped with reason `infra` and its prompt re-admitted — an infrastructure fault is never shown
+to the model as an observation nor scored. A group's completion is reported to the scheduler's
+ledger by the buffer, not by this actor, so a group is complete or not whether or not this actor
+lives to say so.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from typing import Any
 
 from cir_actors.config import Config
-from cir_actors.types import FinishReason, GroupRequest, PolicyUpdate, ScoredTrajectory, ServedPolicy
+from cir_actors.types import (
+    DropReason,
+    FinishReason,
+    GroupRequest,
+    InfraFault,
+    PolicyUpdate,
+    ScoredTrajectory,
+    ServedPolicy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +44,22 @@ class RolloutWorker:
         cfg: Config,
         model_path: str,
         name: str,
-        interpreter: Any,
+        interpreters: Any,
         scorers: list[Any],
         buffer: Any,
         scheduler: Any,
         initial_update: PolicyUpdate | None = None,
     ):
+        from cir_actors.failures import ReplicatedInterpreter, ReplicatedScorer
         from cir_actors.generator import Generator
-        from cir_actors.interpreter import RayInterpreter
 
         self._cfg = cfg
         self._name = name
-        self._gen = Generator(cfg, model_path, RayInterpreter(interpreter), name=name)
-        self._scorers = itertools.cycle(scorers)
+        pools = list(interpreters) if isinstance(interpreters, list | tuple) else [interpreters]
+        retries = cfg.recovery.call_retries
+        self._interp = ReplicatedInterpreter(pools, retries=retries)
+        self._gen = Generator(cfg, model_path, self._interp, name=name)
+        self._scorer = ReplicatedScorer(list(scorers), retries=retries)
         self._buffer = buffer
         self._scheduler = scheduler
         self._initial_update = initial_update
@@ -54,7 +71,7 @@ class RolloutWorker:
         self._started = time.monotonic()
         self._consecutive_failures = 0
         self._last_error: BaseException | None = None
-        self._counts = {"trajectories": 0, "groups": 0, "failed_groups": 0, "sampled_tokens": 0}
+        self._counts = {"trajectories": 0, "groups": 0, "failed_groups": 0, "infra_groups": 0, "sampled_tokens": 0}
         self._metrics = None
         self._outbox: dict[str, ScoredTrajectory] = {}  # finished samples until the buffer takes them
 
@@ -76,7 +93,8 @@ class RolloutWorker:
     def stats(self) -> dict[str, Any]:
         idle = self._idle_s + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)
         return {**self._counts, "idle_s": idle, "uptime_s": time.monotonic() - self._started,
-                "served_version": self._gen.served_version()}
+                "served_version": self._gen.served_version(),
+                "interpreter_faults": self._interp.faults, "scorer_faults": self._scorer.faults}
 
     async def run(self) -> dict[str, Any]:
         """The loop: runs until the scheduler stops admitting and every group in flight is done."""
@@ -107,18 +125,23 @@ class RolloutWorker:
     async def _run_group(self, req: GroupRequest) -> None:
         results = await asyncio.gather(*(self._run_one(req, i) for i in range(req.n)), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
+        infra = [e for e in errors if isinstance(e, InfraFault)]
         if errors or not all(results):
             self._counts["failed_groups"] += 1
-            self._consecutive_failures += 1
-            if errors:
+            reason = DropReason.INFRA if infra else DropReason.ABORTED
+            if infra:
+                self._counts["infra_groups"] += 1
+                log.warning("%s: group %d dropped (infra): %s", self._name, req.group_id, infra[0])
+            elif errors:  # not the infrastructure's: a bug or a broken engine; 3 in a row end the run
+                self._consecutive_failures += 1
                 self._last_error = errors[0]
                 log.error("%s: group %d failed: %r", self._name, req.group_id, errors[0])
-            await self._buffer.discard_partial.remote(req.group_id)
-            await self._scheduler.group_failed.remote(req.group_id)
+            # Ledger first (it stops the buffer from completing the group), then the buffer forgets it.
+            await self._scheduler.group_failed.remote(req.group_id, reason)
+            await self._buffer.discard_partial.remote(req.group_id, reason)
             return
         self._counts["groups"] += 1
         self._consecutive_failures = 0
-        await self._scheduler.group_completed.remote(req.group_id)
 
     def _busy(self, delta: int) -> None:
         now = time.monotonic()
@@ -142,8 +165,7 @@ class RolloutWorker:
             self._busy(-1)
         if traj.finish_reason == FinishReason.ABORTED:
             return False
-        scorer = next(self._scorers)
-        verdict = await scorer.score_async.remote(traj.response_text, req.task.gold)
+        verdict = await self._scorer.score(traj.response_text, req.task.gold)
         reward = self._cfg.scorer.reward_correct if verdict.correct else self._cfg.scorer.reward_wrong
         scored = ScoredTrajectory(trajectory=traj, verdict=verdict, reward=reward)
         key = f"{req.group_id}/{index}"

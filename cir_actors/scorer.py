@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cir_actors.types import Verdict, VerdictReason
+from cir_actors.types import InfraFault, Verdict, VerdictReason
 
 if TYPE_CHECKING:
     from cir_actors.config import ScorerConfig
@@ -61,6 +61,7 @@ _WARMUP = [
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
 ]
 WORKER_STARTUP_S = 120.0  # generous: two shared cores may be busy with vLLM and DeepSpeed
+CHECKER_RETRIES = 2  # re-checks of an answer whose math-verify worker crashed (not a deadline)
 WORKER_MEMORY_MB = 4096  # address-space cap of a worker: a runaway sympy expansion dies, the host lives
 
 
@@ -335,6 +336,12 @@ def _verdict(response: str, gold: str, pool: _WorkerPool, timeout_s: float) -> V
     if predicted is None:
         return Verdict(False, None, VerdictReason.NO_BOX, time.monotonic() - t0)
     result = pool.check(gold_answer(gold), predicted, timeout_s)
+    for _ in range(CHECKER_RETRIES):  # a crashed checker is the infrastructure's fault, not the model's
+        if result is None or result.get("error") != "WorkerDied":
+            break
+        result = pool.check(gold_answer(gold), predicted, timeout_s)
+    if result is not None and result.get("error") == "WorkerDied":
+        raise InfraFault(f"math-verify worker died {CHECKER_RETRIES + 1} times checking one answer")
     if result is None:
         reason = VerdictReason.TIMEOUT
     elif "error" in result or not result["parsed"]:
@@ -410,6 +417,10 @@ class Scorer:
 
     def stats(self) -> dict[str, int]:
         return {"workers": self._pool.num_workers, "workers_replaced": self._pool.replaced}
+
+    def health(self) -> dict[str, int]:
+        """The process serving this actor (a new pid after Ray restarted it) and its workers' replacements."""
+        return {"pid": os.getpid(), "workers_replaced": self._pool.replaced}
 
     def worker_pids(self) -> list[int]:
         """The worker processes' ids (for CPU accounting in the bench; complete when idle)."""

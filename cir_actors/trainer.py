@@ -81,6 +81,18 @@ def step_metrics(metas: list[list[dict[str, float]]]) -> dict[str, Any]:
     }
 
 
+class StatefulRoleDied(RuntimeError):
+    """A learner rank, the buffer or the scheduler died: the run resumes from its latest checkpoint."""
+
+    def __init__(self, role: str, cause: BaseException):
+        super().__init__(f"{role} died ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})")
+        self.role = role
+
+
+class ConservationError(RuntimeError):
+    """admitted != trained + dropped + in flight + buffered: a group was lost or counted twice."""
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -88,6 +100,11 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.history: list[dict[str, Any]] = []
         self._wandb = None
+        self.recoveries = _load_recoveries(self.run_dir)
+        self._generator_restarts = 0
+        self._pending_recovery: dict[str, dict[str, Any]] = {}  # generator name -> its open recovery record
+        self._stateless_pids: dict[str, int] = {}
+        self.pending_resume: dict[str, Any] | None = None  # an automatic resume, closed by the first step
 
     # ---- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -100,7 +117,6 @@ class Trainer:
         from cir_actors.interpreter import InterpreterPool
         from cir_actors.learner import Learner
         from cir_actors.replay_buffer import ReplayBuffer
-        from cir_actors.rollout_worker import RolloutWorker
         from cir_actors.scorer import Scorer
 
         cfg = self.cfg
@@ -118,6 +134,7 @@ class Trainer:
             cfg.scheduler.max_staleness,
             drop_zero_advantage=cfg.buffer.drop_zero_advantage_groups,
             max_groups=cfg.buffer.max_buffered_groups,
+            ledger=self.scheduler,
         )
         self.interpreters = [
             ray.remote(InterpreterPool).options(**actor_options("interpreter", cfg, i)).remote(cfg.interpreter)
@@ -128,20 +145,48 @@ class Trainer:
             for i in range(cfg.scorer.num_scorers)
         ]
         self.resumed_from = self._maybe_resume()
-        self.workers = []
-        for i in range(cfg.generator.num_generators):
-            w = ray.remote(RolloutWorker).options(**actor_options("generator", cfg, i)).remote(
-                cfg, self.model_path, f"generator-{i}", self.interpreters[i % len(self.interpreters)],
-                self.scorers, self.buffer, self.scheduler, self._initial_update,
-            )
-            self.workers.append(w)
-            ray.get(self.scheduler.register_generator.remote(f"generator-{i}", w))
+        self.workers = [self._new_generator(i, self._initial_update) for i in range(cfg.generator.num_generators)]
+        for i, w in enumerate(self.workers):
+            self._get(self.scheduler.register_generator.remote(f"generator-{i}", w), "scheduler")
         self._init_wandb()
 
-    def _maybe_resume(self) -> int | None:
-        """Restore learner, buffer and loader position from the latest checkpoint, if any."""
+    def _interpreters_for(self, i: int) -> list[Any]:
+        """Generator i's interpreter pools: its own first, then the others (where retries go)."""
+        k = i % len(self.interpreters)
+        return self.interpreters[k:] + self.interpreters[:k]
+
+    def _new_generator(self, i: int, initial_update: Any) -> Any:
         import ray
 
+        from cir_actors.cluster import actor_options
+        from cir_actors.rollout_worker import RolloutWorker
+
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                return ray.remote(RolloutWorker).options(**actor_options("generator", self.cfg, i)).remote(
+                    self.cfg, self.model_path, f"generator-{i}", self._interpreters_for(i),
+                    self.scorers, self.buffer, self.scheduler, initial_update,
+                )
+            except ValueError as e:  # the dead actor's name is released a moment after its death
+                if "already taken" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _get(self, ref: Any, role: str, timeout: float | None = None) -> Any:
+        """ray.get with a deadline; the death of a stateful role becomes StatefulRoleDied."""
+        import ray
+        import ray.exceptions as rex
+
+        try:
+            return ray.get(ref, timeout=timeout or self.cfg.recovery.call_timeout_s)
+        except (rex.RayActorError, rex.ActorUnavailableError) as e:
+            raise StatefulRoleDied(role, e) from e
+        except rex.GetTimeoutError as e:
+            raise RuntimeError(f"the {role} did not answer within {timeout or self.cfg.recovery.call_timeout_s:.0f} s") from e
+
+    def _maybe_resume(self) -> int | None:
+        """Restore learner, buffer, scheduler and counters from the latest checkpoint, if any."""
         from cir_actors.serialization import decode_scored, read_frames
         from cir_actors.types import PolicyUpdate
 
@@ -150,16 +195,18 @@ class Trainer:
         if not latest.is_file():
             return None
         step_dir = self.ckpt_dir / latest.read_text().strip()
+        cut = json.loads((step_dir / "cut.json").read_text())
         self.learner.load_checkpoint(step_dir / "learner")
-        state = json.loads((step_dir / "scheduler.json").read_text())
         with open(step_dir / "buffer.msgpack", "rb") as f:
             groups = list(read_frames(f))
         for g in groups:
             g["samples"] = [decode_scored(s) for s in g["samples"]]
-        ray.get(self.buffer.restore_groups.remote(groups))
+        self._get(self.scheduler.restore.remote(cut["scheduler"], PolicyUpdate(version=self.learner.version, budget=0)),
+                  "scheduler")
+        self._get(self.buffer.restore_groups.remote(groups), "buffer")
+        self._get(self.buffer.restore_counters.remote(cut["counters"]), "buffer")
         # Generators start from the base model: hand them the restored weights with the first admission.
         self._initial_update = self.learner.publish()
-        ray.get(self.scheduler.restore.remote(state, PolicyUpdate(version=self.learner.version, budget=0)))
         hist = self.run_dir / "metrics.jsonl"
         if hist.is_file():
             self.history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
@@ -190,41 +237,62 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         import ray
 
+        from cir_actors.metrics import LearnerMetrics, RunMetrics
+        from cir_actors.types import DropReason
+
         cfg = self.cfg
         self.setup()
-        runs = [w.run.remote() for w in self.workers]
+        self.runs = [w.run.remote() for w in self.workers]
         total = cfg.scheduler.total_steps
         version = self.learner.version
         t_start = time.monotonic()
         learner_wait = 0.0
         dropped_total: Counter[str] = Counter()
-        from cir_actors.metrics import LearnerMetrics
-
         learner_metrics = LearnerMetrics("learner")
+        self._run_metrics = RunMetrics()
+        self._step_times: list[float] = []
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
         try:
             while version < total:
                 t0 = time.monotonic()
-                batch = None
-                while batch is None or not batch.groups:
-                    batch = ray.get(self.buffer.get_batch.remote(cfg.learner.prompts_per_step, version, timeout_s=2.0))
-                    if batch is not None and batch.dropped:
-                        dropped_total.update(batch.dropped)
-                        ray.get(self.scheduler.groups_released.remote(sum(batch.dropped.values())))
-                    self._check_workers(runs)
+                batch = self._wait_batch(version, t0)
                 t_batch = time.monotonic()
                 learner_wait += t_batch - t0
-                train_metrics = self.learner.train_step(batch.groups)
+                try:
+                    train_metrics = self.learner.train_step(batch.groups)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    raise StatefulRoleDied("learner rank", e) from e
+                lost_idx = set(train_metrics.pop("lost_groups", []))
+                lost_ids = [gid for k, gid in enumerate(batch.group_ids) if k in lost_idx]
+                trained_ids = [gid for k, gid in enumerate(batch.group_ids) if k not in lost_idx]
+                if lost_ids:
+                    lost_traj = sum(len(batch.groups[k]) for k in lost_idx)
+                    self._get(self.scheduler.groups_dropped.remote(lost_ids, DropReason.LOST), "scheduler")
+                    self._get(self.buffer.mark_lost.remote(lost_ids, lost_traj), "buffer")
+                    log.warning("step %d: %d groups lost with their objects (counted, not trained)",
+                                version + 1, len(lost_ids))
+                self._get(self.scheduler.groups_trained.remote(trained_ids), "scheduler")
                 t_train = time.monotonic()
-                update = self.learner.publish()
-                update = ray.get(self.scheduler.advance.remote(update))
+                try:
+                    update = self.learner.publish()
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    raise StatefulRoleDied("learner rank", e) from e
+                update = self._get(self.scheduler.advance.remote(update), "scheduler")
                 version = update.version
                 t_pub = time.monotonic()
+                self._step_times.append(t_pub - t0)
                 learner_metrics.step(t_train - t_batch, int(train_metrics.get("seq_tokens", 0)), version,
                                      train_metrics.get("loss"))
                 learner_metrics.publish(t_pub - t_train)
                 row = self._row(version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start,
                                 learner_wait, dropped_total)
+                row["group_ids"] = trained_ids
+                if self.pending_resume is not None:
+                    rec, self.pending_resume = self.pending_resume, None
+                    rec["resumed_after_s"] = round(time.monotonic() - rec.pop("_t0"), 2)
+                    self._record_recovery(rec)
+                    log.warning("training again %.1f s after %s died", rec["resumed_after_s"], rec["name"])
+                row.update(self._conservation_row())
                 self.history.append(row)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -236,33 +304,157 @@ class Trainer:
                     self.save_checkpoint(version)
         finally:
             metrics_file.close()
-            ray.get(self.scheduler.stop.remote())
+        # The final checkpoint comes first: a late failure below loses nothing that was trained.
+        self._get(self.scheduler.stop.remote(), "scheduler")
+        self.save_checkpoint(version)
         # Invariant 5: every generator reports the final version and the checksum it was sent.
-        served = ray.get(self.scheduler.wait_served.remote(version))
+        served = self._get(self.scheduler.wait_served.remote(version), "scheduler", timeout=180)
         for name, rep in served.items():
             if rep.get("error") or rep.get("checksum") != rep.get("expected_checksum"):
                 log.error("%s did not load version %d cleanly: %s", name, version, rep)
-        worker_stats = ray.get(runs)
-        self.save_checkpoint(version)
+        worker_stats = []
+        for i, ref in enumerate(self.runs):
+            try:
+                worker_stats.append(ray.get(ref, timeout=300))
+            except Exception as e:  # noqa: BLE001 - training is done and saved; say which worker and go on
+                log.error("generator-%d did not finish cleanly after the last step: %s", i, e)
+                worker_stats.append({"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
         self._plot()
         summary = {"final_version": version, "steps": len(self.history), "wall_s": time.monotonic() - t_start,
-                   "served": served,
-                   "workers": worker_stats, "scheduler": ray.get(self.scheduler.state.remote()),
-                   "buffer": ray.get(self.buffer.stats.remote())}
+                   "served": served, "recoveries": self.recoveries,
+                   "workers": worker_stats, "scheduler": self._get(self.scheduler.state.remote(), "scheduler"),
+                   "buffer": self._get(self.buffer.stats.remote(), "buffer")}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         if self._wandb is not None:
             self._wandb.finish()
         return summary
 
-    def _check_workers(self, runs: list[Any]) -> None:
-        """A worker whose loop ended early has failed: surface its error instead of waiting forever."""
+    def _wait_batch(self, version: int, t0: float) -> Any:
+        """The next batch; meanwhile heal generators, watch the weight pushes and the progress."""
+        cfg = self.cfg
+        stall_s = max(cfg.recovery.min_stall_s, cfg.recovery.stall_factor * float(np.median(self._step_times))
+                      if self._step_times else cfg.recovery.min_stall_s)
+        while True:
+            batch = self._get(self.buffer.get_batch.remote(cfg.learner.prompts_per_step, version, timeout_s=2.0),
+                              "buffer")
+            if batch is not None and batch.groups:
+                return batch
+            self._check_workers()
+            if time.monotonic() - t0 > stall_s:
+                sched = self._get(self.scheduler.state.remote(), "scheduler")
+                buf = self._get(self.buffer.stats.remote(), "buffer")
+                raise RuntimeError(
+                    f"no batch for {time.monotonic() - t0:.0f} s at version {version} (watchdog: {stall_s:.0f} s); "
+                    f"scheduler {json.dumps({k: sched[k] for k in ('inflight_groups', 'capacity', 'verified', 'dead_generators', 'served')}, default=str)}; "
+                    f"buffer {json.dumps({k: buf[k] for k in ('partial_groups', 'ready_groups', 'dropped_groups')})}"
+                )
+
+    def _check_workers(self) -> None:
+        """Heal dead generators, end the run on a persistent weight-push failure, and close the
+        recovery records of generators that are serving again."""
         import ray
 
-        done, _ = ray.wait(runs, num_returns=len(runs), timeout=0)
+        done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
         for ref in done:
-            ray.get(ref)  # raises the worker's exception
-        if done and not ray.get(self.scheduler.stopped.remote()):
-            raise RuntimeError("a rollout worker stopped while the scheduler was still admitting")
+            i = self.runs.index(ref)
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                self._heal_generator(i, e)
+                continue
+            if not self._get(self.scheduler.stopped.remote(), "scheduler"):
+                raise RuntimeError(f"generator-{i} stopped while the scheduler was still admitting")
+        failures = self._get(self.scheduler.push_failures.remote(), "scheduler")
+        if failures:
+            raise RuntimeError(next(iter(failures.values())))
+        if self._pending_recovery:
+            state = self._get(self.scheduler.state.remote(), "scheduler")
+            for name, rec in list(self._pending_recovery.items()):
+                if state["verified"].get(name):
+                    rec["serving_again_s"] = round(time.monotonic() - rec.pop("_t0"), 2)
+                    self._record_recovery(rec)
+                    log.warning("%s serving again after %.1f s (version %d)", name, rec["serving_again_s"],
+                                state["version"])
+                    del self._pending_recovery[name]
+
+    def _heal_generator(self, i: int, err: BaseException) -> None:
+        """Generator i died: release its in-flight groups (their prompts are admitted again),
+        restart it under the same name and send it the current weights; the scheduler admits it
+        once it echoed their fingerprint."""
+        import ray
+
+        from cir_actors.types import DropReason
+
+        name = f"generator-{i}"
+        t0 = time.monotonic()
+        if self._generator_restarts >= self.cfg.recovery.max_generator_restarts:
+            raise RuntimeError(f"{name} died and recovery.max_generator_restarts "
+                               f"({self.cfg.recovery.max_generator_restarts}) is spent: {err}") from err
+        self._generator_restarts += 1
+        lost = self._get(self.scheduler.fail_generator.remote(name), "scheduler")
+        samples = self._get(self.buffer.discard_groups.remote(lost, DropReason.GENERATOR_LOST), "buffer")
+        log.warning("recovery: %s died (%s); %d groups in flight released (%d samples dropped), restarting it",
+                    name, type(err).__name__, len(lost), samples)
+        ray.kill(self.workers[i], no_restart=True)
+        update = self._get(self.scheduler.current_update.remote(), "scheduler")
+        if self.cfg.learner.publish == "broadcast":
+            # A broadcast group's membership is fixed when it forms: the next one re-forms with the new actor.
+            self.learner.reset_broadcast()
+            update = self.learner.publish(via="object_store")
+        self.workers[i] = self._new_generator(i, None)
+        self._get(self.scheduler.register_generator.remote(name, self.workers[i], update), "scheduler")
+        self.runs[i] = self.workers[i].run.remote()
+        self._pending_recovery[name] = {"role": "generator", "name": name, "at_version": update.version,
+                                        "groups_released": len(lost), "samples_dropped": samples, "_t0": t0}
+
+    def _record_recovery(self, rec: dict[str, Any]) -> None:
+        rec = {k: v for k, v in rec.items() if not k.startswith("_")}
+        rec["time"] = time.time()
+        self.recoveries.append(rec)
+        with open(self.run_dir / "recoveries.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _conservation_row(self) -> dict[str, Any]:
+        """Check both conservation identities at one instant and return them for metrics.jsonl."""
+        import ray
+
+        snap = self._get(self.buffer.snapshot.remote(), "buffer")
+        groups, traj = snap["groups"], snap["trajectories"]
+        if not groups["ok"]:
+            raise ConservationError(f"groups: admitted {groups['admitted']} != trained {groups['trained']} + "
+                                    f"dropped {groups['dropped']} + in flight {groups['inflight']} + "
+                                    f"buffered {groups['buffered']}")
+        if not traj["ok"]:
+            raise ConservationError(f"trajectories: added {traj['added']} != trained {traj['trained']} + "
+                                    f"dropped {traj['dropped']} + partial {traj['partial']} + ready {traj['ready']}")
+        # Stateless roles restarted by Ray since the last step (a new pid answers).
+        actors = [("interpreter", i, a) for i, a in enumerate(self.interpreters)]
+        actors += [("scorer", i, a) for i, a in enumerate(self.scorers)]
+        for role, i, actor in actors:
+            try:
+                pid = ray.get(actor.health.remote(), timeout=10)["pid"]
+            except Exception:  # noqa: BLE001, S112 - restarting now: counted when it answers again
+                continue
+            key = f"{role}-{i}"
+            if key in self._stateless_pids and self._stateless_pids[key] != pid:
+                self._record_recovery({"role": role, "name": key, "healed_by": "ray"})
+                log.warning("recovery: %s was restarted by Ray (pid %d -> %d)", key, self._stateless_pids[key], pid)
+            self._stateless_pids[key] = pid
+        restarts = Counter(r["role"] for r in self.recoveries)
+        last_s: dict[str, float] = {}
+        for r in self.recoveries:
+            for k in ("serving_again_s", "resumed_after_s"):
+                if k in r:
+                    last_s[r["role"]] = r[k]
+        self._run_metrics.conservation(groups, traj)
+        self._run_metrics.restarts(dict(restarts), last_s)
+        row: dict[str, Any] = {f"conservation/groups_{k}": v for k, v in groups.items() if k != "dropped_by_reason"}
+        row["conservation/groups_dropped_by_reason"] = groups["dropped_by_reason"]
+        row.update({f"conservation/trajectories_{k}": v for k, v in traj.items() if k != "dropped_by_reason"})
+        row["conservation/trajectories_dropped_by_reason"] = traj["dropped_by_reason"]
+        row.update({f"recovery/restarts_{role}": n for role, n in restarts.items()})
+        row.update({f"recovery/last_s_{role}": s for role, s in last_s.items()})
+        return row
 
     def _row(self, version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start, learner_wait, dropped_total):
         import ray
@@ -310,20 +502,35 @@ class Trainer:
 
     # ---- checkpoints and plots -------------------------------------------------------------
     def save_checkpoint(self, version: int) -> Path:
-        import ray
+        """A consistent cut: learner at `version`, and the buffer's ready groups with the scheduler's
+        state taken at one instant by the buffer (in-flight groups re-queued, counters included).
+        Written to a temporary directory renamed into place, then `latest` moves: a crash while
+        saving leaves the previous checkpoint as the latest."""
+        import shutil
 
         from cir_actors.serialization import encode_scored, write_frames
 
         step_dir = self.ckpt_dir / f"step-{version:06d}"
-        step_dir.mkdir(parents=True, exist_ok=True)
-        self.learner.save_checkpoint(step_dir / "learner")
-        groups = ray.get(self.buffer.checkpoint_groups.remote())
-        for g in groups:
+        tmp_dir = self.ckpt_dir / f".step-{version:06d}.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        try:
+            self.learner.save_checkpoint(tmp_dir / "learner")
+        except Exception as e:
+            import ray.exceptions as rex
+
+            if isinstance(e, rex.RayActorError | rex.ActorUnavailableError):
+                raise StatefulRoleDied("learner rank", e) from e
+            raise
+        cut = self._get(self.buffer.checkpoint_cut.remote(), "buffer", timeout=600)
+        for g in cut["groups"]:
             g["samples"] = [encode_scored(s) for s in g["samples"]]
-        with open(step_dir / "buffer.msgpack", "wb") as f:
-            write_frames(f, groups)
-        state = ray.get(self.scheduler.checkpoint_state.remote())
-        (step_dir / "scheduler.json").write_text(json.dumps(state))
+        with open(tmp_dir / "buffer.msgpack", "wb") as f:
+            write_frames(f, cut["groups"])
+        (tmp_dir / "cut.json").write_text(json.dumps({"version": version, "scheduler": cut["scheduler"],
+                                                      "counters": cut["counters"]}))
+        shutil.rmtree(step_dir, ignore_errors=True)
+        tmp_dir.rename(step_dir)
         tmp = self.ckpt_dir / "latest.tmp"
         tmp.write_text(step_dir.name)
         tmp.replace(self.ckpt_dir / "latest")
@@ -348,28 +555,69 @@ class Trainer:
         plt.close(fig)
 
     def shutdown(self) -> None:
-        """Stop the engines and kill every actor this run created (so a resume can reuse the names)."""
+        """Stop the engines and kill every actor this run created, then wait until their names are
+        free (an automatic resume creates them again under the same names)."""
         import ray
 
         for w in getattr(self, "workers", []):
             try:
                 ray.get(w.shutdown.remote(), timeout=60)
-            except Exception:  # noqa: BLE001, S110 - best effort at exit
+            except Exception:  # noqa: BLE001, S110 - best effort at exit (the actor may be dead)
                 pass
         if hasattr(self, "learner"):
-            self.learner.shutdown()
-        for name in ("workers", "interpreters", "scorers"):
-            for actor in getattr(self, name, []):
+            try:
+                self.learner.shutdown()
+            except Exception as e:  # noqa: BLE001 - a dead rank: kill what is left below
+                log.warning("learner shutdown: %s", e)
+                for r in getattr(self.learner, "ranks", []):
+                    ray.kill(r)
+        actors = [a for name in ("workers", "interpreters", "scorers") for a in getattr(self, name, [])]
+        actors += [getattr(self, name) for name in ("scheduler", "buffer") if hasattr(self, name)]
+        for actor in actors:
+            try:
                 ray.kill(actor)
-        for name in ("scheduler", "buffer"):
-            if hasattr(self, name):
-                ray.kill(getattr(self, name))
+            except Exception:  # noqa: BLE001, S110 - already gone
+                pass
+        names = [f"generator-{i}" for i in range(len(getattr(self, "workers", [])))]
+        names += [f"interpreter-{i}" for i in range(len(getattr(self, "interpreters", [])))]
+        names += [f"scorer-{i}" for i in range(len(getattr(self, "scorers", [])))]
+        names += ["scheduler", "buffer"] + [f"learner-rank-{i}" for i in range(self.cfg.learner.num_ranks)]
+        deadline = time.monotonic() + 30.0
+        for name in names:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name, namespace=self.cfg.cluster.namespace)
+                except ValueError:
+                    break
+                time.sleep(0.2)
+
+def _load_recoveries(run_dir: Path) -> list[dict[str, Any]]:
+    f = run_dir / "recoveries.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
 def train(cfg: Config) -> dict[str, Any]:
+    """Run training; when a stateful role dies (a learner rank, the buffer, the scheduler), restart
+    every actor and resume from the latest checkpoint, up to recovery.max_recoveries times."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(cfg)
-    try:
-        return trainer.run()
-    finally:
-        trainer.shutdown()
+    recoveries = 0
+    pending: dict[str, Any] | None = None
+    while True:
+        trainer = Trainer(cfg)
+        trainer.pending_resume = pending
+        try:
+            return trainer.run()
+        except StatefulRoleDied as e:
+            if recoveries >= cfg.recovery.max_recoveries:
+                raise RuntimeError(f"{e}; recovery.max_recoveries ({cfg.recovery.max_recoveries}) spent") from e
+            recoveries += 1
+            latest = trainer.ckpt_dir / "latest"
+            where = latest.read_text().strip() if latest.is_file() else "the start (no checkpoint yet)"
+            log.warning("recovery %d/%d: %s; restarting the run's actors and resuming from %s",
+                        recoveries, cfg.recovery.max_recoveries, e, where)
+            # The next Trainer resumes; its first step closes the record with the time to train again.
+            pending = {"role": e.role.split()[0], "name": e.role, "resumed_from": where, "_t0": time.monotonic()}
+        finally:
+            trainer.shutdown()

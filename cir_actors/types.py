@@ -40,6 +40,18 @@ class DropReason(StrEnum):
     STALE = "stale"  # older than the staleness bound when it would have been trained on
     ABORTED = "aborted"  # the trajectory was aborted (generator shutdown or failure)
     ZERO_ADVANTAGE = "zero_advantage"  # every sample of the group got the same reward
+    INFRA = "infra"  # an interpreter or scorer could not serve it, even after retries (never scored)
+    GENERATOR_LOST = "generator_lost"  # its generator died while the group was in flight (prompt re-admitted)
+    LOST = "lost"  # a served sample's object was gone when the learner fetched it (node lost)
+    RESUMED = "resumed"  # in flight at the checkpoint a run resumed from (prompt re-admitted)
+
+
+class InfraFault(RuntimeError):
+    """An infrastructure failure (an interpreter or scorer that cannot serve even after retries).
+
+    Raised, never returned as an observation or a verdict: the trajectory it hit is dropped with
+    DropReason.INFRA and counted, never scored or trained on.
+    """
 
 
 @dataclass(frozen=True)

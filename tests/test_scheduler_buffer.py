@@ -80,7 +80,7 @@ def test_budget_follows_schedule_and_travels_with_weights():
     cfg = _cfg(**{"scheduler.budget_schedule": "[[0,2],[2,3],[4,4]]", "scheduler.max_staleness": 0})
     s = BudgetScheduler(cfg, _tasks(10))
     gen = FakeGenerator()
-    s.register_generator("g0", gen)
+    asyncio.run(s.register_generator("g0", gen))
     assert s.try_admit("g0", 0).budget == 2
     budgets = []
     for v in range(1, 6):
