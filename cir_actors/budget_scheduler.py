@@ -308,6 +308,7 @@ class BudgetScheduler:
             self._verified.setdefault(name, True)
             return
         self._verified[name] = False
+        self._served.pop(name, None)  # the dead incarnation's report says nothing of the new one
         self._spawn_push(name, handle, update)
 
     def _spawn_push(self, name: str, handle: Any, update: PolicyUpdate) -> None:

@@ -123,6 +123,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         init_ray(cfg)
+        taken = wait_names_free(cfg, 60.0)
+        if taken:
+            raise RuntimeError(f"actors named {', '.join(taken)} are alive in namespace '{cfg.cluster.namespace}': "
+                               "another run of this config is going on (or use another cluster.namespace)")
         self.model_path = resolve_model_path(cfg)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         tasks = load_tasks(cfg, tokenizer, "train")
@@ -193,6 +197,8 @@ class Trainer:
         self._initial_update = None
         latest = self.ckpt_dir / "latest"
         if not latest.is_file():
+            # Nothing to resume: steps a run logged before dying without a checkpoint are not trained.
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             return None
         step_dir = self.ckpt_dir / latest.read_text().strip()
         cut = json.loads((step_dir / "cut.json").read_text())
@@ -255,6 +261,7 @@ class Trainer:
         try:
             while version < total:
                 t0 = time.monotonic()
+                self._check_workers()  # every step, not only while waiting: a dead generator is healed at once
                 batch = self._wait_batch(version, t0)
                 t_batch = time.monotonic()
                 learner_wait += t_batch - t0
@@ -312,6 +319,10 @@ class Trainer:
         for name, rep in served.items():
             if rep.get("error") or rep.get("checksum") != rep.get("expected_checksum"):
                 log.error("%s did not load version %d cleanly: %s", name, version, rep)
+        for rec in self._pending_recovery.values():  # restarted, but the run ended before it served
+            rec["serving_again_s"] = None
+            self._record_recovery(rec)
+        self._pending_recovery.clear()
         worker_stats = []
         for i, ref in enumerate(self.runs):
             try:
@@ -460,9 +471,14 @@ class Trainer:
         import ray
 
         sm = step_metrics(batch.metas)
-        sched = ray.get(self.scheduler.state.remote())
-        buf = ray.get(self.buffer.stats.remote())
-        wstats = ray.get([w.stats.remote() for w in self.workers])
+        sched = self._get(self.scheduler.state.remote(), "scheduler")
+        buf = self._get(self.buffer.stats.remote(), "buffer")
+        wstats = []
+        for ref in [w.stats.remote() for w in self.workers]:
+            try:
+                wstats.append(ray.get(ref, timeout=30))
+            except Exception:  # noqa: BLE001, S112 - a generator that just died: healed at the next wait
+                continue
         step_s = t_pub - t0
         return {
             "step": version,
@@ -578,18 +594,35 @@ class Trainer:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001, S110 - already gone
                 pass
-        names = [f"generator-{i}" for i in range(len(getattr(self, "workers", [])))]
-        names += [f"interpreter-{i}" for i in range(len(getattr(self, "interpreters", [])))]
-        names += [f"scorer-{i}" for i in range(len(getattr(self, "scorers", [])))]
-        names += ["scheduler", "buffer"] + [f"learner-rank-{i}" for i in range(self.cfg.learner.num_ranks)]
-        deadline = time.monotonic() + 30.0
-        for name in names:
-            while time.monotonic() < deadline:
-                try:
-                    ray.get_actor(name, namespace=self.cfg.cluster.namespace)
-                except ValueError:
-                    break
-                time.sleep(0.2)
+        wait_names_free(self.cfg, 30.0)
+
+def actor_names(cfg: Config) -> list[str]:
+    """The names of every actor a run creates (cir_actors/cluster.py names them)."""
+    names = [f"generator-{i}" for i in range(cfg.generator.num_generators)]
+    names += [f"interpreter-{i}" for i in range(cfg.interpreter.num_pools)]
+    names += [f"scorer-{i}" for i in range(cfg.scorer.num_scorers)]
+    return names + ["scheduler", "buffer"] + [f"learner-rank-{i}" for i in range(cfg.learner.num_ranks)]
+
+
+def wait_names_free(cfg: Config, timeout_s: float) -> list[str]:
+    """Wait until no live actor holds one of the run's names (a killed driver's actors die a moment
+    after it); returns the names still taken at the deadline."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    taken = []
+    for name in actor_names(cfg):
+        while True:
+            try:
+                ray.get_actor(name, namespace=cfg.cluster.namespace)
+            except ValueError:
+                break
+            if time.monotonic() > deadline:
+                taken.append(name)
+                break
+            time.sleep(0.2)
+    return taken
+
 
 def _load_recoveries(run_dir: Path) -> list[dict[str, Any]]:
     f = run_dir / "recoveries.jsonl"

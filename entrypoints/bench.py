@@ -10,7 +10,7 @@ import importlib
 import json
 import sys
 
-PARTS = ["interpreter", "scorer", "generation", "learner", "train"]
+PARTS = ["interpreter", "scorer", "generation", "learner", "train", "recovery"]
 
 
 def main(argv: list[str]) -> int:

@@ -16,7 +16,16 @@ from cir_actors.budget_scheduler import BudgetScheduler
 from cir_actors.config import load_config
 from cir_actors.failures import ReplicatedInterpreter, ReplicatedScorer, restart_options
 from cir_actors.replay_buffer import ReplayBuffer
-from cir_actors.types import DropReason, ExecResult, InfraFault, PolicyUpdate, ServedPolicy, Task, Verdict, VerdictReason
+from cir_actors.types import (
+    DropReason,
+    ExecResult,
+    InfraFault,
+    PolicyUpdate,
+    ServedPolicy,
+    Task,
+    Verdict,
+    VerdictReason,
+)
 
 
 def _cfg(**kv):
