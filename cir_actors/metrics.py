@@ -50,7 +50,7 @@ def _spec(name: str, kind: Kind, description: str, tags: tuple[str, ...] = (), b
 
 
 SPECS: dict[str, MetricSpec] = {}
-"""Every series this module can export, by name (the README's table is generated from it)."""
+"""Every series this module can export, by name (docs/cluster.md's table is generated from it)."""
 
 # Generator
 GEN_VERSION = _spec("cir_generator_policy_version", "gauge", "Policy version the generator serves.")

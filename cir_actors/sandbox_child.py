@@ -21,12 +21,9 @@ import signal
 import sys
 import tempfile
 import traceback
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cir_actors import sandbox_layers as L
-
-if TYPE_CHECKING:
-    from cir_actors.sandbox_zygote import Zygote
 
 WORKDIR = "/sandbox"  # inside the jail; must not be a prefix of any jailed host path
 CHILD_ENV = {"PATH": "/usr/bin:/bin", "HOME": WORKDIR, "TMPDIR": WORKDIR, "LANG": "C.UTF-8",
@@ -35,6 +32,22 @@ MAX_ERROR_CHARS = 2000
 WORKDIR_MB = 64
 
 _BUILTINS = dict(builtins.__dict__)
+
+
+class ChildHost(Protocol):
+    """What a child needs from the zygote that forked it (the zygote is one; this module does not
+    import it, so the zygote imports the child and not the other way round)."""
+
+    active: dict[str, bool]  # layer name -> applied at start-up
+    cfg: dict  # the interpreter config as the supervisor sent it (memory_mb, max_processes, ...)
+    is_root: bool
+    uid_base: int
+    jail: str
+    scratch: str
+    ro_paths: list[str]
+    landlock_abi: int
+    seccomp_bpf: bytes
+    base_vm_bytes: int
 
 
 def run_block(code: str, scope: dict) -> tuple[bool, str | None]:
@@ -63,7 +76,7 @@ def run_block(code: str, scope: dict) -> tuple[bool, str | None]:
     return ok, err
 
 
-def run_child(z: Zygote, slot: int, fds: tuple[int, int, int], stage: dict) -> None:
+def run_child(z: ChildHost, slot: int, fds: tuple[int, int, int], stage: dict) -> None:
     """Apply every active layer, then run the blocks the zygote sends on the command pipe. Never
     returns. fds: (stdout pipe, result pipe, command pipe); stage["res"] is where the result pipe
     currently is (so that a failure to apply a layer can be reported)."""
