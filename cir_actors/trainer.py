@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,16 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: Config) -> None:
-    """Join the cluster named by cluster.address or RAY_ADDRESS (as under `ray job submit`), else
-    start a local Ray whose logical CPUs leave room for the fractional controller actors."""
-    import ray
+    """Join the cluster when asked, else start a private local Ray (local_head.connect_ray)."""
+    from cir_actors.local_head import connect_ray
 
-    if ray.is_initialized():
-        return
-    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address or None, namespace=cfg.cluster.namespace, log_to_driver=True)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 2, 4), namespace=cfg.cluster.namespace, log_to_driver=True)
+    connect_ray(cfg)
 
 
 def resolve_model_path(cfg: Config) -> str:
