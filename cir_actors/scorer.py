@@ -130,6 +130,51 @@ def gold_answer(gold: str) -> str:
     return text
 
 
+# ------------------------------------------------------------------------------------ gold answers
+
+
+def math_verify_extraction() -> list[Any]:
+    """How math-verify reads an answer here: LaTeX (a \\boxed{} first), then a plain expression."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    return [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+
+def unparsable_golds(
+    golds: Iterable[tuple[str, str]], *, per_gold_s: float = 2.0, total_s: float = 120.0
+) -> tuple[list[tuple[str, str]], int]:
+    """The (where, gold) pairs math-verify cannot parse, and how many were checked.
+
+    In-process, for a run's set-up: a gold that does not parse makes every verdict on its task a
+    parse failure (reward wrong, nothing learned), so it is bad input. Each parse has math-verify's
+    own `per_gold_s` timeout (signal.alarm: main thread only; off it, none); checking stops after
+    `total_s` (the rest are then unchecked, and the count says so).
+    """
+    import logging
+    import threading
+
+    from math_verify import parse
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    extraction = math_verify_extraction()
+    timeout = max(1, round(per_gold_s)) if threading.current_thread() is threading.main_thread() else None
+    bad: list[tuple[str, str]] = []
+    checked = 0
+    deadline = time.monotonic() + total_s
+    for where, gold in golds:
+        if time.monotonic() > deadline:
+            break
+        checked += 1
+        try:
+            ok = bool(parse("\\boxed{" + gold_answer(gold) + "}", extraction_config=extraction,
+                            parsing_timeout=timeout))
+        except Exception:  # noqa: BLE001 -- math-verify's timeout or a parser bug: unparsable either way
+            ok = False
+        if not ok:
+            bad.append((where, gold))
+    return bad, checked
+
+
 # ------------------------------------------------------------------------------- worker process side
 
 
@@ -155,9 +200,9 @@ def _worker_main() -> None:
     os.dup2(2, 1)
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: by design
 
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify import parse, verify
 
-    extraction = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    extraction = math_verify_extraction()
 
     def check(gold: str, pred: str) -> dict[str, Any]:
         g = parse("\\boxed{" + gold + "}", extraction_config=extraction, parsing_timeout=None)
