@@ -143,7 +143,7 @@ class RolloutWorker:
         if traj.finish_reason == FinishReason.ABORTED:
             return False
         scorer = next(self._scorers)
-        verdict = await scorer.score_async.remote(traj.response_text, req.task.gold)
+        verdict = await scorer.score_async.remote(traj.sampled_text, req.task.gold)
         reward = self._cfg.scorer.reward_correct if verdict.correct else self._cfg.scorer.reward_wrong
         scored = ScoredTrajectory(trajectory=traj, verdict=verdict, reward=reward)
         key = f"{req.group_id}/{index}"

@@ -2,6 +2,9 @@
 
 The answer is the content of the last complete `\\boxed{...}` (or `\\boxed 5`, `\\fbox{...}`) outside
 the interpreter's ```` ```output ```` blocks: what the interpreter printed is not the model's answer.
+Rollouts pass `Trajectory.sampled_text`, the model's sampled tokens only (by the loss mask's
+provenance), so a program that prints a closing fence and a \\boxed{} cannot answer for the model;
+stripping output blocks is the guard for a text given whole.
 Equivalence is math-verify's (`parse` then `verify`, gold first: it is asymmetric).
 
 math-verify's own timeout is `signal.alarm`, which raises off the main thread (every Ray actor

@@ -111,7 +111,10 @@ class Trajectory:
     num_interp_timeouts: int = 0
     gen_time_s: float = 0.0
     interp_wait_s: float = 0.0
-    response_text: str = ""  # decoded response, for scoring and inspection only; never trained on
+    response_text: str = ""  # decoded response (interpreter output included), for inspection; never trained on
+    # Only what the model sampled (the loss mask's runs of 1 in the response, each decoded alone, joined
+    # by "\n"): the scorer reads the answer from this, so interpreter output can never be the answer.
+    sampled_text: str = ""
     tool_calls: tuple[dict[str, Any], ...] = ()  # per executed block: code, ok, error, output (truncated)
 
     def __post_init__(self) -> None:
