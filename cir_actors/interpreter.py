@@ -98,7 +98,11 @@ class _Zygote:
         self.alive = True
         ours, theirs = socket.socketpair()
         pkg_parent = str(Path(__file__).resolve().parents[1])
-        boot = (f"import sys; sys.path.insert(0, {pkg_parent!r}); "
+        # sys.path resolved through symlinks before anything is imported: the jail binds the real
+        # paths only (sandbox_layers.interpreter_paths), so a package imported through a symlinked
+        # path (.venv -> a venv elsewhere) would lose its lazily imported submodules in the jail.
+        boot = ("import os, sys; sys.path[:] = list(dict.fromkeys(os.path.realpath(p) for p in sys.path)); "
+                f"sys.path.insert(0, {pkg_parent!r}); "
                 f"from cir_actors.sandbox_zygote import main; main({theirs.fileno()})")
         try:
             self.proc = subprocess.Popen([sys.executable, "-I", "-c", boot], pass_fds=[theirs.fileno()],
