@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cir_actors.types import Verdict, VerdictReason
+from cir_actors.types import ProbeFailed, Verdict, VerdictReason, last_error_line
 
 if TYPE_CHECKING:
     from cir_actors.config import ScorerConfig
@@ -471,3 +471,28 @@ class Scorer:
         # Workers also die with the process (parent-death signal); this frees them sooner.
         with contextlib.suppress(Exception):
             self.close()
+
+
+PROBE_RESPONSE, PROBE_GOLD = "so the answer is \\boxed{\\frac{1}{2}}", "0.5"
+
+
+def probe_scorers(handles: list[Any], timeout_s: float = WORKER_STARTUP_S + 60) -> None:
+    """One real score of a known-correct answer on every Scorer actor, all at once, at a run's set-up:
+    a broken scorer is found here, in one sentence naming it (ProbeFailed), not later as a run
+    whose every reward is wrong."""
+    import ray
+
+    refs = [h.score_async.remote(PROBE_RESPONSE, PROBE_GOLD) for h in handles]
+    for i, ref in enumerate(refs):
+        name = f"scorer {i} (actor scorer-{i})"
+        try:
+            verdict = ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ProbeFailed(f"set-up probe: {name} did not score within {timeout_s:.0f} s") from None
+        except Exception as e:  # noqa: BLE001 -- an actor that cannot start or score: one sentence
+            raise ProbeFailed(f"set-up probe: {name} cannot score: {last_error_line(e)}") from None
+        if not verdict.correct:
+            raise ProbeFailed(
+                f"set-up probe: {name} scored the known-correct {PROBE_RESPONSE!r} against gold {PROBE_GOLD!r} "
+                f"as {verdict.reason.value}, not correct"
+            )

@@ -90,11 +90,11 @@ class Trainer:
         from cir_actors.budget_scheduler import BudgetScheduler
         from cir_actors.cluster import actor_options
         from cir_actors.data import load_tasks
-        from cir_actors.interpreter import InterpreterPool
+        from cir_actors.interpreter import InterpreterPool, probe_interpreters
         from cir_actors.learner import Learner
         from cir_actors.replay_buffer import ReplayBuffer
         from cir_actors.rollout_worker import RolloutWorker
-        from cir_actors.scorer import Scorer
+        from cir_actors.scorer import Scorer, probe_scorers
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +120,8 @@ class Trainer:
             ray.remote(Scorer).options(**actor_options("scorer", cfg, i)).remote(cfg.scorer)
             for i in range(cfg.scorer.num_scorers)
         ]
+        probe_interpreters(self.interpreters)  # a broken sandbox or scorer: one sentence (ProbeFailed) here,
+        probe_scorers(self.scorers)  # not "3 groups in a row failed" later
         self.resumed_from = self._maybe_resume()
         self.workers = []
         for i in range(cfg.generator.num_generators):

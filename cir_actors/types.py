@@ -42,6 +42,18 @@ class DropReason(StrEnum):
     ZERO_ADVANTAGE = "zero_advantage"  # every sample of the group got the same reward
 
 
+class ProbeFailed(RuntimeError):
+    """A role failed its set-up probe (one real call with a known answer, before any rollout); the
+    message is one sentence naming the role's actor and what it answered."""
+
+
+def last_error_line(e: BaseException, limit: int = 300) -> str:
+    """The last non-empty line of an error's text: for a Ray error, whose text holds the remote
+    traceback, that is the remote exception's `Type: message`."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:limit]
+
+
 @dataclass(frozen=True)
 class ExecResult:
     """The outcome of one interpreter call. Never raised: every failure is a field.

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cir_actors.config import ConfigError, dump_config, load_config
 from cir_actors.data import DataError
 from cir_actors.preflight import InputError, check_inputs
+from cir_actors.types import ProbeFailed
 
 
 def main(argv: list[str]) -> int:
@@ -35,7 +36,11 @@ def main(argv: list[str]) -> int:
         return 2
     from cir_actors.trainer import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except ProbeFailed as e:  # a broken sandbox or scorer, found at set-up
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
