@@ -369,7 +369,7 @@ class EvalRunner:
             task = benchmarks[name][t]
             async with limit:
                 traj = await self._generators[j % len(self._generators)](task, i, budget)
-            verdict = await self.scorer.score_async(traj.response_text, task.gold)
+            verdict = await self.scorer.score_async(traj.sampled_text, task.gold)
             done += 1
             if time.perf_counter() - last_report > 30 or done == len(jobs):
                 last_report = time.perf_counter()

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from cir_actors.config import ConfigError, InterpreterConfig
 from cir_actors.metrics import InterpreterMetrics
 from cir_actors.sandbox_layers import FrameReader, pack_frame
-from cir_actors.types import ExecResult
+from cir_actors.types import ExecResult, ProbeFailed, last_error_line
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,11 @@ class _Zygote:
         self.alive = True
         ours, theirs = socket.socketpair()
         pkg_parent = str(Path(__file__).resolve().parents[1])
-        boot = (f"import sys; sys.path.insert(0, {pkg_parent!r}); "
+        # sys.path resolved through symlinks before anything is imported: the jail binds the real
+        # paths only (sandbox_layers.interpreter_paths), so a package imported through a symlinked
+        # path (.venv -> a venv elsewhere) would lose its lazily imported submodules in the jail.
+        boot = ("import os, sys; sys.path[:] = list(dict.fromkeys(os.path.realpath(p) for p in sys.path)); "
+                f"sys.path.insert(0, {pkg_parent!r}); "
                 f"from cir_actors.sandbox_zygote import main; main({theirs.fileno()})")
         try:
             self.proc = subprocess.Popen([sys.executable, "-I", "-c", boot], pass_fds=[theirs.fileno()],
@@ -301,6 +305,29 @@ class InterpreterPool:
         with contextlib.suppress(Exception):  # best effort at interpreter shutdown
             if not self._closed:
                 self.close()
+
+
+PROBE_CODE, PROBE_EXPECTED = "print(1+1)", "2"
+
+
+def probe_interpreters(handles: list[Any], timeout_s: float = STARTUP_TIMEOUT_S + 60) -> None:
+    """One real call on every InterpreterPool actor (`print(1+1)` must print 2), all at once, at a
+    run's set-up: a broken sandbox is found here, in one sentence naming the pool (ProbeFailed),
+    not later as rollouts whose every tool call failed."""
+    import ray
+
+    refs = [h.run_async.remote(PROBE_CODE) for h in handles]
+    for i, ref in enumerate(refs):
+        name = f"interpreter pool {i} (actor interpreter-{i})"
+        try:
+            result = ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ProbeFailed(f"set-up probe: {name} did not run {PROBE_CODE} within {timeout_s:.0f} s") from None
+        except Exception as e:  # noqa: BLE001 -- an actor that cannot start or call: one sentence
+            raise ProbeFailed(f"set-up probe: {name} cannot run code: {last_error_line(e)}") from None
+        if not result.ok or result.stdout.strip() != PROBE_EXPECTED:
+            got = result.error or ("Timeout" if result.timed_out else f"output {result.stdout.strip()!r}")
+            raise ProbeFailed(f"set-up probe: {name} ran {PROBE_CODE} and got {got}, not {PROBE_EXPECTED!r}")
 
 
 class RayInterpreter:

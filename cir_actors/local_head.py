@@ -6,6 +6,12 @@ new session, so that `stop()` ends exactly the processes it started and never an
 user's (`ray stop` would). `LocalHead.fake_cluster(check_cluster_yaml(), ...)` gives a head whose
 autoscaler launches fake worker nodes of the YAML's node types (`cluster.fake_cluster_config`).
 What runs where, and the YAML's checks, are `cluster.py`'s.
+
+`connect_ray(cfg)` is how a driver (train, demo, bench) gets its Ray, deliberately: it joins a
+cluster only when asked (cluster.address, or RAY_ADDRESS as under `ray job submit`), and otherwise
+starts a private local instance, even when a head started by `ray start --head` is recorded on the
+machine (Ray would silently join that one, and then refuse the driver's `num_cpus`). It says which
+in one log line.
 """
 
 from __future__ import annotations
@@ -26,8 +32,38 @@ from pathlib import Path
 from typing import Any, Self
 
 from cir_actors.cluster import FAKE_HEAD_NODE_TYPE, fake_cluster_config
+from cir_actors.config import Config
 
 log = logging.getLogger(__name__)
+
+def connect_ray(cfg: Config) -> str:
+    """Join the cluster named by cluster.address or RAY_ADDRESS, else start a private local Ray whose
+    logical CPUs leave room for the fractional controller actors. Returns "joined" or "private"."""
+    import ray
+    from ray._private.utils import read_ray_address
+
+    if ray.is_initialized():
+        return "joined" if _joining(cfg) else "private"
+    if _joining(cfg):
+        address = cfg.cluster.address or os.environ["RAY_ADDRESS"]
+        source = "cluster.address" if cfg.cluster.address else "RAY_ADDRESS"
+        log.info("Ray: joining the cluster at %s (%s)", address, source)
+        ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=True)
+        return "joined"
+    num_cpus = max(os.cpu_count() or 2, 4)
+    recorded = read_ray_address()  # what `ray start --head` left for ray.init() to auto-join
+    log.info(
+        "Ray: starting a private local instance (%d logical CPUs)%s", num_cpus,
+        f"; not joining the Ray cluster running at {recorded} (set cluster.address=auto or RAY_ADDRESS "
+        "to run on it)" if recorded else "",
+    )
+    ray.init(address="local", num_cpus=num_cpus, namespace=cfg.cluster.namespace, log_to_driver=True)
+    return "private"
+
+
+def _joining(cfg: Config) -> bool:
+    return bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -54,6 +90,7 @@ class LocalHead:
         autoscaling_config: dict[str, Any] | None = None,
         dashboard: bool = False,
         env: dict[str, str] | None = None,
+        temp_dir: str | Path | None = None,
     ):
         self.num_cpus = num_cpus
         self.resources = resources or {}
@@ -65,6 +102,7 @@ class LocalHead:
         # process runs regardless), which another Ray on the machine may hold.
         self.dashboard_port = free_port()
         self.temp_dir: Path | None = None
+        self._given_temp_dir = Path(temp_dir) if temp_dir is not None else None  # else a fresh one under /tmp
         self.proc: subprocess.Popen | None = None
         self.session_id: int | None = None  # the `ray start` pid; every process of this head carries it
         self._log: Any = None
@@ -105,7 +143,11 @@ class LocalHead:
 
     def start(self, timeout_s: float = 180.0) -> LocalHead:
         # Short path: Ray's unix sockets live under the temp dir and have a ~107-byte limit.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="cirh", dir="/tmp"))
+        if self._given_temp_dir is not None:
+            self.temp_dir = self._given_temp_dir
+            self.temp_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="cirh", dir="/tmp"))
         cmd = [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
             "--node-ip-address=127.0.0.1", f"--port={self.port}", f"--temp-dir={self.temp_dir}",

@@ -193,6 +193,23 @@ class _Builder:
         self.versions.extend([-1] * len(ids))
 
 
+def sampled_text(codec: TokenCodec, token_ids: Sequence[int], loss_mask: Sequence[int], start: int) -> str:
+    """The model's own segments from `start` on: each run of loss_mask 1 decoded alone, joined by "\n".
+
+    This is the text an answer is read from. Interpreter output (loss_mask 0) is left out by its
+    token provenance, not by parsing the text: a program can print a closing fence and a \\boxed{}.
+    """
+    runs: list[list[int]] = []
+    prev = 0
+    for tok, m in zip(token_ids[start:], loss_mask[start:], strict=True):
+        if m:
+            if not prev:
+                runs.append([])
+            runs[-1].append(int(tok))
+        prev = m
+    return "\n".join(codec.decode(run) for run in runs)
+
+
 def _tokens_through(codec: TokenCodec, kept: Sequence[int], new: Sequence[int], chars: int) -> int:
     """How many of `new` must follow `kept` for the decoded segment to reach `chars` characters.
 
@@ -320,5 +337,6 @@ async def run_rollout(
         gen_time_s=gen_time,
         interp_wait_s=interp_time,
         response_text=codec.decode(response_ids),
+        sampled_text=sampled_text(codec, traj.token_ids, traj.loss_mask, traj.prompt_len),
         tool_calls=tuple(traj.tool_calls),
     )

@@ -165,7 +165,7 @@ class RolloutWorker:
             self._busy(-1)
         if traj.finish_reason == FinishReason.ABORTED:
             return False
-        verdict = await self._scorer.score(traj.response_text, req.task.gold)
+        verdict = await self._scorer.score(traj.sampled_text, req.task.gold)
         reward = self._cfg.scorer.reward_correct if verdict.correct else self._cfg.scorer.reward_wrong
         scored = ScoredTrajectory(trajectory=traj, verdict=verdict, reward=reward)
         key = f"{req.group_id}/{index}"

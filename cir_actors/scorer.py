@@ -2,6 +2,9 @@
 
 The answer is the content of the last complete `\\boxed{...}` (or `\\boxed 5`, `\\fbox{...}`) outside
 the interpreter's ```` ```output ```` blocks: what the interpreter printed is not the model's answer.
+Rollouts pass `Trajectory.sampled_text`, the model's sampled tokens only (by the loss mask's
+provenance), so a program that prints a closing fence and a \\boxed{} cannot answer for the model;
+stripping output blocks is the guard for a text given whole.
 Equivalence is math-verify's (`parse` then `verify`, gold first: it is asymmetric).
 
 math-verify's own timeout is `signal.alarm`, which raises off the main thread (every Ray actor
@@ -40,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cir_actors.types import InfraFault, Verdict, VerdictReason
+from cir_actors.types import InfraFault, ProbeFailed, Verdict, VerdictReason, last_error_line
 
 if TYPE_CHECKING:
     from cir_actors.config import ScorerConfig
@@ -131,6 +134,51 @@ def gold_answer(gold: str) -> str:
     return text
 
 
+# ------------------------------------------------------------------------------------ gold answers
+
+
+def math_verify_extraction() -> list[Any]:
+    """How math-verify reads an answer here: LaTeX (a \\boxed{} first), then a plain expression."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    return [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+
+def unparsable_golds(
+    golds: Iterable[tuple[str, str]], *, per_gold_s: float = 2.0, total_s: float = 120.0
+) -> tuple[list[tuple[str, str]], int]:
+    """The (where, gold) pairs math-verify cannot parse, and how many were checked.
+
+    In-process, for a run's set-up: a gold that does not parse makes every verdict on its task a
+    parse failure (reward wrong, nothing learned), so it is bad input. Each parse has math-verify's
+    own `per_gold_s` timeout (signal.alarm: main thread only; off it, none); checking stops after
+    `total_s` (the rest are then unchecked, and the count says so).
+    """
+    import logging
+    import threading
+
+    from math_verify import parse
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    extraction = math_verify_extraction()
+    timeout = max(1, round(per_gold_s)) if threading.current_thread() is threading.main_thread() else None
+    bad: list[tuple[str, str]] = []
+    checked = 0
+    deadline = time.monotonic() + total_s
+    for where, gold in golds:
+        if time.monotonic() > deadline:
+            break
+        checked += 1
+        try:
+            ok = bool(parse("\\boxed{" + gold_answer(gold) + "}", extraction_config=extraction,
+                            parsing_timeout=timeout))
+        except Exception:  # noqa: BLE001 -- math-verify's timeout or a parser bug: unparsable either way
+            ok = False
+        if not ok:
+            bad.append((where, gold))
+    return bad, checked
+
+
 # ------------------------------------------------------------------------------- worker process side
 
 
@@ -156,9 +204,9 @@ def _worker_main() -> None:
     os.dup2(2, 1)
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: by design
 
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify import parse, verify
 
-    extraction = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    extraction = math_verify_extraction()
 
     def check(gold: str, pred: str) -> dict[str, Any]:
         g = parse("\\boxed{" + gold + "}", extraction_config=extraction, parsing_timeout=None)
@@ -434,3 +482,28 @@ class Scorer:
         # Workers also die with the process (parent-death signal); this frees them sooner.
         with contextlib.suppress(Exception):
             self.close()
+
+
+PROBE_RESPONSE, PROBE_GOLD = "so the answer is \\boxed{\\frac{1}{2}}", "0.5"
+
+
+def probe_scorers(handles: list[Any], timeout_s: float = WORKER_STARTUP_S + 60) -> None:
+    """One real score of a known-correct answer on every Scorer actor, all at once, at a run's set-up:
+    a broken scorer is found here, in one sentence naming it (ProbeFailed), not later as a run
+    whose every reward is wrong."""
+    import ray
+
+    refs = [h.score_async.remote(PROBE_RESPONSE, PROBE_GOLD) for h in handles]
+    for i, ref in enumerate(refs):
+        name = f"scorer {i} (actor scorer-{i})"
+        try:
+            verdict = ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ProbeFailed(f"set-up probe: {name} did not score within {timeout_s:.0f} s") from None
+        except Exception as e:  # noqa: BLE001 -- an actor that cannot start or score: one sentence
+            raise ProbeFailed(f"set-up probe: {name} cannot score: {last_error_line(e)}") from None
+        if not verdict.correct:
+            raise ProbeFailed(
+                f"set-up probe: {name} scored the known-correct {PROBE_RESPONSE!r} against gold {PROBE_GOLD!r} "
+                f"as {verdict.reason.value}, not correct"
+            )

@@ -27,6 +27,7 @@ import numpy as np
 
 from cir_actors.config import InterpreterConfig
 from cir_actors.interpreter import format_output
+from cir_actors.rollout import sampled_text
 from cir_actors.types import ExecResult, FinishReason, Task, Trajectory
 
 SPLITS = ("train", "eval")
@@ -257,5 +258,6 @@ def demonstration_trajectory(task: Task, tokenizer) -> Trajectory:
         num_code_blocks=1,
         num_executed=1,
         response_text="".join(text for text, _ in segments) + tokenizer.decode([eos_id]),
+        sampled_text=sampled_text(tokenizer, ids, mask, len(task.prompt_token_ids)),
         tool_calls=({"code": prob.code, "ok": True, "error": None, "output": segments[1][0]},),
     )

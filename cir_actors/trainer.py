@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,16 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: Config) -> None:
-    """Join the cluster named by cluster.address or RAY_ADDRESS (as under `ray job submit`), else
-    start a local Ray whose logical CPUs leave room for the fractional controller actors."""
-    import ray
+    """Join the cluster when asked, else start a private local Ray (local_head.connect_ray)."""
+    from cir_actors.local_head import connect_ray
 
-    if ray.is_initialized():
-        return
-    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address or None, namespace=cfg.cluster.namespace, log_to_driver=True)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 2, 4), namespace=cfg.cluster.namespace, log_to_driver=True)
+    connect_ray(cfg)
 
 
 def resolve_model_path(cfg: Config) -> str:
@@ -114,10 +107,10 @@ class Trainer:
         from cir_actors.budget_scheduler import BudgetScheduler
         from cir_actors.cluster import actor_options
         from cir_actors.data import load_tasks
-        from cir_actors.interpreter import InterpreterPool
+        from cir_actors.interpreter import InterpreterPool, probe_interpreters
         from cir_actors.learner import Learner
         from cir_actors.replay_buffer import ReplayBuffer
-        from cir_actors.scorer import Scorer
+        from cir_actors.scorer import Scorer, probe_scorers
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +141,8 @@ class Trainer:
             ray.remote(Scorer).options(**actor_options("scorer", cfg, i)).remote(cfg.scorer)
             for i in range(cfg.scorer.num_scorers)
         ]
+        probe_interpreters(self.interpreters)  # a broken sandbox or scorer: one sentence (ProbeFailed) here,
+        probe_scorers(self.scorers)  # not "3 groups in a row failed" later
         self.resumed_from = self._maybe_resume()
         self.workers = [self._new_generator(i, self._initial_update) for i in range(cfg.generator.num_generators)]
         for i, w in enumerate(self.workers):

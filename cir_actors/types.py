@@ -54,6 +54,18 @@ class InfraFault(RuntimeError):
     """
 
 
+class ProbeFailed(RuntimeError):
+    """A role failed its set-up probe (one real call with a known answer, before any rollout); the
+    message is one sentence naming the role's actor and what it answered."""
+
+
+def last_error_line(e: BaseException, limit: int = 300) -> str:
+    """The last non-empty line of an error's text: for a Ray error, whose text holds the remote
+    traceback, that is the remote exception's `Type: message`."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:limit]
+
+
 @dataclass(frozen=True)
 class ExecResult:
     """The outcome of one interpreter call. Never raised: every failure is a field.
@@ -123,7 +135,10 @@ class Trajectory:
     num_interp_timeouts: int = 0
     gen_time_s: float = 0.0
     interp_wait_s: float = 0.0
-    response_text: str = ""  # decoded response, for scoring and inspection only; never trained on
+    response_text: str = ""  # decoded response (interpreter output included), for inspection; never trained on
+    # Only what the model sampled (the loss mask's runs of 1 in the response, each decoded alone, joined
+    # by "\n"): the scorer reads the answer from this, so interpreter output can never be the answer.
+    sampled_text: str = ""
     tool_calls: tuple[dict[str, Any], ...] = ()  # per executed block: code, ok, error, output (truncated)
 
     def __post_init__(self) -> None:

@@ -9,6 +9,13 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cir_actors.config import ConfigError
+from cir_actors.data import DataError
+from cir_actors.preflight import InputError
 
 PARTS = ["interpreter", "scorer", "generation", "learner", "train", "recovery"]
 
@@ -28,7 +35,11 @@ def main(argv: list[str]) -> int:
     for name in PARTS if part == "all" else [part]:
         module = importlib.import_module(f"cir_actors.bench.{name}")
         print(f"== {name}", flush=True)
-        results[name] = module.run(rest)
+        try:
+            results[name] = module.run(rest)
+        except (ConfigError, DataError, InputError) as e:  # bad input: found before anything started
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if as_json:
         print(json.dumps(results if part == "all" else results[part], default=str))
     return 0

@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cir_actors.config import ConfigError, load_config
+from cir_actors.data import DataError
+from cir_actors.preflight import InputError, check_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +47,8 @@ def main(argv: list[str]) -> int:
         p.error(f"--kind-floor must be in [0, 1], got {args.kind_floor}")
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        check_inputs(cfg)  # model, every data row, every gold answer: before Ray or any engine starts
+    except (ConfigError, DataError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,6 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cir_actors.config import ConfigError, dump_config, load_config
+from cir_actors.data import DataError
+from cir_actors.preflight import InputError, check_inputs
+from cir_actors.types import ProbeFailed
 
 
 def main(argv: list[str]) -> int:
@@ -24,15 +27,20 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        if args.dry_run:
+            print(dump_config(cfg), end="")
+            return 0
+        check_inputs(cfg)  # model, every data row, every gold answer: before Ray or any engine starts
+    except (ConfigError, DataError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(dump_config(cfg), end="")
-        return 0
     from cir_actors.trainer import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except ProbeFailed as e:  # a broken sandbox or scorer, found at set-up
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,7 +24,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, namespace="cir-actors-test", include_dashboard=False, log_to_driver=False)
+        # address="local": a private instance even when `ray start --head` runs on the machine.
+        ray.init(address="local", num_cpus=8, namespace="cir-actors-test", include_dashboard=False,
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -121,7 +121,8 @@ def run(argv: list[str]) -> dict:
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="cir-bench-learner")
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 namespace="cir-bench-learner")
     results: dict[str, Any] = {"train": {}, "publish": {}}
     try:
         tiny = build_tiny_model()

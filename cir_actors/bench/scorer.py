@@ -68,7 +68,7 @@ def _actors_throughput(cfg: ScorerConfig, pairs: list[tuple[str, str]], k: int) 
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=max(2, k), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(2, k), include_dashboard=False, log_to_driver=False)
     try:
         cls = ray.remote(Scorer).options(num_cpus=cfg.num_cpus, max_concurrency=4 * cfg.num_workers)
         actors = [cls.remote(cfg) for _ in range(k)]

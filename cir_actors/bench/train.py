@@ -42,6 +42,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     import ray
 
     from cir_actors.config import load_config
+    from cir_actors.preflight import check_inputs
     from cir_actors.trainer import init_ray
 
     model = args.model
@@ -55,7 +56,9 @@ def run(argv: list[str]) -> dict[str, Any]:
     ]
     if model:
         common.append(f"model.path={model}")
-    init_ray(load_config(None, common))
+    cfg = load_config(None, common)
+    check_inputs(cfg)  # a bad --model is one sentence before Ray starts
+    init_ray(cfg)
     results = {}
     with tempfile.TemporaryDirectory(prefix="cir-bench-train-") as tmp:
         for mode, staleness in (("sync", 0), ("async", 1)):
