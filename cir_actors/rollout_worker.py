@@ -33,6 +33,7 @@ from cir_actors.types import (
     PolicyUpdate,
     ScoredTrajectory,
     ServedPolicy,
+    VerdictReason,
 )
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ class RolloutWorker:
             "executed": float(traj.num_executed),
             "interp_errors": float(traj.num_interp_errors),
             "interp_timeouts": float(traj.num_interp_timeouts),
+            "verdict_timeout": float(verdict.reason == VerdictReason.TIMEOUT),  # a genuine deadline (a crash is retried)
             "finish_" + str(traj.finish_reason): 1.0,
             "gen_time_s": traj.gen_time_s,
             "interp_wait_s": traj.interp_wait_s,

@@ -66,6 +66,7 @@ def step_metrics(metas: list[list[dict[str, float]]]) -> dict[str, Any]:
         "tool_calls_per_response": mean("executed"),
         "interp_errors_per_response": mean("interp_errors"),
         "interp_timeouts_per_response": mean("interp_timeouts"),
+        "scorer_timeouts_per_response": mean("verdict_timeout"),
         "sampled_tokens": float(sum(m.get("sampled_tokens", 0.0) for m in flat)),
         "staleness_hist": {str(k): v for k, v in sorted(staleness.items())},
         "staleness_mean": float(np.mean([m.get("staleness", 0) for m in flat])),
@@ -490,6 +491,9 @@ class Trainer:
             "throughput/trajectories_per_s": sm.get("trajectories", 0) / max(step_s, 1e-9),
             "idle/learner_s": learner_wait,
             "idle/generators_s": float(sum(w["idle_s"] for w in wstats)),
+            # infrastructure faults met and retried (a group that still failed is dropped as `infra`)
+            "infra/interpreter_faults": int(sum(w.get("interpreter_faults", 0) for w in wstats)),
+            "infra/scorer_faults": int(sum(w.get("scorer_faults", 0) for w in wstats)),
             "count/admitted_groups": sched["admitted_groups"],
             "count/inflight_groups": sched["inflight_groups"],
             "count/failed_groups": sched["failed_groups"],

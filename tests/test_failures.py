@@ -300,3 +300,50 @@ def test_restart_policy_per_role():
     assert restart_options("interpreter", _cfg(**{"interpreter.sessions": "true"}))["max_task_retries"] == 0
     for role in ("generator", "learner", "buffer", "scheduler"):
         assert restart_options(role, cfg) == {"max_restarts": 0, "max_task_retries": 0}
+
+
+class _Local:
+    """An InterpreterPool or Scorer object behind the `.method.remote(...)` call shape of an actor handle."""
+
+    def __init__(self, obj, method):
+        setattr(self, method, _Remote(getattr(obj, method)))
+
+
+def test_real_zygote_crash_mid_call_is_retried_not_shown_to_the_model():
+    import os
+    import signal
+
+    from cir_actors.interpreter import InterpreterPool
+
+    with InterpreterPool(max_workers=2, timeout_s=20) as pool:
+        assert pool.run("print(1)").ok  # warm
+
+        async def go():
+            interp = ReplicatedInterpreter([_Local(pool, "run_async")], retries=2)
+            call = asyncio.create_task(interp.run_async("import time; time.sleep(1.5); print('done')"))
+            await asyncio.sleep(0.5)
+            os.kill(pool._zygote.proc.pid, signal.SIGKILL)  # the zygote dies under the running call
+            return await call, interp.faults
+
+        result, faults = asyncio.run(go())
+        assert result.ok and result.stdout == "done\n", result  # the retry ran it on a new zygote
+        assert faults == 1 and pool.zygote_restarts == 1
+
+
+def test_real_checker_crash_is_retried_and_a_deadline_is_a_verdict():
+    import os
+    import signal
+
+    from cir_actors.config import ScorerConfig
+    from cir_actors.scorer import Scorer
+
+    scorer = Scorer(ScorerConfig(num_workers=1, timeout_s=5.0))
+    try:
+        scorer.warmup()
+        (pid,) = scorer.worker_pids()
+        os.kill(pid, signal.SIGKILL)  # the math-verify worker is dead before the check
+        verdict = scorer.score("so \\boxed{\\frac{1}{2}}", "0.5")
+        assert verdict.correct and verdict.reason == VerdictReason.CORRECT  # re-checked, not PARSE_FAILURE
+        assert scorer.stats()["workers_replaced"] == 1
+    finally:
+        scorer.close()
