@@ -43,16 +43,33 @@ def _overrides(run_dir, steps, namespace=NAMESPACE):
     ]
 
 
+def _raylet_pid() -> str:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def pid() -> str:
+        return os.environ.get("RAY_RAYLET_PID", "")
+
+    return ray.get(pid.remote(), timeout=60)
+
+
 def _our_processes() -> dict[int, str]:
+    """Engine cores, zygotes and math-verify workers of this checkout's runs on this Ray node (other
+    checkouts' runs on the same machine are not ours to judge)."""
+    raylet = _raylet_pid()
     out = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not any(p in cmd for p in LEFTOVER_PATTERNS):
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(p in cmd for p in LEFTOVER_PATTERNS):
+        ours = f"RAY_RAYLET_PID={raylet}".encode() in env or str(PROJECT_ROOT) + "'" in cmd  # zygotes: clean env
+        if ours:
             out[int(d.name)] = cmd[:120]
     return out
 
