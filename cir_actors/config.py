@@ -206,8 +206,17 @@ class LearnerConfig(Section):
     """PPO ratio clip below 1."""
     clip_high: float = Field(0.28, ge=0)
     """PPO ratio clip above 1 (clip-higher)."""
+    correction: Literal["tis", "mis", "icepop", "seq_tis", "geo_mask"] = "tis"
+    """Off-policy correction between the generator's (behaviour) and the learner's proximal log-probs
+    (cir_actors/loss.py `correction_weights`, docs/algorithms.md): token truncated IS (tis), token
+    masked IS above is_cap (mis), IcePop's two-sided band mask (icepop), sequence truncated IS
+    (seq_tis), or whole-sequence rejection by the geometric-mean ratio (geo_mask)."""
     is_cap: float = Field(5.0, ge=1)
-    """Cap of the off-policy importance weight exp(proximal - behaviour)."""
+    """Cap of the importance weight exp(proximal - behaviour): truncation (tis, seq_tis) or mask (mis)."""
+    is_band: tuple[float, float] = (0.5, 5.0)
+    """icepop: tokens whose ratio leaves [low, high] get no gradient (Ring-1T: [0.5, 5])."""
+    geo_band: tuple[float, float] = (0.999, 1.001)
+    """geo_mask: sequences whose geometric-mean ratio leaves [low, high] get no gradient (verl: 0.999-1.001)."""
     dual_clip: float | None = Field(None, gt=1)
     """Dual-clip constant for negative advantages (CIR: 3.0); None disables."""
     advantage: Literal["grpo", "mean", "reinforce_pp"] = "grpo"
@@ -289,6 +298,10 @@ class Config(Section):
             raise ValueError("learner.backend 'nccl' needs model.device 'cuda'")
         if lrn.bf16 and self.model.dtype == "float16":
             raise ValueError("learner.bf16 with model.dtype 'float16' mixes two half formats")
+        for name in ("is_band", "geo_band"):
+            low, high = getattr(lrn, name)
+            if not 0 < low <= 1 <= high:
+                raise ValueError(f"learner.{name} {[low, high]} must satisfy 0 < low <= 1 <= high")
         steps = [s for s, _ in sch.budget_schedule]
         if not steps or steps[0] != 0 or steps != sorted(set(steps)):
             raise ValueError(

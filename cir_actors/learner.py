@@ -168,6 +168,8 @@ class Learner:
         out["loss"] /= updates
         grad_norms = parts[0].get("grad_norms", [])
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else None  # None: no update (no signal)
+        if out.get("is_weight_sq_mean"):  # effective sample size of the correction weights, in (0, 1]
+            out["is_ess"] = out["is_weight_mean"] ** 2 / out["is_weight_sq_mean"]
         out["update_losses"] = [float(sum(x)) for x in zip(*[p.get("update_losses", []) for p in parts])]
         out.update(
             updates=parts[0]["updates"],

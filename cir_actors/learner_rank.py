@@ -35,7 +35,9 @@ MEAN_DIAGS = (
     "dual_clip_frac",
     "ratio_mean",
     "is_weight_mean",
+    "is_weight_sq_mean",
     "is_cap_frac",
+    "is_masked_frac",
     "kl_prox_behav",
     "logprob_abs_diff",
 )
@@ -295,7 +297,8 @@ class LearnerRank:
             loss, diag = policy_loss(
                 lp, prox, batch["behav"], batch["adv"], batch["mask"],
                 clip_low=self.lcfg.clip_low, clip_high=self.lcfg.clip_high, is_cap=self.lcfg.is_cap,
-                dual_clip=self.lcfg.dual_clip, num_tokens=n_tokens,
+                dual_clip=self.lcfg.dual_clip, num_tokens=n_tokens, correction=self.lcfg.correction,
+                is_band=self.lcfg.is_band, geo_band=self.lcfg.geo_band,
             )  # fmt: skip
             return self._extra_terms(loss, diag, batch, lp, logits, n_tokens)
 

@@ -81,6 +81,12 @@ LRN_TOKENS_PER_S = _spec("cir_learner_tokens_per_second", "gauge", "Tokens train
 LRN_TOKENS = _spec("cir_learner_tokens_total", "counter", "Tokens trained (prompt and response).")
 LRN_VERSION = _spec("cir_learner_version", "gauge", "Learner policy version (steps taken).")
 LRN_LOSS = _spec("cir_learner_loss", "gauge", "Policy loss of the last step.")
+LRN_IS_MASKED = _spec("cir_learner_is_masked_fraction", "gauge",
+                      "Sampled tokens the off-policy correction masked (weight 0) in the last step.")
+LRN_IS_TRUNC = _spec("cir_learner_is_truncated_fraction", "gauge",
+                     "Sampled tokens whose importance weight was truncated at the cap in the last step.")
+LRN_IS_ESS = _spec("cir_learner_is_ess", "gauge",
+                   "Effective sample size of the importance weights, mean(w)^2 / mean(w^2), in the last step.")
 # Scheduler
 SCH_VERSION = _spec("cir_scheduler_policy_version", "gauge", "Current policy version (the source of truth).")
 SCH_BUDGET = _spec("cir_scheduler_tool_budget", "gauge", "Tool-call budget in force.")
@@ -202,6 +208,12 @@ class LearnerMetrics(_RoleMetrics):
         self._set(LRN_VERSION, version)
         if loss is not None:
             self._set(LRN_LOSS, loss)
+
+    def correction(self, masked_frac: float, truncated_frac: float, ess: float) -> None:
+        """The off-policy correction's diagnostics for the last step (learner.correction)."""
+        self._set(LRN_IS_MASKED, masked_frac)
+        self._set(LRN_IS_TRUNC, truncated_frac)
+        self._set(LRN_IS_ESS, ess)
 
     def publish(self, seconds: float) -> None:
         """Time to publish one weight version (object-store put or broadcast)."""

@@ -223,6 +223,8 @@ class Trainer:
                 learner_metrics.step(t_train - t_batch, int(train_metrics.get("seq_tokens", 0)), version,
                                      train_metrics.get("loss"))
                 learner_metrics.publish(t_pub - t_train)
+                learner_metrics.correction(train_metrics.get("is_masked_frac", 0.0),
+                                           train_metrics.get("is_cap_frac", 0.0), train_metrics.get("is_ess", 1.0))
                 row = self._row(version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start,
                                 learner_wait, dropped_total)
                 self.history.append(row)

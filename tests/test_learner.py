@@ -387,3 +387,32 @@ def test_step_without_signal_leaves_weights_alone(learner1, hf_init):
     after = ray.get(learner1.publish().weights)
     assert metrics["updates"] == 0 and metrics["zero_adv_groups"] == 2 and metrics["grad_norm"] is None
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_icepop_masks_the_tokens_outside_the_band(ray_session, tiny_model_dir, hf_init, batches):
+    """learner.correction=icepop on off-policy data (behaviour = model + noise): the fraction of
+    trained tokens masked is exactly the fraction whose ratio pi_init / behaviour leaves the band
+    (the proximal pass runs on the initial weights), and the ESS is exported."""
+    from cir_actors.learner import Learner
+
+    band = (0.8, 1.25)
+    over = {"learner.correction": "icepop", "learner.is_band": f"[{band[0]},{band[1]}]"}
+    learner = Learner(_cfg(**over), tiny_model_dir, name="test-learner-icepop")
+    try:
+        out = learner.train_step(batches["b"])
+    finally:
+        learner.shutdown()
+    outside = total = 0
+    for g, group in enumerate(batches["b"]):
+        if len(set(REWARDS[g])) == 1:
+            continue  # zero advantage: not trained
+        for st in group:
+            t = st.trajectory
+            mask = t.loss_mask_T.astype(bool)
+            mask[0] = False
+            rho = np.exp(_model_logprobs(hf_init, t.token_ids_T) - t.logprobs_T)[mask]
+            outside += int(((rho < band[0]) | (rho > band[1])).sum())
+            total += int(mask.sum())
+    assert out["tokens"] == total and 0.2 < outside / total < 0.8
+    assert out["is_masked_frac"] == pytest.approx(outside / total, abs=0.5 / total)
+    assert out["is_cap_frac"] == 0.0 and 0.0 < out["is_ess"] < 1.0
