@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cir_actors.config import Config
-from cir_actors.types import GroupRequest, PolicyUpdate, Task
+from cir_actors.types import DropReason, GroupRequest, PolicyUpdate, Task
 
 
 class TaskStream:
@@ -128,18 +128,35 @@ class BudgetScheduler:
         from cir_actors.metrics import SchedulerMetrics
 
         self._metrics = SchedulerMetrics()
+        from cir_actors.sampling import ZeroVarianceRate
+
+        buf = cfg.buffer
+        self._zero_var = ZeroVarianceRate(buf.zero_variance_ema, buf.max_oversample) if buf.dynamic_sampling else None
 
     # ---- admission -------------------------------------------------------------------------
     def capacity(self) -> int:
         """Groups that may still be admitted at the current version."""
         live = self._counts.admitted - self._counts.released
-        return (self._version + self._max_staleness + 1) * self._batch - live
+        return (self._version + self._max_staleness + 1) * self._batch + self._oversample() - live
+
+    def _oversample(self) -> int:
+        """Dynamic sampling's headroom: the staleness window's groups scaled by 1 / (1 - zero-variance rate)."""
+        return self._zero_var.extra_groups((self._max_staleness + 1) * self._batch) if self._zero_var else 0
+
+    async def batch_inspected(self, served: int, dropped: dict[str, int]) -> None:
+        """The buffer served `served` groups and dropped `dropped` (by reason) on the way: measure the
+        zero-variance rate (dynamic sampling) and wake generators if the headroom grew."""
+        if self._zero_var is not None:
+            zero = int(dropped.get(DropReason.ZERO_ADVANTAGE, 0))
+            self._zero_var.observe(served + zero, zero)
+            self._metrics.sampling(self._zero_var.rate, self._zero_var.factor())
+            await self._notify()
 
     def try_admit(self, generator: str, served_version: int) -> GroupRequest | None:
         """A new group for `generator`, or None (at capacity, generator behind, stopped, or all steps' data admitted)."""
         if self._stopped or served_version < self._version or self.capacity() <= 0:
             return None
-        if self._counts.admitted - self._counts.released >= self._total_steps * self._batch:
+        if self._counts.admitted - self._counts.released >= self._total_steps * self._batch + self._oversample():
             return None  # every group the run will train on has been admitted
         task = self._stream.next()
         req = GroupRequest(
@@ -278,6 +295,7 @@ class BudgetScheduler:
             "released_groups": c.released,
             "admitted_by_generator": dict(c.by_generator),
             "admission_wait_s": dict(self._wait_s),
+            **(self._zero_var.state() if self._zero_var else {}),
             "served": {k: dict(v) for k, v in self._served.items()},
         }
 

@@ -172,6 +172,19 @@ class BufferConfig(Section):
     """Hard cap on complete groups held."""
     drop_zero_advantage_groups: bool = False
     """Drop groups whose rewards are all equal before they reach the learner (counted)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling, asynchronous: drop zero-variance groups (as drop_zero_advantage_groups)
+    and let the scheduler admit ahead by the measured zero-variance rate so batches stay full without
+    the learner waiting (cir_actors/sampling.py). Dropped prompts count as consumed."""
+    zero_variance_ema: float = Field(0.3, gt=0, le=1)
+    """dynamic_sampling: weight of the newest serve in the zero-variance rate's moving average."""
+    max_oversample: float = Field(3.0, ge=1)
+    """dynamic_sampling: cap of the admission factor 1 / (1 - zero-variance rate)."""
+
+    @property
+    def drops_zero_variance(self) -> bool:
+        """Whether the buffer drops zero-variance groups (either option asks for it)."""
+        return self.drop_zero_advantage_groups or self.dynamic_sampling
 
 
 class LearnerConfig(Section):

@@ -93,6 +93,10 @@ SCH_BUDGET = _spec("cir_scheduler_tool_budget", "gauge", "Tool-call budget in fo
 SCH_INFLIGHT = _spec("cir_scheduler_groups_in_flight", "gauge", "Prompt groups admitted and not yet buffered.")
 SCH_WAITING = _spec("cir_scheduler_waiting_generators", "gauge", "Generators waiting for admission.")
 SCH_ADMITTED = _spec("cir_scheduler_groups_admitted_total", "counter", "Prompt groups admitted.")
+SCH_ZERO_VAR = _spec("cir_scheduler_zero_variance_rate", "gauge",
+                     "Dynamic sampling: moving average of the fraction of groups dropped for zero reward variance.")
+SCH_OVERSAMPLE = _spec("cir_scheduler_oversample_factor", "gauge",
+                       "Dynamic sampling: admission factor 1 / (1 - zero-variance rate), capped.")
 # Buffer
 BUF_READY = _spec("cir_buffer_groups_ready", "gauge", "Complete groups waiting for the learner.")
 BUF_PARTIAL = _spec("cir_buffer_groups_partial", "gauge", "Groups with some but not all samples in.")
@@ -232,6 +236,10 @@ class SchedulerMetrics(_RoleMetrics):
 
     def admitted(self, n: int = 1) -> None:
         self._inc(SCH_ADMITTED, n)
+
+    def sampling(self, zero_variance_rate: float, oversample_factor: float) -> None:
+        self._set(SCH_ZERO_VAR, zero_variance_rate)
+        self._set(SCH_OVERSAMPLE, oversample_factor)
 
 
 class BufferMetrics(_RoleMetrics):

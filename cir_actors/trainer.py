@@ -116,7 +116,7 @@ class Trainer:
         self.scheduler = ray.remote(BudgetScheduler).options(**actor_options("scheduler", cfg)).remote(cfg, tasks)
         self.buffer = ray.remote(ReplayBuffer).options(**actor_options("buffer", cfg)).remote(
             cfg.scheduler.max_staleness,
-            drop_zero_advantage=cfg.buffer.drop_zero_advantage_groups,
+            drop_zero_advantage=cfg.buffer.drops_zero_variance,
             max_groups=cfg.buffer.max_buffered_groups,
         )
         self.interpreters = [
@@ -211,6 +211,8 @@ class Trainer:
                     if batch is not None and batch.dropped:
                         dropped_total.update(batch.dropped)
                         ray.get(self.scheduler.groups_released.remote(sum(batch.dropped.values())))
+                    if batch is not None and cfg.buffer.dynamic_sampling:
+                        ray.get(self.scheduler.batch_inspected.remote(len(batch.groups), batch.dropped))
                     self._check_workers(runs)
                 t_batch = time.monotonic()
                 learner_wait += t_batch - t0
@@ -298,6 +300,7 @@ class Trainer:
             "count/dropped_groups": sum(buf["dropped_groups"].values()),
             "count/dropped_by_reason": buf["dropped_groups"],
             "count/produced_trajectories": buf["added_trajectories"],
+            **{f"sampling/{k}": v for k, v in sched.items() if k.startswith(("zero_variance", "oversample"))},
             "count/trained_trajectories": buf["served_trajectories"],
         }
 

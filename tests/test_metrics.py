@@ -63,6 +63,7 @@ def record(role: str, name: str) -> None:
         sm = metrics.SchedulerMetrics(name)
         sm.state(version=4, budget=2, groups_in_flight=3, waiting_generators=1)
         sm.admitted(3)
+        sm.sampling(zero_variance_rate=0.25, oversample_factor=4 / 3)
     elif role == "buffer":
         b = metrics.BufferMetrics(name)
         b.depth(ready_groups=2, partial_groups=1)
