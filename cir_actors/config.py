@@ -176,6 +176,11 @@ class BufferConfig(Section):
     """DAPO's dynamic sampling, asynchronous: drop zero-variance groups (as drop_zero_advantage_groups)
     and let the scheduler admit ahead by the measured zero-variance rate so batches stay full without
     the learner waiting (cir_actors/sampling.py). Dropped prompts count as consumed."""
+    void_turn_filter: bool = False
+    """SimpleTIR's filter: trajectories whose last turn produced neither a closed code block nor a
+    final answer are left out of the policy update (advantages still use the whole group). Void
+    trajectories are counted by reason (train/void_truncated, train/void_no_answer in metrics.jsonl)
+    whether or not they are filtered."""
     zero_variance_ema: float = Field(0.3, gt=0, le=1)
     """dynamic_sampling: weight of the newest serve in the zero-variance rate's moving average."""
     max_oversample: float = Field(3.0, ge=1)

@@ -16,6 +16,7 @@ import random
 import shutil
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from cir_actors.advantages import compute_advantages
 from cir_actors.config import Config
 from cir_actors.loss import policy_loss, token_entropy, token_logprobs
+from cir_actors.sampling import VoidTurn, void_turn_reason
 from cir_actors.types import FinishReason, ScoredTrajectory, Trajectory
 
 MAX_SUMS = ("ratio_max", "is_weight_max")
@@ -281,11 +283,12 @@ class LearnerRank:
         )
         adv_of = dict(zip(order, advs))
         extra_terms = self.lcfg.kl_coef > 0 or self.lcfg.entropy_coef > 0
+        void = Counter(void_turn_reason(st) for _, sts in groups.values() for st in sts)  # counted even unfiltered
         samples = [
             _Sample(st.trajectory, float(a), mb)
             for g, (mb, sts) in sorted(groups.items())
             for st, a in zip(sts, adv_of[g])
-            if a != 0.0 or extra_terms
+            if (a != 0.0 or extra_terms) and not (self.cfg.buffer.void_turn_filter and void_turn_reason(st))
         ]
         n_mb = int(self._all_reduce([max([mb for mb, _ in groups.values()], default=-1) + 1], "max")[0])
         reuse_forward = n_mb == 1
@@ -317,6 +320,7 @@ class LearnerRank:
         totals.update(
             trajectories=sum(len(st) for _, st in groups.values()),
             trained_trajectories=len(samples),
+            **{f"void_{reason}": float(void[reason]) for reason in VoidTurn},
             minibatches=n_mb,
             adv_stats=adv_stats,
             time_s=time.perf_counter() - t0,

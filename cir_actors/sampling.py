@@ -1,4 +1,4 @@
-"""Which groups reach the learner: async dynamic sampling.
+"""Which groups and trajectories reach the learner: async dynamic sampling and the void-turn filter.
 
 Dynamic sampling (DAPO, arXiv:2503.14476, section 3.2 "Dynamic Sampling"): a GRPO group whose n
 samples all got the same reward has zero advantage everywhere and carries no gradient, so it is
@@ -11,6 +11,16 @@ is an exponential moving average over what the buffer inspected at each serve (g
 groups dropped for zero variance). A dropped group is released (its admission slot is freed) and
 its prompt counts as consumed: it is not re-queued.
 
+Void turns (SimpleTIR, arXiv:2509.02479, section 3): a turn "that yields neither a complete code
+block nor a final answer" (an early EOS, rambling cut by the length limit). SimpleTIR removes every
+trajectory holding one from the policy update (advantages are still computed over the whole group)
+because the low-probability tokens of such turns drive the gradient-norm explosions of multi-turn
+TIR. In a CIR rollout every turn but the last ends at the close of a ```python block, so only the
+last turn can be void: it is when the trajectory has no final answer (the scorer found no \boxed{}
+outside interpreter output) and its last turn holds no closed block (beyond the budget, blocks are
+closed but not run: num_code_blocks > num_executed). `void_turn_reason` names it: TRUNCATED when the
+response limit cut it, NO_ANSWER when the model stopped.
+
 What this module does not do: talk to actors, or hold groups (replay_buffer.py) or admission state
 (budget_scheduler.py); those call in here with a few lines.
 """
@@ -19,6 +29,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import StrEnum
+
+from cir_actors.types import FinishReason, ScoredTrajectory, VerdictReason
 
 
 def is_zero_variance(rewards: Sequence[float]) -> bool:
@@ -63,3 +76,20 @@ class ZeroVarianceRate:
     def state(self) -> dict[str, float]:
         return {"zero_variance_rate": self.rate, "oversample_factor": self.factor(),
                 "zero_variance_inspected": self.inspected, "zero_variance_dropped": self.zero_variance}
+
+
+class VoidTurn(StrEnum):
+    """Why a trajectory's last turn is void (SimpleTIR)."""
+
+    TRUNCATED = "truncated"  # cut by the response limit with neither a closed block nor an answer
+    NO_ANSWER = "no_answer"  # the model stopped with neither a closed block nor an answer
+
+
+def void_turn_reason(st: ScoredTrajectory) -> VoidTurn | None:
+    """The void turn of a scored trajectory, or None when every turn produced a block or an answer."""
+    t = st.trajectory
+    if t.finish_reason == FinishReason.ABORTED or st.verdict.reason != VerdictReason.NO_BOX:
+        return None
+    if t.num_code_blocks > t.num_executed:  # the last turn closed a block (past the budget, not run)
+        return None
+    return VoidTurn.TRUNCATED if t.finish_reason == FinishReason.LENGTH else VoidTurn.NO_ANSWER

@@ -119,3 +119,32 @@ def test_dynamic_sampling_never_trains_zero_variance_and_keeps_the_learner_fed()
     assert 0.25 < state["zero_variance_rate"] < 0.75 and state["oversample_factor"] > 1.3
     plain_wait, wait = min(p[0] for p in plain), min(d[0] for d in dyn)
     assert wait < 0.75 * plain_wait, (wait, plain_wait)  # measured: ~0.5 s vs ~0.9 s over 12 steps
+
+
+def _scored(finish, reason, *, blocks=0, executed=0):
+    import numpy as np
+
+    from cir_actors.types import ScoredTrajectory, Trajectory, Verdict
+
+    n = 6
+    traj = Trajectory("t", 0, np.arange(n, dtype=np.int32), np.array([0, 0, 1, 1, 1, 1], np.int8),
+                      np.zeros(n, np.float32), np.zeros(n, np.int32), 2, finish, 2,
+                      num_code_blocks=blocks, num_executed=executed)
+    return ScoredTrajectory(traj, Verdict(reason == "correct", None, reason), 1.0 if reason == "correct" else -1.0)
+
+
+def test_void_turns_as_simpletir_defines_them():
+    from cir_actors.sampling import VoidTurn, void_turn_reason
+    from cir_actors.types import FinishReason as F
+    from cir_actors.types import VerdictReason as V
+
+    # an answer (right or wrong) in the last turn: not void, however the trajectory ended
+    assert void_turn_reason(_scored(F.STOP, V.CORRECT)) is None
+    assert void_turn_reason(_scored(F.STOP, V.WRONG, blocks=2, executed=2)) is None
+    assert void_turn_reason(_scored(F.LENGTH, V.PARSE_FAILURE)) is None  # a \boxed{} was there
+    # no answer: the last turn is void unless it closed a code block (past the budget, not run)
+    assert void_turn_reason(_scored(F.LENGTH, V.NO_BOX, blocks=1, executed=1)) == VoidTurn.TRUNCATED
+    assert void_turn_reason(_scored(F.STOP, V.NO_BOX)) == VoidTurn.NO_ANSWER
+    assert void_turn_reason(_scored(F.BUDGET, V.NO_BOX, blocks=2, executed=2)) == VoidTurn.NO_ANSWER
+    assert void_turn_reason(_scored(F.BUDGET, V.NO_BOX, blocks=3, executed=2)) is None
+    assert void_turn_reason(_scored(F.ABORTED, V.NO_BOX)) is None  # never trained anyway
