@@ -106,7 +106,9 @@ class BudgetScheduler:
     ):
         self._cfg = cfg
         self._batch = cfg.learner.prompts_per_step
-        self._n = cfg.generator.samples_per_prompt
+        from cir_actors.sampling import roc_group_size
+
+        self._n = roc_group_size(cfg.generator.samples_per_prompt, cfg.scheduler.roc, cfg.scheduler.roc_oversample)
         self._max_staleness = cfg.scheduler.max_staleness
         self._total_steps = cfg.scheduler.total_steps
         self._stream = TaskStream(tasks, seed=cfg.data.seed, shuffle=cfg.data.shuffle)

@@ -258,6 +258,12 @@ class SchedulerConfig(Section):
     """Training steps (learner versions) to run."""
     max_staleness: int = Field(1, ge=0)
     """Versions by which trained data may lag the learner (0: synchronous on-policy)."""
+    roc: bool = False
+    """GRPO-RoC (rStar2-Agent): generate roc_oversample x samples_per_prompt per prompt, then keep
+    samples_per_prompt: failures at random, successes with the fewest tool errors and cleanest answer
+    format, in the group's proportions (cir_actors/sampling.py)."""
+    roc_oversample: float = Field(2.0, ge=1)
+    """GRPO-RoC: over-sampling factor of each group (rStar2-Agent: 2)."""
     budget_schedule: list[tuple[int, int]] = [(0, 2)]
     """(from_step, tool-call budget) pairs; CIR: [[0, 2], [100, 3], [200, 4]]."""
 

@@ -175,7 +175,7 @@ class Learner:
             updates=parts[0]["updates"],
             trajectories=sum(p["trajectories"] for p in parts),
             trained_trajectories=sum(p["trained_trajectories"] for p in parts),
-            **{k: sum(p.get(k, 0.0) for p in parts) for k in parts[0] if k.startswith("void_")},
+            **{k: sum(p.get(k, 0.0) for p in parts) for k in parts[0] if k.startswith(("void_", "roc_"))},
             zero_adv_groups=parts[0]["adv_stats"]["zero_adv_groups"],
             groups=len(groups),
             adv_abs_mean=parts[0]["adv_stats"]["adv_abs_mean"],

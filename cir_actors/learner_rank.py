@@ -27,7 +27,7 @@ import torch
 from cir_actors.advantages import compute_advantages
 from cir_actors.config import Config
 from cir_actors.loss import policy_loss, token_entropy, token_logprobs
-from cir_actors.sampling import VoidTurn, void_turn_reason
+from cir_actors.sampling import VoidTurn, roc_down_sample, void_turn_reason
 from cir_actors.types import FinishReason, ScoredTrajectory, Trajectory
 
 MAX_SUMS = ("ratio_max", "is_weight_max")
@@ -129,6 +129,7 @@ class LearnerRank:
         self.engine: Any = None
         self.sender: Any = None
         torch.set_num_threads(max(1, int(self.lcfg.num_cpus)))
+        self._roc_rng = random.Random(self.lcfg.seed * 1_000_003 + rank)
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 hosts the torch.distributed rendezvous."""
@@ -268,6 +269,11 @@ class LearnerRank:
             refs = [i for i in items if isinstance(i, ray.ObjectRef)]
             got = iter(ray.get(refs)) if refs else iter(())
             groups[gidx] = (mb, [next(got) if isinstance(i, ray.ObjectRef) else i for i in items])
+        roc_dropped = 0
+        if self.cfg.scheduler.roc:  # GRPO-RoC: down-sample each over-sampled group to n
+            n = self.cfg.generator.samples_per_prompt
+            roc_dropped = sum(max(len(sts) - n, 0) for _, sts in groups.values())
+            groups = {g: (mb, roc_down_sample(sts, n, self._roc_rng)) for g, (mb, sts) in groups.items()}
         local = {
             g: ([s.reward for s in st], [s.trajectory.num_sampled for s in st])
             for g, (_, st) in groups.items()
@@ -320,6 +326,7 @@ class LearnerRank:
         totals.update(
             trajectories=sum(len(st) for _, st in groups.values()),
             trained_trajectories=len(samples),
+            roc_dropped=roc_dropped,
             **{f"void_{reason}": float(void[reason]) for reason in VoidTurn},
             minibatches=n_mb,
             adv_stats=adv_stats,

@@ -1,4 +1,5 @@
-"""Which groups and trajectories reach the learner: async dynamic sampling and the void-turn filter.
+"""Which groups and trajectories reach the learner: async dynamic sampling, the void-turn filter and
+GRPO-RoC's down-sampling of correct traces.
 
 Dynamic sampling (DAPO, arXiv:2503.14476, section 3.2 "Dynamic Sampling"): a GRPO group whose n
 samples all got the same reward has zero advantage everywhere and carries no gradient, so it is
@@ -21,6 +22,15 @@ outside interpreter output) and its last turn holds no closed block (beyond the 
 closed but not run: num_code_blocks > num_executed). `void_turn_reason` names it: TRUNCATED when the
 response limit cut it, NO_ANSWER when the model stopped.
 
+Resample-on-Correct (rStar2-Agent, arXiv:2508.20722, section 3.2 "GRPO-RoC"; reference code
+volcengine/verl recipe/rstar2_agent/src/down_sample/roc.py): each prompt is sampled
+`roc_oversample` x n times, then down-sampled to n before advantages are computed. The group's
+share of failures and successes is kept (rounded, at least one of each when both exist, so a mixed
+group stays mixed). Failures are drawn uniformly (their variety of mistakes is the signal);
+successes are the ones with the lowest penalty = tool-error ratio (erroring calls / calls, 0.5 for a
+trace without calls, as the reference) + format penalty (min((boxed answers - 1) / turns, 1); 1
+without any answer), ties broken at random. So the positive signal favours clean tool use.
+
 What this module does not do: talk to actors, or hold groups (replay_buffer.py) or admission state
 (budget_scheduler.py); those call in here with a few lines.
 """
@@ -28,10 +38,15 @@ What this module does not do: talk to actors, or hold groups (replay_buffer.py) 
 from __future__ import annotations
 
 import math
+import random
+import re
 from collections.abc import Sequence
 from enum import StrEnum
 
+from cir_actors.scorer import strip_output_blocks
 from cir_actors.types import FinishReason, ScoredTrajectory, VerdictReason
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
 def is_zero_variance(rewards: Sequence[float]) -> bool:
@@ -93,3 +108,39 @@ def void_turn_reason(st: ScoredTrajectory) -> VoidTurn | None:
     if t.num_code_blocks > t.num_executed:  # the last turn closed a block (past the budget, not run)
         return None
     return VoidTurn.TRUNCATED if t.finish_reason == FinishReason.LENGTH else VoidTurn.NO_ANSWER
+
+
+def roc_penalty(st: ScoredTrajectory) -> float:
+    """rStar2-Agent's penalty of a trace: tool-error ratio + answer-format penalty (lower is cleaner)."""
+    t = st.trajectory
+    calls = len(t.tool_calls) or t.num_executed
+    errors = sum(1 for c in t.tool_calls if not c.get("ok", True)) if t.tool_calls else t.num_interp_errors
+    err = errors / calls if calls else 0.5
+    answers = len(_BOXED.findall(strip_output_blocks(t.response_text)))
+    turns = t.num_code_blocks + 1
+    fmt = 1.0 if answers == 0 else min((answers - 1) / turns, 1.0)
+    return err + fmt
+
+
+def roc_down_sample(group: Sequence[ScoredTrajectory], n: int, rng: random.Random) -> list[ScoredTrajectory]:
+    """GRPO-RoC: `n` of the group's traces (the group unchanged when it has n or fewer), in their
+    original order: failures (verdict not correct) uniformly at random, successes by lowest
+    `roc_penalty`, the two in the group's proportions."""
+    if len(group) <= n:
+        return list(group)
+    pos = [i for i, st in enumerate(group) if st.verdict.correct]
+    neg = [i for i, st in enumerate(group) if not st.verdict.correct]
+    k_neg = round(len(neg) * n / len(group))
+    if pos and neg:
+        k_neg = min(max(k_neg, 1), n - 1)
+    k_neg = min(k_neg, len(neg))
+    k_pos = min(n - k_neg, len(pos))
+    k_neg = n - k_pos  # fill from the failures when there are too few successes
+    keys = {i: (roc_penalty(group[i]), rng.random()) for i in pos}
+    chosen = sorted(pos, key=keys.__getitem__)[:k_pos] + rng.sample(neg, k_neg)
+    return [group[i] for i in sorted(chosen)]
+
+
+def roc_group_size(n: int, roc: bool, oversample: float) -> int:
+    """Samples to generate per prompt: n, or ceil(oversample x n) under GRPO-RoC (rStar2-Agent: 2n)."""
+    return math.ceil(n * oversample - 1e-9) if roc else n

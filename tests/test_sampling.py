@@ -148,3 +148,69 @@ def test_void_turns_as_simpletir_defines_them():
     assert void_turn_reason(_scored(F.BUDGET, V.NO_BOX, blocks=2, executed=2)) == VoidTurn.NO_ANSWER
     assert void_turn_reason(_scored(F.BUDGET, V.NO_BOX, blocks=3, executed=2)) is None
     assert void_turn_reason(_scored(F.ABORTED, V.NO_BOX)) is None  # never trained anyway
+
+
+def _trace(correct: bool, calls: list[bool], text: str, blocks: int | None = None):
+    """A scored trace with executed tool calls (ok flags) and a response text."""
+    import numpy as np
+
+    from cir_actors.types import FinishReason, ScoredTrajectory, Trajectory, Verdict, VerdictReason
+
+    n = 6
+    traj = Trajectory("t", 0, np.arange(n, dtype=np.int32), np.array([0, 0, 1, 1, 1, 1], np.int8),
+                      np.zeros(n, np.float32), np.zeros(n, np.int32), 2, FinishReason.STOP, 4,
+                      num_code_blocks=len(calls) if blocks is None else blocks, num_executed=len(calls),
+                      num_interp_errors=sum(not ok for ok in calls), response_text=text,
+                      tool_calls=tuple({"ok": ok} for ok in calls))
+    reason = VerdictReason.CORRECT if correct else VerdictReason.WRONG
+    return ScoredTrajectory(traj, Verdict(correct, "5", reason), 1.0 if correct else -1.0)
+
+
+def test_roc_penalty_is_tool_errors_plus_answer_format():
+    from cir_actors.sampling import roc_penalty
+
+    assert roc_penalty(_trace(True, [True, True], r"so \boxed{5}")) == 0.0  # clean: no error, one answer
+    assert roc_penalty(_trace(True, [True, False], r"\boxed{5}")) == 0.5  # 1 of 2 calls failed
+    assert roc_penalty(_trace(True, [], r"\boxed{5}")) == 0.5  # no tool call at all (the reference's 0.5)
+    # three answers over 2 turns (1 block + the last): min((3 - 1) / 2, 1) = 1; plus 0 errors
+    assert roc_penalty(_trace(True, [True], r"\boxed{4} \boxed{5} \boxed{5}")) == 1.0
+    # a \boxed{} inside interpreter output is not the model's answer
+    assert roc_penalty(_trace(True, [True], "```output\n\\boxed{3}\n```\n\\boxed{5}")) == 0.0
+
+
+def _ix(group, st) -> int:
+    return next(i for i, x in enumerate(group) if x is st)
+
+
+def test_roc_keeps_the_groups_proportions_and_the_cleanest_successes():
+    from cir_actors.sampling import roc_down_sample, roc_group_size
+
+    assert roc_group_size(4, True, 2.0) == 8 and roc_group_size(4, False, 2.0) == 4
+    clean, erring, noisy = r"\boxed{5}", r"\boxed{5}", r"\boxed{1} \boxed{5}"
+    # 8 traces: 3 correct (penalties 0, 0.5, 0.5 + 0.5), 5 wrong; keep 4
+    group = [_trace(False, [True], "x"), _trace(True, [True, False], erring), _trace(False, [], "y"),
+             _trace(True, [True], clean), _trace(False, [False], "z"), _trace(True, [True, False], noisy),
+             _trace(False, [True], "w"), _trace(False, [True], "v")]  # fmt: skip
+    for seed in range(5):
+        kept = roc_down_sample(group, 4, random.Random(seed))
+        idx = [_ix(group, st) for st in kept]
+        assert len(kept) == 4 and idx == sorted(idx)
+        # round(5 * 4 / 8) = 2 failures, so 2 successes: the two cleanest (penalties 0 and 0.5)
+        assert [i for i in idx if group[i].verdict.correct] == [1, 3]
+        assert sum(not group[i].verdict.correct for i in idx) == 2
+    # failures are drawn at random: different seeds keep different ones
+    picks = {tuple(_ix(group, st) for st in roc_down_sample(group, 4, random.Random(s))) for s in range(20)}
+    assert len(picks) > 1
+    # a group with one success keeps it (a mixed group stays mixed), and a small group is unchanged
+    one = [_trace(True, [True], clean)] + [_trace(False, [True], "x") for _ in range(7)]
+    assert sum(st.verdict.correct for st in roc_down_sample(one, 4, random.Random(0))) == 1
+    assert all(a is b for a, b in zip(roc_down_sample(group[:4], 4, random.Random(0)), group[:4]))
+    # all correct: the n cleanest
+    allc = [_trace(True, [False], clean), _trace(True, [True], clean), _trace(True, [], clean), _trace(True, [True], noisy)]
+    assert [_ix(allc, st) for st in roc_down_sample(allc, 2, random.Random(0))] == [1, 3]
+
+
+def test_roc_over_samples_admitted_groups():
+    cfg = load_config(None, ["generator.samples_per_prompt=4", "scheduler.roc=true"])
+    req = BudgetScheduler(cfg, _tasks(3)).try_admit("g0", 0)
+    assert req is not None and req.n == 8
