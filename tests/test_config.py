@@ -100,3 +100,11 @@ def test_correction_options_load_and_bad_bands_are_one_sentence():
         load_config(None, ["learner.is_band=[2.0,5.0]"])
     with pytest.raises(ConfigError, match="learner.correction"):
         load_config(None, ["learner.correction=vtrace"])
+
+
+def test_plus_recipe_is_the_7b_recipe_with_the_options():
+    base = load_config(ROOT / "configs" / "qwen2.5-math-7b.yaml")
+    plus = load_config(ROOT / "configs" / "qwen2.5-math-7b-plus.yaml")
+    assert plus.learner.correction == "icepop" and plus.learner.is_band == (0.5, 5.0)
+    assert plus.buffer.dynamic_sampling and plus.buffer.void_turn_filter and plus.scheduler.roc
+    assert plus.model.path == base.model.path and plus.generator.samples_per_prompt == base.generator.samples_per_prompt
