@@ -14,10 +14,10 @@ its prompt counts as consumed: it is not re-queued.
 
 Void turns (SimpleTIR, arXiv:2509.02479, section 3): a turn "that yields neither a complete code
 block nor a final answer" (an early EOS, rambling cut by the length limit). SimpleTIR removes every
-trajectory holding one from the policy update (advantages are still computed over the whole group)
+trajectory holding one from the policy update (here the group's advantages still include it)
 because the low-probability tokens of such turns drive the gradient-norm explosions of multi-turn
 TIR. In a CIR rollout every turn but the last ends at the close of a ```python block, so only the
-last turn can be void: it is when the trajectory has no final answer (the scorer found no \boxed{}
+last turn can be void: it is when the trajectory has no final answer (the scorer found no \\boxed{}
 outside interpreter output) and its last turn holds no closed block (beyond the budget, blocks are
 closed but not run: num_code_blocks > num_executed). `void_turn_reason` names it: TRUNCATED when the
 response limit cut it, NO_ANSWER when the model stopped.
