@@ -123,7 +123,9 @@ class BudgetScheduler:
     ):
         self._cfg = cfg
         self._batch = cfg.learner.prompts_per_step
-        self._n = cfg.generator.samples_per_prompt
+        from cir_actors.sampling import roc_group_size
+
+        self._n = roc_group_size(cfg.generator.samples_per_prompt, cfg.scheduler.roc, cfg.scheduler.roc_oversample)
         self._max_staleness = cfg.scheduler.max_staleness
         self._total_steps = cfg.scheduler.total_steps
         self._stream = TaskStream(tasks, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
@@ -149,12 +151,29 @@ class BudgetScheduler:
         from cir_actors.metrics import SchedulerMetrics
 
         self._metrics = SchedulerMetrics()
+        from cir_actors.sampling import ZeroVarianceRate
+
+        buf = cfg.buffer
+        self._zero_var = ZeroVarianceRate(buf.zero_variance_ema, buf.max_oversample) if buf.dynamic_sampling else None
 
     # ---- admission -------------------------------------------------------------------------
     def capacity(self) -> int:
         """Groups that may still be admitted at the current version."""
         live = self._counts.admitted - self._counts.released
-        return (self._version + self._max_staleness + 1) * self._batch - live
+        return (self._version + self._max_staleness + 1) * self._batch + self._oversample() - live
+
+    def _oversample(self) -> int:
+        """Dynamic sampling's headroom: the staleness window's groups scaled by 1 / (1 - zero-variance rate)."""
+        return self._zero_var.extra_groups((self._max_staleness + 1) * self._batch) if self._zero_var else 0
+
+    async def batch_inspected(self, served: int, dropped: dict[str, int]) -> None:
+        """The buffer served `served` groups and dropped `dropped` (by reason) on the way: measure the
+        zero-variance rate (dynamic sampling) and wake generators if the headroom grew."""
+        if self._zero_var is not None:
+            zero = int(dropped.get(DropReason.ZERO_ADVANTAGE, 0))
+            self._zero_var.observe(served + zero, zero)
+            self._metrics.sampling(self._zero_var.rate, self._zero_var.factor())
+            await self._notify()
 
     def try_admit(self, generator: str, served_version: int) -> GroupRequest | None:
         """A new group for `generator`, or None (at capacity, generator behind or not yet verified,
@@ -163,7 +182,7 @@ class BudgetScheduler:
             return None
         if not self._verified.get(generator, True) or generator in self._dead:
             return None
-        if self._counts.admitted - self._counts.released >= self._total_steps * self._batch:
+        if self._counts.admitted - self._counts.released >= self._total_steps * self._batch + self._oversample():
             return None  # every group the run will train on has been admitted
         task = self._stream.next()
         req = GroupRequest(
@@ -406,6 +425,7 @@ class BudgetScheduler:
             "dropped_groups": dict(c.dropped),
             "admitted_by_generator": dict(c.by_generator),
             "admission_wait_s": dict(self._wait_s),
+            **(self._zero_var.state() if self._zero_var else {}),
             "served": {k: dict(v) for k, v in self._served.items()},
             "verified": dict(self._verified),
             "dead_generators": sorted(self._dead),

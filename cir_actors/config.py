@@ -172,6 +172,24 @@ class BufferConfig(Section):
     """Hard cap on complete groups held."""
     drop_zero_advantage_groups: bool = False
     """Drop groups whose rewards are all equal before they reach the learner (counted)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling, asynchronous: drop zero-variance groups (as drop_zero_advantage_groups)
+    and let the scheduler admit ahead by the measured zero-variance rate so batches stay full without
+    the learner waiting (cir_actors/sampling.py). Dropped prompts count as consumed."""
+    void_turn_filter: bool = False
+    """SimpleTIR's filter: trajectories whose last turn produced neither a closed code block nor a
+    final answer are left out of the policy update (advantages still use the whole group). Void
+    trajectories are counted by reason (train/void_truncated, train/void_no_answer in metrics.jsonl)
+    whether or not they are filtered."""
+    zero_variance_ema: float = Field(0.3, gt=0, le=1)
+    """dynamic_sampling: weight of the newest serve in the zero-variance rate's moving average."""
+    max_oversample: float = Field(3.0, ge=1)
+    """dynamic_sampling: cap of the admission factor 1 / (1 - zero-variance rate)."""
+
+    @property
+    def drops_zero_variance(self) -> bool:
+        """Whether the buffer drops zero-variance groups (either option asks for it)."""
+        return self.drop_zero_advantage_groups or self.dynamic_sampling
 
 
 class LearnerConfig(Section):
@@ -206,8 +224,17 @@ class LearnerConfig(Section):
     """PPO ratio clip below 1."""
     clip_high: float = Field(0.28, ge=0)
     """PPO ratio clip above 1 (clip-higher)."""
+    correction: Literal["tis", "mis", "icepop", "seq_tis", "geo_mask"] = "tis"
+    """Off-policy correction between the generator's (behaviour) and the learner's proximal log-probs
+    (cir_actors/loss.py `correction_weights`, docs/algorithms.md): token truncated IS (tis), token
+    masked IS above is_cap (mis), IcePop's two-sided band mask (icepop), sequence truncated IS
+    (seq_tis), or whole-sequence rejection by the geometric-mean ratio (geo_mask)."""
     is_cap: float = Field(5.0, ge=1)
-    """Cap of the off-policy importance weight exp(proximal - behaviour)."""
+    """Cap of the importance weight exp(proximal - behaviour): truncation (tis, seq_tis) or mask (mis)."""
+    is_band: tuple[float, float] = (0.5, 5.0)
+    """icepop: tokens whose ratio leaves [low, high] get no gradient (Ring-1T: [0.5, 5])."""
+    geo_band: tuple[float, float] = (0.999, 1.001)
+    """geo_mask: sequences whose geometric-mean ratio leaves [low, high] get no gradient (verl: 0.999-1.001)."""
     dual_clip: float | None = Field(None, gt=1)
     """Dual-clip constant for negative advantages (CIR: 3.0); None disables."""
     advantage: Literal["grpo", "mean", "reinforce_pp"] = "grpo"
@@ -232,6 +259,12 @@ class SchedulerConfig(Section):
     """Training steps (learner versions) to run."""
     max_staleness: int = Field(1, ge=0)
     """Versions by which trained data may lag the learner (0: synchronous on-policy)."""
+    roc: bool = False
+    """GRPO-RoC (rStar2-Agent): generate roc_oversample x samples_per_prompt per prompt, then keep
+    samples_per_prompt: failures at random, successes with the fewest tool errors and cleanest answer
+    format, in the group's proportions (cir_actors/sampling.py)."""
+    roc_oversample: float = Field(2.0, ge=1)
+    """GRPO-RoC: over-sampling factor of each group (rStar2-Agent: 2)."""
     budget_schedule: list[tuple[int, int]] = [(0, 2)]
     """(from_step, tool-call budget) pairs; CIR: [[0, 2], [100, 3], [200, 4]]."""
 
@@ -316,6 +349,10 @@ class Config(Section):
             raise ValueError("learner.backend 'nccl' needs model.device 'cuda'")
         if lrn.bf16 and self.model.dtype == "float16":
             raise ValueError("learner.bf16 with model.dtype 'float16' mixes two half formats")
+        for name in ("is_band", "geo_band"):
+            low, high = getattr(lrn, name)
+            if not 0 < low <= 1 <= high:
+                raise ValueError(f"learner.{name} {[low, high]} must satisfy 0 < low <= 1 <= high")
         steps = [s for s, _ in sch.budget_schedule]
         if not steps or steps[0] != 0 or steps != sorted(set(steps)):
             raise ValueError(

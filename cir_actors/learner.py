@@ -168,12 +168,15 @@ class Learner:
         out["loss"] /= updates
         grad_norms = parts[0].get("grad_norms", [])
         out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else None  # None: no update (no signal)
+        if out.get("is_weight_sq_mean"):  # effective sample size of the correction weights, in (0, 1]
+            out["is_ess"] = out["is_weight_mean"] ** 2 / out["is_weight_sq_mean"]
         out["update_losses"] = [float(sum(x)) for x in zip(*[p.get("update_losses", []) for p in parts])]
         out.update(
             lost_groups=sorted(g for p in parts for g in p.get("lost_groups", [])),
             updates=parts[0]["updates"],
             trajectories=sum(p["trajectories"] for p in parts),
             trained_trajectories=sum(p["trained_trajectories"] for p in parts),
+            **{k: sum(p.get(k, 0.0) for p in parts) for k in parts[0] if k.startswith(("void_", "roc_"))},
             zero_adv_groups=parts[0]["adv_stats"]["zero_adv_groups"],
             groups=len(groups),
             adv_abs_mean=parts[0]["adv_stats"]["adv_abs_mean"],

@@ -17,6 +17,7 @@ import random
 import shutil
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 from cir_actors.advantages import compute_advantages
 from cir_actors.config import Config
 from cir_actors.loss import policy_loss, token_entropy, token_logprobs
+from cir_actors.sampling import VoidTurn, roc_down_sample, void_turn_reason
 from cir_actors.types import FinishReason, ScoredTrajectory, Trajectory
 
 MAX_SUMS = ("ratio_max", "is_weight_max")
@@ -38,7 +40,9 @@ MEAN_DIAGS = (
     "dual_clip_frac",
     "ratio_mean",
     "is_weight_mean",
+    "is_weight_sq_mean",
     "is_cap_frac",
+    "is_masked_frac",
     "kl_prox_behav",
     "logprob_abs_diff",
 )
@@ -128,6 +132,7 @@ class LearnerRank:
         self.engine: Any = None
         self.sender: Any = None
         torch.set_num_threads(max(1, int(self.lcfg.num_cpus)))
+        self._roc_rng = random.Random(self.lcfg.seed * 1_000_003 + rank)
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 hosts the torch.distributed rendezvous."""
@@ -273,6 +278,11 @@ class LearnerRank:
                 lost.append(gidx)
                 continue
             groups[gidx] = (mb, [next(got) if isinstance(i, ray.ObjectRef) else i for i in items])
+        roc_dropped = 0
+        if self.cfg.scheduler.roc:  # GRPO-RoC: down-sample each over-sampled group to n
+            n = self.cfg.generator.samples_per_prompt
+            roc_dropped = sum(max(len(sts) - n, 0) for _, sts in groups.values())
+            groups = {g: (mb, roc_down_sample(sts, n, self._roc_rng)) for g, (mb, sts) in groups.items()}
         local = {
             g: ([s.reward for s in st], [s.trajectory.num_sampled for s in st])
             for g, (_, st) in groups.items()
@@ -288,11 +298,12 @@ class LearnerRank:
         )
         adv_of = dict(zip(order, advs))
         extra_terms = self.lcfg.kl_coef > 0 or self.lcfg.entropy_coef > 0
+        void = Counter(void_turn_reason(st) for _, sts in groups.values() for st in sts)  # counted even unfiltered
         samples = [
             _Sample(st.trajectory, float(a), mb)
             for g, (mb, sts) in sorted(groups.items())
             for st, a in zip(sts, adv_of[g])
-            if a != 0.0 or extra_terms
+            if (a != 0.0 or extra_terms) and not (self.cfg.buffer.void_turn_filter and void_turn_reason(st))
         ]
         n_mb = int(self._all_reduce([max([mb for mb, _ in groups.values()], default=-1) + 1], "max")[0])
         reuse_forward = n_mb == 1
@@ -304,7 +315,8 @@ class LearnerRank:
             loss, diag = policy_loss(
                 lp, prox, batch["behav"], batch["adv"], batch["mask"],
                 clip_low=self.lcfg.clip_low, clip_high=self.lcfg.clip_high, is_cap=self.lcfg.is_cap,
-                dual_clip=self.lcfg.dual_clip, num_tokens=n_tokens,
+                dual_clip=self.lcfg.dual_clip, num_tokens=n_tokens, correction=self.lcfg.correction,
+                is_band=self.lcfg.is_band, geo_band=self.lcfg.geo_band,
             )  # fmt: skip
             return self._extra_terms(loss, diag, batch, lp, logits, n_tokens)
 
@@ -324,6 +336,8 @@ class LearnerRank:
             lost_groups=lost,
             trajectories=sum(len(st) for _, st in groups.values()),
             trained_trajectories=len(samples),
+            roc_dropped=roc_dropped,
+            **{f"void_{reason}": float(void[reason]) for reason in VoidTurn},
             minibatches=n_mb,
             adv_stats=adv_stats,
             time_s=time.perf_counter() - t0,

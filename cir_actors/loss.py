@@ -3,17 +3,82 @@
 Per sampled token t: current log-prob c (with grad), proximal log-prob p (the learner's weights at
 the start of this step, no grad), behaviour log-prob b (what the generator sampled with).
 - ratio r = exp(c - p), clipped to [1 - clip_low, 1 + clip_high] (clip-higher);
-- off-policy weight w = min(exp(p - b), is_cap), detached (b = None: w = 1, on-policy);
+- off-policy weight w from rho = exp(p - b), detached (b = None: w = 1, on-policy); how rho becomes
+  w is the `correction` (`correction_weights`): truncated IS by default, w = min(rho, is_cap);
 - objective w * min(r A, clip(r) A); with dual_clip=k a negative-advantage token's objective is
   floored at k A (the clipped objective is otherwise unbounded below as r grows);
 - loss = -(sum of objectives over masked tokens) / (masked tokens in the batch): the token mean.
-With b = p this is exactly clipped GRPO/PPO. What this module does not do: KL and entropy terms
+With b = p this is exactly clipped GRPO/PPO. A token whose correction weight is 0 (masked IS,
+IcePop, geometric mask) contributes nothing but stays in the token-mean denominator, as in IcePop's
+objective (Ring-1T, arXiv:2510.18855, eq. for J_IcePop: 1/sum|y_i| over all tokens). What this module does not do: KL and entropy terms
 (the learner adds them when configured) and advantages (`advantages.py`).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
+
+Correction = Literal["tis", "mis", "icepop", "seq_tis", "geo_mask"]
+CORRECTIONS: tuple[str, ...] = ("tis", "mis", "icepop", "seq_tis", "geo_mask")
+
+
+def correction_weights(
+    log_rho: torch.Tensor,
+    mask: torch.Tensor,
+    correction: str = "tis",
+    *,
+    is_cap: float = 5.0,
+    band: tuple[float, float] = (0.5, 5.0),
+    geo_band: tuple[float, float] = (0.999, 1.001),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Off-policy correction weights from per-token log-ratios log_rho = log pi_prox - log mu
+    (proximal learner over behaviour generator), [B, T] with `mask` [B, T] marking sampled tokens.
+
+    Returns (weight [B, T], truncated [B, T] bool, masked [B, T] bool); no gradient flows. Modes,
+    with rho_t = exp(log_rho_t) and a sequence's tokens T_i:
+    - `tis` (token truncated IS; Yao et al. "Your efficient RL framework secretly brings you
+      off-policy RL training", fengyao.notion.site/off-policy-rl): w_t = min(rho_t, is_cap);
+      truncated where rho_t > is_cap.
+    - `mis` (token masked IS, one-sided; TRL's/ms-swift's `token_mask` mode): w_t = rho_t if
+      rho_t <= is_cap else 0; masked where rho_t > is_cap.
+    - `icepop` (Ring-1T, arXiv:2510.18855, M(k; a, b) = k if a <= k <= b else 0; paper band
+      [0.5, 5]): w_t = rho_t inside `band`, 0 outside (two-sided mask).
+    - `seq_tis` (sequence truncated IS; verl rollout correction, rollout_is="sequence",
+      docs/algo/rollout_corr_math.md 3.3.2): w_i = min(prod_{t in T_i} rho_t, is_cap), broadcast
+      to the sequence's tokens; truncated where the product exceeds is_cap.
+    - `geo_mask` (geometric-mean rejection; verl rollout_rs="geometric", 3.3.3):
+      rho_geo_i = exp(mean_{t in T_i} log rho_t); w = 1 on the whole sequence when
+      geo_band[0] <= rho_geo_i <= geo_band[1], else 0 (no IS weighting, rejection only). The band
+      is tight (verl: 0.999-1.001) because a mean per-token deviation is small.
+    """
+    with torch.no_grad():
+        m = mask.bool()
+        log_rho = torch.where(m, log_rho, torch.zeros_like(log_rho))
+        rho = torch.exp(log_rho)
+        none = torch.zeros_like(m)
+        if correction == "tis":
+            return rho.clamp(max=is_cap), (rho > is_cap) & m, none
+        if correction == "mis":
+            out = rho > is_cap
+            return torch.where(out, torch.zeros_like(rho), rho), none, out & m
+        if correction == "icepop":
+            out = (rho < band[0]) | (rho > band[1])
+            return torch.where(out, torch.zeros_like(rho), rho), none, out & m
+        seq_log = log_rho.sum(-1, keepdim=True)  # [B, 1]
+        if correction == "seq_tis":
+            # exp(min(s, log C)) = min(exp(s), C) without overflowing exp on long sequences
+            w_seq = torch.exp(seq_log.clamp(max=math.log(is_cap)))
+            trunc = (seq_log > math.log(is_cap)).expand_as(m) & m
+            return w_seq.expand_as(rho).clone(), trunc, none
+        if correction == "geo_mask":
+            n = m.sum(-1, keepdim=True).clamp(min=1)
+            geo = torch.exp(seq_log / n)
+            keep = (geo >= geo_band[0]) & (geo <= geo_band[1])
+            return keep.to(rho.dtype).expand_as(rho).clone(), none, (~keep).expand_as(m) & m
+        raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
 
 
 def token_logprobs(logits_B_T_V: torch.Tensor, token_ids_B_T: torch.Tensor) -> torch.Tensor:
@@ -49,15 +114,21 @@ def policy_loss(
     is_cap: float,
     dual_clip: float | None = None,
     num_tokens: float | None = None,
+    correction: str = "tis",
+    is_band: tuple[float, float] = (0.5, 5.0),
+    geo_band: tuple[float, float] = (0.999, 1.001),
 ) -> tuple[torch.Tensor, dict]:
     """The loss (a scalar with grad through `logprobs`) and diagnostics over the masked tokens.
 
     Shapes: [B, T] tensors; advantages [B] or [B, T]. `num_tokens` is the token-mean denominator;
     None uses this call's masked tokens. The learner passes the masked-token count of the whole
     optimizer batch (all micro-batches, all ranks) so that micro-batching and sharding do not
-    change the loss. Diagnostics (python floats; means over masked tokens): `clip_frac_low`,
+    change the loss. `correction`, `is_cap`, `is_band` and `geo_band` select the off-policy weight
+(`correction_weights`). Diagnostics (python floats; means over masked tokens): `clip_frac_low`,
     `clip_frac_high`, `dual_clip_frac`, `ratio_mean`, `ratio_max`, `is_weight_mean`,
-    `is_weight_max`, `is_cap_frac`, `kl_prox_behav` (k3 estimate of KL(behaviour || proximal)),
+    `is_weight_max`, `is_weight_sq_mean` (with is_weight_mean, the effective sample size
+ESS = mean(w)^2 / mean(w^2)), `is_cap_frac` (tokens whose weight was truncated), `is_masked_frac`
+(tokens the correction masked to weight 0), `kl_prox_behav` (k3 estimate of KL(behaviour || proximal)),
     `logprob_abs_diff` (mean |p - b|), and `num_tokens` (masked tokens here).
     """
     mask = loss_mask.to(logprobs.dtype)
@@ -78,7 +149,9 @@ def policy_loss(
         log_w = torch.zeros_like(proximal)
     else:
         log_w = proximal - behavior_logprobs.detach().to(logprobs.dtype)
-    weight = torch.exp(log_w).clamp(max=is_cap).detach()
+    weight, truncated, masked = correction_weights(
+        log_w.detach(), mask, correction, is_cap=is_cap, band=is_band, geo_band=geo_band
+    )
     token_obj = weight * floored
 
     n_here = mask.sum()
@@ -104,7 +177,9 @@ def policy_loss(
             "ratio_max": masked_max(r),
             "is_weight_mean": float((weight * mask).sum().item()) / n,
             "is_weight_max": masked_max(weight),
-            "is_cap_frac": frac(torch.exp(log_w) >= is_cap),
+            "is_weight_sq_mean": float((weight.square() * mask).sum().item()) / n,
+            "is_cap_frac": frac(truncated),
+            "is_masked_frac": frac(masked),
             "kl_prox_behav": float(((torch.exp(log_w) - 1.0 - log_w) * mask).sum().item()) / n,
             "logprob_abs_diff": float((log_w.abs() * mask).sum().item()) / n,
             "num_tokens": float(n_here.item()),

@@ -81,12 +81,22 @@ LRN_TOKENS_PER_S = _spec("cir_learner_tokens_per_second", "gauge", "Tokens train
 LRN_TOKENS = _spec("cir_learner_tokens_total", "counter", "Tokens trained (prompt and response).")
 LRN_VERSION = _spec("cir_learner_version", "gauge", "Learner policy version (steps taken).")
 LRN_LOSS = _spec("cir_learner_loss", "gauge", "Policy loss of the last step.")
+LRN_IS_MASKED = _spec("cir_learner_is_masked_fraction", "gauge",
+                      "Sampled tokens the off-policy correction masked (weight 0) in the last step.")
+LRN_IS_TRUNC = _spec("cir_learner_is_truncated_fraction", "gauge",
+                     "Sampled tokens whose importance weight was truncated at the cap in the last step.")
+LRN_IS_ESS = _spec("cir_learner_is_ess", "gauge",
+                   "Effective sample size of the importance weights, mean(w)^2 / mean(w^2), in the last step.")
 # Scheduler
 SCH_VERSION = _spec("cir_scheduler_policy_version", "gauge", "Current policy version (the source of truth).")
 SCH_BUDGET = _spec("cir_scheduler_tool_budget", "gauge", "Tool-call budget in force.")
 SCH_INFLIGHT = _spec("cir_scheduler_groups_in_flight", "gauge", "Prompt groups admitted and not yet buffered.")
 SCH_WAITING = _spec("cir_scheduler_waiting_generators", "gauge", "Generators waiting for admission.")
 SCH_ADMITTED = _spec("cir_scheduler_groups_admitted_total", "counter", "Prompt groups admitted.")
+SCH_ZERO_VAR = _spec("cir_scheduler_zero_variance_rate", "gauge",
+                     "Dynamic sampling: moving average of the fraction of groups dropped for zero reward variance.")
+SCH_OVERSAMPLE = _spec("cir_scheduler_oversample_factor", "gauge",
+                       "Dynamic sampling: admission factor 1 / (1 - zero-variance rate), capped.")
 # Buffer
 BUF_READY = _spec("cir_buffer_groups_ready", "gauge", "Complete groups waiting for the learner.")
 BUF_PARTIAL = _spec("cir_buffer_groups_partial", "gauge", "Groups with some but not all samples in.")
@@ -212,6 +222,12 @@ class LearnerMetrics(_RoleMetrics):
         if loss is not None:
             self._set(LRN_LOSS, loss)
 
+    def correction(self, masked_frac: float, truncated_frac: float, ess: float) -> None:
+        """The off-policy correction's diagnostics for the last step (learner.correction)."""
+        self._set(LRN_IS_MASKED, masked_frac)
+        self._set(LRN_IS_TRUNC, truncated_frac)
+        self._set(LRN_IS_ESS, ess)
+
     def publish(self, seconds: float) -> None:
         """Time to publish one weight version (object-store put or broadcast)."""
         self._observe(WEIGHT_SYNC_S, seconds, side="publish")
@@ -229,6 +245,10 @@ class SchedulerMetrics(_RoleMetrics):
 
     def admitted(self, n: int = 1) -> None:
         self._inc(SCH_ADMITTED, n)
+
+    def sampling(self, zero_variance_rate: float, oversample_factor: float) -> None:
+        self._set(SCH_ZERO_VAR, zero_variance_rate)
+        self._set(SCH_OVERSAMPLE, oversample_factor)
 
 
 class BufferMetrics(_RoleMetrics):

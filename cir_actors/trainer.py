@@ -130,7 +130,7 @@ class Trainer:
         self.scheduler = ray.remote(BudgetScheduler).options(**actor_options("scheduler", cfg)).remote(cfg, tasks)
         self.buffer = ray.remote(ReplayBuffer).options(**actor_options("buffer", cfg)).remote(
             cfg.scheduler.max_staleness,
-            drop_zero_advantage=cfg.buffer.drop_zero_advantage_groups,
+            drop_zero_advantage=cfg.buffer.drops_zero_variance,
             max_groups=cfg.buffer.max_buffered_groups,
             ledger=self.scheduler,
         )
@@ -258,7 +258,7 @@ class Trainer:
             while version < total:
                 t0 = time.monotonic()
                 self._check_workers()  # every step, not only while waiting: a dead generator is healed at once
-                batch = self._wait_batch(version, t0)
+                batch = self._wait_batch(version, t0, dropped_total)
                 t_batch = time.monotonic()
                 learner_wait += t_batch - t0
                 try:
@@ -287,6 +287,8 @@ class Trainer:
                 learner_metrics.step(t_train - t_batch, int(train_metrics.get("seq_tokens", 0)), version,
                                      train_metrics.get("loss"))
                 learner_metrics.publish(t_pub - t_train)
+                learner_metrics.correction(train_metrics.get("is_masked_frac", 0.0),
+                                           train_metrics.get("is_cap_frac", 0.0), train_metrics.get("is_ess", 1.0))
                 row = self._row(version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start,
                                 learner_wait, dropped_total)
                 row["group_ids"] = trained_ids
@@ -336,14 +338,19 @@ class Trainer:
             self._wandb.finish()
         return summary
 
-    def _wait_batch(self, version: int, t0: float) -> Any:
-        """The next batch; meanwhile heal generators, watch the weight pushes and the progress."""
+    def _wait_batch(self, version: int, t0: float, dropped_total: Counter[str]) -> Any:
+        """The next batch; meanwhile heal generators, watch the weight pushes and the progress.
+        (The buffer reports its drops to the scheduler's ledger itself; they are only counted here.)"""
         cfg = self.cfg
         stall_s = max(cfg.recovery.min_stall_s, cfg.recovery.stall_factor * float(np.median(self._step_times))
                       if self._step_times else cfg.recovery.min_stall_s)
         while True:
             batch = self._get(self.buffer.get_batch.remote(cfg.learner.prompts_per_step, version, timeout_s=2.0),
                               "buffer")
+            if batch is not None and batch.dropped:
+                dropped_total.update(batch.dropped)
+            if batch is not None and cfg.buffer.dynamic_sampling:
+                self._get(self.scheduler.batch_inspected.remote(len(batch.groups), batch.dropped), "scheduler")
             if batch is not None and batch.groups:
                 return batch
             self._check_workers()
@@ -503,6 +510,7 @@ class Trainer:
             "count/dropped_groups": sum(buf["dropped_groups"].values()),
             "count/dropped_by_reason": buf["dropped_groups"],
             "count/produced_trajectories": buf["added_trajectories"],
+            **{f"sampling/{k}": v for k, v in sched.items() if k.startswith(("zero_variance", "oversample"))},
             "count/trained_trajectories": buf["served_trajectories"],
         }
 

@@ -89,3 +89,22 @@ def test_dry_run_cli(tmp_path):
     )
     assert bad.returncode != 0
     assert "generator.temperature" in bad.stderr and "hot" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_correction_options_load_and_bad_bands_are_one_sentence():
+    from cir_actors.config import ConfigError, load_config
+
+    cfg = load_config(None, ["learner.correction=icepop", "learner.is_band=[0.5,5.0]"])
+    assert cfg.learner.correction == "icepop" and cfg.learner.is_band == (0.5, 5.0)
+    with pytest.raises(ConfigError, match="learner.is_band .* must satisfy"):
+        load_config(None, ["learner.is_band=[2.0,5.0]"])
+    with pytest.raises(ConfigError, match="learner.correction"):
+        load_config(None, ["learner.correction=vtrace"])
+
+
+def test_plus_recipe_is_the_7b_recipe_with_the_options():
+    base = load_config(ROOT / "configs" / "qwen2.5-math-7b.yaml")
+    plus = load_config(ROOT / "configs" / "qwen2.5-math-7b-plus.yaml")
+    assert plus.learner.correction == "icepop" and plus.learner.is_band == (0.5, 5.0)
+    assert plus.buffer.dynamic_sampling and plus.buffer.void_turn_filter and plus.scheduler.roc
+    assert plus.model.path == base.model.path and plus.generator.samples_per_prompt == base.generator.samples_per_prompt

@@ -387,3 +387,48 @@ def test_step_without_signal_leaves_weights_alone(learner1, hf_init):
     after = ray.get(learner1.publish().weights)
     assert metrics["updates"] == 0 and metrics["zero_adv_groups"] == 2 and metrics["grad_norm"] is None
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_icepop_masks_the_tokens_outside_the_band_and_void_turns_are_filtered(
+    ray_session, tiny_model_dir, hf_init, batches
+):
+    """learner.correction=icepop on off-policy data (behaviour = model + noise): the fraction of
+    trained tokens masked is exactly the fraction whose ratio pi_init / behaviour leaves the band
+    (the proximal pass runs on the initial weights), and the ESS is exported. With
+    buffer.void_turn_filter two trajectories without an answer (one cut by the length limit, one
+    stopped) are counted by reason and left out of the update; advantages still use them."""
+    from cir_actors.learner import Learner
+    from cir_actors.types import replace
+
+    band = (0.8, 1.25)
+    over = {"learner.correction": "icepop", "learner.is_band": f"[{band[0]},{band[1]}]",
+            "buffer.void_turn_filter": "true"}
+    groups = [list(g) for g in batches["b"]]
+    no_box = Verdict(False, None, VerdictReason.NO_BOX)
+    void = {(0, 0): FinishReason.LENGTH, (3, 1): FinishReason.STOP}
+    for (g, i), finish in void.items():
+        st = groups[g][i]
+        groups[g][i] = ScoredTrajectory(replace(st.trajectory, finish_reason=finish), no_box, st.reward)
+    learner = Learner(_cfg(**over), tiny_model_dir, name="test-learner-icepop")
+    try:
+        out = learner.train_step(groups)
+    finally:
+        learner.shutdown()
+    outside = total = trained = 0
+    for g, group in enumerate(groups):
+        if len(set(REWARDS[g])) == 1:
+            continue  # zero advantage: not trained
+        for i, st in enumerate(group):
+            if (g, i) in void:
+                continue
+            t = st.trajectory
+            mask = t.loss_mask_T.astype(bool)
+            mask[0] = False
+            rho = np.exp(_model_logprobs(hf_init, t.token_ids_T) - t.logprobs_T)[mask]
+            outside += int(((rho < band[0]) | (rho > band[1])).sum())
+            total += int(mask.sum())
+            trained += 1
+    assert out["void_truncated"] == 1 and out["void_no_answer"] == 1 and out["trained_trajectories"] == trained
+    assert out["tokens"] == total and 0.2 < outside / total < 0.8
+    assert out["is_masked_frac"] == pytest.approx(outside / total, abs=0.5 / total)
+    assert out["is_cap_frac"] == 0.0 and 0.0 < out["is_ess"] < 1.0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cir_actors.loss import policy_loss, token_entropy, token_logprobs
+from cir_actors.loss import correction_weights, policy_loss, token_entropy, token_logprobs
 
 CLIP = {"clip_low": 0.2, "clip_high": 0.28, "is_cap": 5.0}
 
@@ -149,3 +149,88 @@ def test_token_logprobs_alignment():
     ent = token_entropy(logits)
     p = torch.softmax(logits[1, 2], -1)
     assert ent[1, 3].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
+
+
+# ---- off-policy corrections (correction_weights), hand-computed ----------------------------------
+
+def _rhos(rows):
+    """log_rho and mask from rows of ratios; None marks an unsampled (masked-out) position."""
+    log_rho = torch.tensor([[math.log(r) if r is not None else 5.0 for r in row] for row in rows])
+    mask = torch.tensor([[r is not None for r in row] for row in rows])
+    return log_rho, mask
+
+
+def test_tis_truncates_at_the_cap():
+    log_rho, mask = _rhos([[0.5, 2.0, 8.0, None]])
+    w, trunc, masked = correction_weights(log_rho, mask, "tis", is_cap=5.0)
+    assert w[0, :3].tolist() == pytest.approx([0.5, 2.0, 5.0])
+    assert trunc.tolist() == [[False, False, True, False]]  # the unsampled position is never counted
+    assert not masked.any()
+
+
+def test_mis_masks_above_the_cap_and_keeps_rho_below():
+    log_rho, mask = _rhos([[0.5, 2.0, 8.0, None]])
+    w, trunc, masked = correction_weights(log_rho, mask, "mis", is_cap=5.0)
+    assert w[0, :3].tolist() == pytest.approx([0.5, 2.0, 0.0])
+    assert masked.tolist() == [[False, False, True, False]] and not trunc.any()
+
+
+def test_icepop_masks_outside_the_band_on_both_sides():
+    log_rho, mask = _rhos([[0.4, 0.5, 1.3, 5.0, 6.0]])
+    w, _, masked = correction_weights(log_rho, mask, "icepop", band=(0.5, 5.0))
+    assert w[0].tolist() == pytest.approx([0.0, 0.5, 1.3, 5.0, 0.0])  # the band's ends are inside
+    assert masked.tolist() == [[True, False, False, False, True]]
+
+
+def test_seq_tis_is_the_truncated_product_per_sequence():
+    # row 0: 2 * 1.5 * 0.5 = 1.5 (kept); row 1: 3 * 3 = 9 -> capped at 5 (the masked 5.0 not counted)
+    log_rho, mask = _rhos([[2.0, 1.5, 0.5], [3.0, 3.0, None]])
+    w, trunc, masked = correction_weights(log_rho, mask, "seq_tis", is_cap=5.0)
+    assert w[0].tolist() == pytest.approx([1.5] * 3)
+    assert w[1, :2].tolist() == pytest.approx([5.0, 5.0])
+    assert trunc.tolist() == [[False] * 3, [True, True, False]] and not masked.any()
+    # a very long sequence does not overflow
+    w, _, _ = correction_weights(torch.full((1, 4000), 1.0), torch.ones(1, 4000, dtype=torch.bool), "seq_tis")
+    assert w[0, 0].item() == pytest.approx(5.0)
+
+
+def test_geo_mask_rejects_whole_sequences_by_geometric_mean():
+    # row 0: geometric mean of (1.0005, 0.9995) ~ 1.0 -> kept; row 1: 1.01 each -> 1.01 > 1.001: masked;
+    # row 2: (1.3, 0.8) -> sqrt(1.04) = 1.0198: masked although its product (1.04) is moderate
+    log_rho, mask = _rhos([[1.0005, 0.9995], [1.01, 1.01], [1.3, 0.8]])
+    w, trunc, masked = correction_weights(log_rho, mask, "geo_mask", geo_band=(0.999, 1.001))
+    assert w.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert masked.tolist() == [[False, False], [True, True], [True, True]] and not trunc.any()
+
+
+def test_unknown_correction_is_one_sentence():
+    with pytest.raises(ValueError, match="correction must be one of"):
+        correction_weights(torch.zeros(1, 1), torch.ones(1, 1), "vtrace")
+
+
+def test_masked_tokens_get_no_gradient_but_count_in_the_denominator():
+    """IcePop through policy_loss: a token outside the band contributes 0 and has zero gradient;
+    the token mean still divides by all sampled tokens (Ring-1T's normalisation)."""
+    prox = torch.zeros(1, 3)
+    cur = torch.zeros(1, 3, requires_grad=True)  # ratio 1 against the proximal
+    behav = -torch.log(torch.tensor([[1.0, 10.0, 2.0]]))  # rho = prox / behav = 1, 10, 2
+    loss, diag = policy_loss(cur, prox, behav, torch.tensor([1.0]), torch.ones(1, 3), **CLIP,
+                             correction="icepop", is_band=(0.5, 5.0))
+    loss.backward()
+    assert loss.item() == pytest.approx(-(1.0 + 0.0 + 2.0) / 3)
+    assert cur.grad[0].tolist() == pytest.approx([-1 / 3, 0.0, -2 / 3])
+    assert diag["is_masked_frac"] == pytest.approx(1 / 3) and diag["is_cap_frac"] == 0.0
+    # ESS from the exported moments: mean(w)^2 / mean(w^2) = 1 / (5/3) = 0.6
+    assert diag["is_weight_mean"] ** 2 / diag["is_weight_sq_mean"] == pytest.approx(0.6)
+
+
+def test_default_correction_is_token_tis():
+    g = torch.Generator().manual_seed(3)
+    cur, prox, beh = (torch.randn(3, 5, generator=g) * 0.5 - 2 for _ in range(3))
+    adv, mask = torch.randn(3, generator=g), torch.ones(3, 5)
+    a, _ = policy_loss(cur, prox, beh, adv, mask, **CLIP)
+    b, _ = policy_loss(cur, prox, beh, adv, mask, **CLIP, correction="tis")
+    w = torch.exp(prox - beh).clamp(max=5.0)
+    r = torch.exp(cur - prox)
+    ref = -(w * torch.min(r * adv[:, None], r.clamp(0.8, 1.28) * adv[:, None])).mean()
+    assert a.item() == b.item() == pytest.approx(ref.item(), rel=1e-6)

@@ -58,10 +58,12 @@ def record(role: str, name: str) -> None:
         lm = metrics.LearnerMetrics(name)
         lm.step(step_time_s=2.0, tokens=4096, version=4, loss=np.float32(0.25))
         lm.publish(0.5)
+        lm.correction(masked_frac=0.01, truncated_frac=0.02, ess=np.float64(0.97))
     elif role == "scheduler":
         sm = metrics.SchedulerMetrics(name)
         sm.state(version=4, budget=2, groups_in_flight=3, waiting_generators=1)
         sm.admitted(3)
+        sm.sampling(zero_variance_rate=0.25, oversample_factor=4 / 3)
     elif role == "buffer":
         b = metrics.BufferMetrics(name)
         b.depth(ready_groups=2, partial_groups=1)
