@@ -198,6 +198,7 @@ class Trainer:
         t_start = time.monotonic()
         learner_wait = 0.0
         dropped_total: Counter[str] = Counter()
+        from cir_actors.dumps import dump_step
         from cir_actors.metrics import LearnerMetrics
 
         learner_metrics = LearnerMetrics("learner")
@@ -214,7 +215,8 @@ class Trainer:
                     self._check_workers(runs)
                 t_batch = time.monotonic()
                 learner_wait += t_batch - t0
-                train_metrics = self.learner.train_step(batch.groups)
+                train_metrics = self.learner.train_step(batch.groups, record=cfg.dumps.per_step)
+                dump_row = dump_step(self.run_dir, self.learner.version, train_metrics.pop("records", []), cfg)
                 t_train = time.monotonic()
                 update = self.learner.publish()
                 update = ray.get(self.scheduler.advance.remote(update))
@@ -225,6 +227,7 @@ class Trainer:
                 learner_metrics.publish(t_pub - t_train)
                 row = self._row(version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start,
                                 learner_wait, dropped_total)
+                row.update(dump_row)
                 self.history.append(row)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
