@@ -20,7 +20,9 @@ counted. Also here: turn-indexed loss diagnostics (`turn_sums`, merged over rank
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from cir_actors.types import FinishReason, ScoredTrajectory
 
+log = logging.getLogger(__name__)
 FORMAT = 1
 PROMPT, SAMPLED, INTERPRETER = 0, 1, 2  # provenance codes
 CLIP_NONE, CLIP_LOW, CLIP_HIGH, CLIP_DUAL = 0, 1, 2, 3  # clip state codes (as loss.policy_loss counts them)
@@ -292,6 +295,36 @@ def turn_metrics(sums: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def dump_step(run_dir: str | Path, step: int, records: list[dict[str, Any]], cfg: Any) -> dict[str, Any]:
-    """What the driver calls once per step: write the learner's records (`Learner.train_step(record=...)`),
-    and add the per-turn diagnostics to W&B's table when W&B is on. Returns the metrics.jsonl figures."""
-    return write_step(run_dir, step, records, cfg.dumps.max_bytes_per_step)
+    """What the driver calls once per step: write the learner's records (`Learner.train_step(record=...)`)
+    and, when a W&B run is active, log them as the table `samples` (`wandb_table`). Returns the
+    metrics.jsonl figures (dump/trajectories, dump/omitted, dump/bytes)."""
+    figures = write_step(run_dir, step, records, cfg.dumps.max_bytes_per_step)
+    wandb = sys.modules.get("wandb")  # only when the trainer imported it (W&B not disabled)
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is not None and records:
+        try:
+            run.log({"samples": wandb_table(wandb, step, records)}, step=step)
+        except Exception as e:  # noqa: BLE001 - W&B is an observer: a failure to log must not stop training
+            log.warning("W&B samples table not logged: %s", e)
+    return figures
+
+
+TABLE_COLUMNS = ("step", "task_id", "sample", "kind", "problem", "response", "reward", "verdict", "answer",
+                 "finish_reason", "tool_calls", "tool_errors", "versions", "tokens")  # fmt: skip
+
+
+def wandb_table(wandb: Any, step: int, records: list[dict[str, Any]]) -> Any:
+    """A `wandb.Table` of the records: the problem (decoded prompt), the response with its code and
+    output blocks, reward, verdict, extracted answer, finish reason and the tool calls (JSON)."""
+    import json
+
+    table = wandb.Table(columns=list(TABLE_COLUMNS))
+    for r in records:
+        pl = r["prompt_len"]
+        table.add_data(
+            step, r["task_id"], r["sample_index"], r["kind"], "".join(r["pieces"][:pl]), "".join(r["pieces"][pl:]),
+            r["reward"], r["verdict"]["reason"], r["extracted_answer"], r["finish_reason"],
+            json.dumps(r["tool_calls"], default=str), r["num_interp_errors"] + r["num_interp_timeouts"],
+            f"{r['min_version']}..{r['max_version']}", len(r["token_ids"]),
+        )  # fmt: skip
+    return table

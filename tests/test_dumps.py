@@ -158,3 +158,30 @@ def test_learner_records_carry_its_own_logprobs(ray_session, tiny_model_dir):
         else:
             moved += gap > 1e-3
     assert moved > 0
+
+
+def test_samples_table_in_offline_wandb(tmp_path, monkeypatch):
+    """dump_step logs the records as a W&B table when a run is active (offline: files on disk)."""
+    wandb = pytest.importorskip("wandb", reason="wandb is a dependency of the project; install it")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls = ({"code": "print(2+3)", "ok": True, "error": None, "output": "5", "duration_s": 0.01},)
+    t = _traj([0, 0, 0, 1, 1, 0, 0, 1, 1, 1], tool_calls=calls)
+    s = ScoredTrajectory(t, Verdict(True, "5", VerdictReason.CORRECT), 1.0)
+    cfg = load_config(None, [])
+    rec = dumps.build_record(s, t.logprobs_T, None, 0.0, pieces=[f"<{i}>" for i in range(10)], trained=False,
+                             group=0, lcfg=cfg.learner)  # fmt: skip
+    run = wandb.init(project="cir-actors-test", dir=str(tmp_path), mode="offline")
+    try:
+        figures = dumps.dump_step(tmp_path, 3, [rec], cfg)
+    finally:
+        run.finish()
+    assert figures["dump/trajectories"] == 1
+    (table_file,) = list(tmp_path.glob("wandb/offline-run-*/files/media/table/samples_*.table.json"))
+    import json
+
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == list(dumps.TABLE_COLUMNS)
+    (row,) = table["data"]
+    assert row[4] == "<0><1><2>" and row[5] == "<3><4><5><6><7><8><9>"  # problem, response
+    assert row[6] == 1.0 and row[7] == "correct" and row[8] == "5" and json.loads(row[10])[0]["output"] == "5"
