@@ -6,6 +6,8 @@ runs the learner loop, and writes the run directory.
                                version, staleness, loss diagnostics, throughput, idle times, counts)
     run_dir/checkpoints/       learner state + buffer groups + scheduler position, `latest` pointer
     run_dir/curves.png         reward and accuracy per step, drawn at the end
+    run_dir/trajectories/      per step, a sample of trained trajectories token by token (dumps.py;
+                               `python entrypoints/view.py run_dir` renders them, docs/viewer.md)
     run_dir/wandb/             W&B (offline unless logging.wandb_mode=online)
 
 The trajectories themselves never pass through the driver: generators put them into the object

@@ -7,10 +7,14 @@ the run directory. Chromium is Debian's (`make test` installs chromium and chrom
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import urllib.request
 
 import pytest
 from conftest import PROJECT_ROOT
@@ -33,17 +37,64 @@ def _cfg(run_dir, steps):
     ])  # fmt: skip
 
 
+class Scraper:
+    """Polls every node's Prometheus export while the run goes on and keeps the series names seen.
+    The tiny model seldom writes code: once the run's interpreter actor is up, it gets one call
+    (`print(1)`) so that the interpreter's series exist whatever the model did."""
+
+    def __init__(self, ray, namespace: str):
+        self.ray, self.namespace, self.names = ray, namespace, set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def scrape(self) -> None:
+        for n in self.ray.nodes():
+            if n.get("Alive") and n.get("MetricsExportPort"):
+                url = f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+                try:
+                    text = urllib.request.urlopen(url, timeout=10).read().decode()
+                except OSError:
+                    continue
+                self.names |= {m.group(1) for m in re.finditer(r"^(ray_cir_[a-z0-9_]+?)(?:_bucket|_count|_sum)?[{ ]",
+                                                               text, re.MULTILINE)}  # fmt: skip
+
+    def _loop(self) -> None:
+        poked = False
+        while not self.stop.wait(3.0):
+            if not poked:
+                try:
+                    pool = self.ray.get_actor("interpreter-0", namespace=self.namespace)
+                    self.ray.get(pool.run_async.remote("print(1)"), timeout=60)
+                    poked = True
+                except Exception:  # noqa: BLE001, S110 - not created yet: try again on the next tick
+                    pass
+            self.scrape()
+
+
 @pytest.fixture(scope="module")
-def run_dir(ray_session, tmp_path_factory):
+def run(ray_session, tmp_path_factory):
+    """A 2-step real run (its directory), and the Prometheus series names scraped while it ran."""
     from cir_actors.trainer import Trainer
 
     run_dir = tmp_path_factory.mktemp("viewer") / "run"
-    trainer = Trainer(_cfg(run_dir, 2))
+    cfg = _cfg(run_dir, 2)
+    scraper = Scraper(ray_session, cfg.cluster.namespace)
+    scraper.thread.start()
+    trainer = Trainer(cfg)
     try:
         trainer.run()
+        time.sleep(12)  # Ray exports every 5-10 s: the last records' interval
     finally:
+        scraper.stop.set()
+        scraper.thread.join(timeout=30)
+        scraper.scrape()
         trainer.shutdown()
-    return run_dir
+    return run_dir, scraper.names
+
+
+@pytest.fixture(scope="module")
+def run_dir(run):
+    return run[0]
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +210,18 @@ def test_page_without_a_run_is_one_sentence(tmp_path):
         build_page(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_page(tmp_path / "nope")
+
+
+def test_grafana_dashboard_names_only_series_the_run_exported(run):
+    """Every panel query of configs/grafana/ names a series scraped from the real run's endpoint."""
+    _, scraped = run
+    dash = json.loads((PROJECT_ROOT / "configs" / "grafana" / "cir_actors_dashboard.json").read_text())
+    assert len(dash["panels"]) >= 12
+    missing = {}
+    for panel in dash["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = re.findall(r"\b(ray_cir_[a-z0-9_]+?)(?:_bucket)?\b", target["expr"])
+            assert names, (panel["title"], target["expr"])
+            missing.update({n: panel["title"] for n in names if n not in scraped})
+    assert not missing, f"panels name series the run never exported: {missing} (scraped: {sorted(scraped)})"
