@@ -2,7 +2,8 @@
 actor real: vLLM generator, sandboxed interpreter, scorer, buffer, scheduler, DeepSpeed learner):
 the curves are drawn, the dumped trajectories are listed with their tokens coloured by provenance,
 a filter narrows the list, clicking a token shows its log-probs and version. A screenshot goes to
-the run directory. Chromium is Debian's (`make test` installs chromium and chromium-driver)."""
+the run directory. Chromium is Debian's (`make test` installs chromium and chromium-driver).
+The same run's Prometheus export, scraped while it ran, holds every series the Grafana dashboard names."""
 
 from __future__ import annotations
 
