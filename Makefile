@@ -12,7 +12,7 @@ export VLLM_TARGET_DEVICE ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench lint clean browser
 
 venv: $(VENV)/.installed
 
@@ -28,7 +28,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(PY) entrypoints/demo.py
 
-test: venv
+# The viewer's test drives a real headless Chromium (Debian's chromium + chromium-driver).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "make: chromium/chromium-driver missing and not installable here (needs root and apt-get):" \
+	  "tests/test_viewer.py will fail saying so"; fi
+
+test: venv browser
 	$(PY) -m pytest tests
 
 bench: venv

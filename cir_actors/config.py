@@ -313,6 +313,15 @@ class RecoveryConfig(Section):
     """Deadline of the driver's control calls to the scheduler and buffer."""
 
 
+class DumpsConfig(Section):
+    """Per-step trajectory dumps for the viewer (`cir_actors/dumps.py`, `entrypoints/view.py`)."""
+
+    per_step: int = Field(8, ge=0)
+    """Trajectories dumped per step (stratified: correct, wrong, tool error, truncated); 0 turns dumps off."""
+    max_bytes_per_step: int = Field(4_000_000, ge=4096)
+    """Size bound of one step's dump file; trajectories past it are left out (and counted)."""
+
+
 class ClusterConfig(Section):
     address: str | None = None
     """Ray address to join ("auto" for a running cluster); None starts a local Ray."""
@@ -334,6 +343,7 @@ class Config(Section):
     learner: LearnerConfig = LearnerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     logging: LoggingConfig = LoggingConfig()
+    dumps: DumpsConfig = DumpsConfig()
     cluster: ClusterConfig = ClusterConfig()
     recovery: RecoveryConfig = RecoveryConfig()
 

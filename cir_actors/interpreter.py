@@ -219,6 +219,8 @@ class InterpreterPool:
         self._closed = False
         self._metrics = InterpreterMetrics(_actor_name() or "interpreter")
         self.zygote_restarts = 0
+        self._busy = 0  # calls in flight: each runs in its own sandboxed child (or its session's)
+        self._sessions: set[str] = set()
         self._zygote = self._start()
 
     def _start(self) -> _Zygote:
@@ -238,7 +240,30 @@ class InterpreterPool:
                 self._zygote.close()
                 self._zygote = self._start()
             zygote, call_id = self._zygote, next(self._ids)
-        return zygote.send(msg, call_id)
+            if msg["op"] == "run":
+                self._busy += 1
+                if msg["session"] is not None:
+                    self._sessions.add(msg["session"])
+            elif msg["op"] == "close_session":
+                self._sessions.discard(msg["session"])
+            busy, sessions = self._busy, len(self._sessions)
+        self._metrics.busy_workers(busy)
+        self._metrics.sessions(sessions)
+        try:
+            fut = zygote.send(msg, call_id)
+        except BaseException:
+            if msg["op"] == "run":
+                self._call_done(None)
+            raise
+        if msg["op"] == "run":
+            fut.add_done_callback(self._call_done)
+        return fut
+
+    def _call_done(self, _fut: Future | None) -> None:
+        with self._lock:
+            self._busy -= 1
+            busy = self._busy
+        self._metrics.busy_workers(busy)
 
     def _run_msg(self, code: str, timeout_s: float | None, session: str | None) -> dict:
         if not isinstance(code, str):

@@ -48,6 +48,7 @@ import numpy as np
 
 from cir_actors.cluster import Role, actor_options
 from cir_actors.config import Config
+from cir_actors.dumps import merge_turn_sums, turn_metrics
 from cir_actors.learner_rank import MAX_SUMS, MEAN_DIAGS, LearnerRank, plan_micro_batches
 from cir_actors.types import PolicyUpdate, Trajectory
 
@@ -144,8 +145,13 @@ class Learner:
             send_s = ray.get(pending)[0]
             self.last_publish.update(send_s=send_s, total_s=time.perf_counter() - self._pending_t0)
 
-    def train_step(self, groups: list[list[Any]]) -> dict:
+    def train_step(self, groups: list[list[Any]], record: int = 0) -> dict:
         """One RL step on complete groups (each a list of ScoredTrajectory or ObjectRefs to them).
+
+        `record` > 0: also return `records`, up to that many trajectories (stratified on each rank,
+        `record` shared out over ranks) as `dumps.build_record` dicts with the learner's per-token
+        proximal and current log-probs of this step, for `dumps.write_step`.
+        The turn-indexed diagnostics are returned as `turn/<bucket>/<figure>` (`dumps.turn_metrics`).
 
         Returns metrics: loss (token mean, averaged over optimizer updates; `update_losses` lists
         each update's, before its step, over its mini-batch's masked tokens), the loss diagnostics
@@ -160,7 +166,8 @@ class Learner:
         for g, group in enumerate(groups):
             shards[(g % mbp) % world].append((g, g // mbp, list(group)))
         t0 = time.perf_counter()
-        parts = ray.get([r.train_step.remote(s) for r, s in zip(self.ranks, shards)])
+        quota = [record // world + (i < record % world) for i in range(world)]
+        parts = ray.get([r.train_step.remote(s, q) for r, s, q in zip(self.ranks, shards, quota)])
         elapsed = time.perf_counter() - t0
         self._step += 1
         out = _merge_rank_sums(parts)
@@ -185,6 +192,9 @@ class Learner:
             step=self._step,
             version=self.version,
         )
+        out.update(turn_metrics(merge_turn_sums([p.get("turn_sums", {}) for p in parts])))
+        if record:
+            out["records"] = [r for p in parts for r in p.get("records", [])]
         return out
 
     def sft_step(self, trajectories: list[Trajectory]) -> dict:

@@ -27,6 +27,7 @@ import torch
 
 from cir_actors.advantages import compute_advantages
 from cir_actors.config import Config
+from cir_actors.dumps import build_record, select_stratified, stratum, turn_sums
 from cir_actors.loss import policy_loss, token_entropy, token_logprobs
 from cir_actors.sampling import VoidTurn, roc_down_sample, void_turn_reason
 from cir_actors.types import FinishReason, ScoredTrajectory, Trajectory
@@ -70,6 +71,8 @@ class _Sample:
     advantage: float
     minibatch: int
     proximal_T: torch.Tensor | None = None
+    current_T: torch.Tensor | None = None  # the loss forward's log-probs (detached), kept for dumps
+    group: int = -1
 
 
 def _collate(samples: list[_Sample], device: torch.device) -> dict[str, torch.Tensor]:
@@ -242,6 +245,8 @@ class LearnerRank:
         for k in range(int(n_micro)):
             batch = _collate(micro[k] if k < len(micro) else [], self.device)
             lp, logits = self._logprobs(batch, self.engine)
+            for b, s in enumerate(micro[k] if k < len(micro) else []):
+                s.current_T = lp[b, : len(s.traj.token_ids_T)].detach().float().cpu()
             loss, diag = loss_fn(batch, lp, logits, n_tokens)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             sums["loss"] += float(loss.item())
@@ -261,9 +266,13 @@ class LearnerRank:
         return sums
 
     # ---------------------------------------------------------------- steps
-    def train_step(self, shard: list[tuple[int, int, list[Any]]]) -> dict:
+    def train_step(self, shard: list[tuple[int, int, list[Any]]], record: int = 0) -> dict:
         """`shard`: (global group index, mini-batch index, the group's ScoredTrajectory or refs to
-        them). Returns this rank's sums; the driver merges ranks (`Learner.train_step`)."""
+        them). Returns this rank's sums; the driver merges ranks (`Learner.train_step`).
+        Also `turn_sums` (turn-indexed diagnostics of the trained tokens, `dumps.turn_sums`) and,
+        with `record` > 0, `records`: up to `record` trajectories of the shard chosen by
+        `dumps.select_stratified`, each a `dumps.build_record` with the log-probs of this step's
+        own forwards (the proximal values; the current ones from the loss forward)."""
         import ray
 
         t0 = time.perf_counter()
@@ -299,12 +308,16 @@ class LearnerRank:
         adv_of = dict(zip(order, advs))
         extra_terms = self.lcfg.kl_coef > 0 or self.lcfg.entropy_coef > 0
         void = Counter(void_turn_reason(st) for _, sts in groups.values() for st in sts)  # counted even unfiltered
-        samples = [
-            _Sample(st.trajectory, float(a), mb)
+        every = [
+            (st, _Sample(st.trajectory, float(a), mb, group=g))
             for g, (mb, sts) in sorted(groups.items())
             for st, a in zip(sts, adv_of[g])
-            if (a != 0.0 or extra_terms) and not (self.cfg.buffer.void_turn_filter and void_turn_reason(st))
         ]
+        samples = [s for st, s in every if (s.advantage != 0.0 or extra_terms)
+                   and not (self.cfg.buffer.void_turn_filter and void_turn_reason(st))]
+        chosen = [every[i] for i in select_stratified([stratum(st) for st, _ in every], record)] if record else []
+        if record:  # collective under ZeRO-3: every rank calls it (they all got the same `record`)
+            self._fill_proximal([s for _, s in chosen if s.advantage == 0.0 and not extra_terms])
         n_mb = int(self._all_reduce([max([mb for mb, _ in groups.values()], default=-1) + 1], "max")[0])
         reuse_forward = n_mb == 1
         if not reuse_forward:
@@ -342,7 +355,39 @@ class LearnerRank:
             adv_stats=adv_stats,
             time_s=time.perf_counter() - t0,
         )
+        turn: dict = {}
+        for s in samples:
+            if s.current_T is None:  # no forward ran (no masked token in the whole batch)
+                continue
+            t = s.traj
+            prox = s.current_T if reuse_forward else s.proximal_T
+            turn_sums(t.logprobs_T, prox.numpy(), s.current_T.numpy(), s.advantage, t.loss_mask_T,
+                      t.prompt_len, t.tool_calls, lcfg=self.lcfg, into=turn)  # fmt: skip
+        totals["turn_sums"] = turn
+        if chosen:
+            totals["records"] = self._records(chosen, samples, reuse_forward)
         return totals
+
+    def _records(self, chosen: list[tuple[ScoredTrajectory, _Sample]], trained: list[_Sample], reuse_forward: bool):
+        """Dump records of the chosen samples: proximal log-probs from the step's first forward
+        (or `_fill_proximal`), current ones from the loss forward; untrained samples have no current."""
+        if getattr(self, "_tokenizer", None) is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        trained_ids = {id(s) for s in trained}
+        out = []
+        for st, s in chosen:
+            is_trained = id(s) in trained_ids
+            is_trained = is_trained and s.current_T is not None
+            prox = s.current_T if (is_trained and reuse_forward) else s.proximal_T
+            cur = s.current_T if is_trained else None
+            if prox is None:  # a batch with no masked token anywhere: no forward ran, nothing to show
+                continue
+            pieces = self._tokenizer.batch_decode([[int(i)] for i in s.traj.token_ids_T])
+            out.append(build_record(st, prox.numpy(), None if cur is None else cur.numpy(), s.advantage,
+                                    pieces=pieces, trained=is_trained, group=s.group, lcfg=self.lcfg))  # fmt: skip
+        return out
 
     def _extra_terms(self, loss, diag, batch, lp, logits, n_tokens):
         """Optional KL (k3, against the frozen initial model) and entropy-bonus terms, token-mean."""

@@ -6,6 +6,8 @@ runs the learner loop, and writes the run directory.
                                version, staleness, loss diagnostics, throughput, idle times, counts)
     run_dir/checkpoints/       learner state + buffer groups + scheduler position, `latest` pointer
     run_dir/curves.png         reward and accuracy per step, drawn at the end
+    run_dir/trajectories/      per step, a sample of trained trajectories token by token (dumps.py;
+                               `python entrypoints/view.py run_dir` renders them, docs/viewer.md)
     run_dir/wandb/             W&B (offline unless logging.wandb_mode=online)
 
 The trajectories themselves never pass through the driver: generators put them into the object
@@ -250,6 +252,8 @@ class Trainer:
         t_start = time.monotonic()
         learner_wait = 0.0
         dropped_total: Counter[str] = Counter()
+        from cir_actors.dumps import dump_step
+
         learner_metrics = LearnerMetrics("learner")
         self._run_metrics = RunMetrics()
         self._step_times: list[float] = []
@@ -262,9 +266,10 @@ class Trainer:
                 t_batch = time.monotonic()
                 learner_wait += t_batch - t0
                 try:
-                    train_metrics = self.learner.train_step(batch.groups)
+                    train_metrics = self.learner.train_step(batch.groups, record=cfg.dumps.per_step)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                     raise StatefulRoleDied("learner rank", e) from e
+                dump_row = dump_step(self.run_dir, self.learner.version, train_metrics.pop("records", []), cfg)
                 lost_idx = set(train_metrics.pop("lost_groups", []))
                 lost_ids = [gid for k, gid in enumerate(batch.group_ids) if k in lost_idx]
                 trained_ids = [gid for k, gid in enumerate(batch.group_ids) if k not in lost_idx]
@@ -298,6 +303,7 @@ class Trainer:
                     self._record_recovery(rec)
                     log.warning("training again %.1f s after %s died", rec["resumed_after_s"], rec["name"])
                 row.update(self._conservation_row())
+                row.update(dump_row)
                 self.history.append(row)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()

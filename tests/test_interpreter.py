@@ -283,6 +283,25 @@ def test_sessions_keep_state_per_trajectory(session_pool):
     p.close_session("t2")
 
 
+def test_busy_workers_and_sessions_are_counted(session_pool):
+    """What the pool exports as cir_interpreter_busy_workers and cir_interpreter_sessions."""
+    p = session_pool
+    seen = []
+
+    async def main():
+        calls = [p.run_async("import time; time.sleep(0.4)", session=f"b{i}") for i in range(3)]
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0.2)
+        seen.append(p._busy)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert seen == [3] and p._busy == 0 and {"b0", "b1", "b2"} <= p._sessions
+    for i in range(3):
+        p.close_session(f"b{i}")
+    assert not {"b0", "b1", "b2"} & p._sessions
+
+
 def test_session_replays_after_its_child_is_lost(session_pool):
     p = session_pool
     r0 = p.run("import time\nt0 = time.time()\nprint('hello')", session="r")
