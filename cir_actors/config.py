@@ -58,6 +58,15 @@ class ModelConfig(Section):
     """Where generators and learners run."""
     use_chat_template: bool = True
     """Wrap the prompt in the tokenizer's chat template (False: the raw CIR string, as CIR evaluated Qwen2.5-Math)."""
+    hub_cache_dir: str = "/tmp/cir-actors/hub"
+    """Where a hub id in `path` is downloaded: one directory per node, shared by every role on it."""
+    max_position_embeddings: int | None = Field(None, ge=64)
+    """Override of config.json's max_position_embeddings (the window), applied identically in the
+    vLLM engine (hf_overrides) and the learner's model load; None keeps the model's."""
+    rope_parameters: dict[str, Any] | None = None
+    """RoPE settings merged over the model's (transformers>=5 `rope_parameters`: rope_type,
+    rope_theta, factor, original_max_position_embeddings), applied identically in engine and
+    learner; e.g. {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 4096}."""
 
 
 class DataConfig(Section):
@@ -298,6 +307,12 @@ class Config(Section):
             raise ValueError(f"scheduler.budget_schedule {sch.budget_schedule} has a negative budget")
         if self.data.source == "file" and not self.data.train_path:
             raise ValueError("data.train_path must be set when data.source is 'file'")
+        if self.generator.tensor_parallel_size > 1 and lrn.publish == "broadcast":
+            raise ValueError(
+                f"generator.tensor_parallel_size = {self.generator.tensor_parallel_size} with learner.publish "
+                "'broadcast' is not supported (every TP worker would join the broadcast group with the same "
+                "rank); use learner.publish 'object_store' or tensor_parallel_size 1"
+            )
         if self.generator.samples_per_prompt < 2 and lrn.advantage != "reinforce_pp":
             raise ValueError(
                 "generator.samples_per_prompt must be >= 2 for group-normalised advantages (grpo, mean)"

@@ -136,7 +136,11 @@ class Generator:
         self.cfg = cfg
         self.name = name
         self._interpreter = interpreter
-        self._model_path = _check_model_dir(model_path)
+        from cir_actors.model_setup import check_window, ensure_local, hf_overrides
+
+        self._model_path = _check_model_dir(ensure_local(model_path, cfg))
+        check_window(cfg, self._model_path)
+        self._hf_overrides = hf_overrides(cfg, self._model_path)
         match = re.search(r"(\d+)$", name)
         self._broadcast_rank = broadcast_rank if broadcast_rank is not None else 1 + int(match.group(1) if match else 0)
         self._sampling_overrides = dict(sampling_overrides or {})
@@ -197,6 +201,7 @@ class Generator:
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
             disable_log_stats=True,
+            hf_overrides=self._hf_overrides or None,  # the window settings, as the learner loads them
         )
         # Returned without a local: vLLM keeps a reference to this frame, and a local would keep the
         # engine alive past shutdown (its __del__ then runs at interpreter exit, on torn-down modules).

@@ -151,12 +151,18 @@ class LearnerRank:
         random.seed(seed + self.rank)
         np.random.seed(seed + self.rank)
         torch.manual_seed(seed)  # identical on every rank: the model is loaded, not initialised
+        from cir_actors.model_setup import ensure_local, load_hf_config
+
+        self.model_path = ensure_local(self.model_path, self.cfg)
+        self.hf_config = load_hf_config(self.model_path, self.cfg)  # the engine's window settings too
         deepspeed.init_distributed(dist_backend=self.lcfg.backend, auto_mpi_discovery=False, verbose=False)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, config=self.hf_config, dtype=torch.float32)
         self.publish_dtype = getattr(torch, self.cfg.model.dtype)
         self.ref_model = None
         if self.lcfg.kl_coef > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.publish_dtype)
+            self.ref_model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, config=self.hf_config, dtype=self.publish_dtype
+            )
             self.ref_model.to(self.device).eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.lcfg.lr, weight_decay=self.lcfg.weight_decay
