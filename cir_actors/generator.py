@@ -201,7 +201,7 @@ class Generator:
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
             disable_log_stats=True,
-            hf_overrides=self._hf_overrides or None,  # the window settings, as the learner loads them
+            hf_overrides=self._hf_overrides,  # the window settings, as the learner loads them
         )
         # Returned without a local: vLLM keeps a reference to this frame, and a local would keep the
         # engine alive past shutdown (its __del__ then runs at interpreter exit, on torn-down modules).

@@ -124,6 +124,9 @@ class LearnerRank:
         self.device = torch.device("cuda" if cfg.model.device == "cuda" else "cpu")
         self.engine: Any = None
         self.sender: Any = None
+        # Behaviour log-probs are of the distribution sampled from (logits / T); the learner's RL
+        # log-probs use the same T, as verl does (T = 0 is refused for training at load).
+        self.temperature = cfg.generator.temperature if cfg.generator.temperature > 0 else 1.0
         torch.set_num_threads(max(1, int(self.lcfg.num_cpus)))
 
     def address(self) -> tuple[str, int]:
@@ -209,8 +212,13 @@ class LearnerRank:
         return out
 
     # ---------------------------------------------------------------- forward passes
-    def _logprobs(self, batch: dict[str, torch.Tensor], model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs(
+        self, batch: dict[str, torch.Tensor], model: Any, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token log-probs of `logits / temperature` (and those logits, for the entropy term)."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if temperature != 1.0:
+            logits = logits / temperature
         return token_logprobs(logits, batch["input_ids"]), logits
 
     def _micro_batches(self, samples: list[_Sample]) -> list[list[_Sample]]:
@@ -218,17 +226,17 @@ class LearnerRank:
         return [[samples[i] for i in mb] for mb in plan]
 
     @torch.no_grad()
-    def _fill_proximal(self, samples: list[_Sample]) -> None:
+    def _fill_proximal(self, samples: list[_Sample], temperature: float = 1.0) -> None:
         micro = self._micro_batches(samples)
         # ZeRO-3 gathers parameters collectively inside every forward: all ranks run as many
         n_micro = int(self._all_reduce([len(micro)], "max")[0]) if self.zero3 else len(micro)
         for k in range(n_micro):
             mb = micro[k] if k < len(micro) else []
-            lp, _ = self._logprobs(_collate(mb, self.device), self.engine)
+            lp, _ = self._logprobs(_collate(mb, self.device), self.engine, temperature)
             for b, s in enumerate(mb):
                 s.proximal_T = lp[b, : len(s.traj.token_ids_T)].float().cpu()
 
-    def _run_minibatch(self, samples: list[_Sample], loss_fn: Any) -> dict:
+    def _run_minibatch(self, samples: list[_Sample], loss_fn: Any, temperature: float = 1.0) -> dict:
         """Forward/backward over micro-batches in step with the other ranks, then one optimizer step.
         Returns summed diagnostics, `loss` being this rank's share of the global token-mean loss."""
         micro = self._micro_batches(samples)
@@ -239,7 +247,7 @@ class LearnerRank:
             return sums
         for k in range(int(n_micro)):
             batch = _collate(micro[k] if k < len(micro) else [], self.device)
-            lp, logits = self._logprobs(batch, self.engine)
+            lp, logits = self._logprobs(batch, self.engine, temperature)
             loss, diag = loss_fn(batch, lp, logits, n_tokens)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             sums["loss"] += float(loss.item())
@@ -294,7 +302,7 @@ class LearnerRank:
         n_mb = int(self._all_reduce([max([mb for mb, _ in groups.values()], default=-1) + 1], "max")[0])
         reuse_forward = n_mb == 1
         if not reuse_forward:
-            self._fill_proximal(samples)
+            self._fill_proximal(samples, self.temperature)
 
         def loss_fn(batch, lp, logits, n_tokens):
             prox = lp.detach() if reuse_forward else batch["prox"]
@@ -307,7 +315,7 @@ class LearnerRank:
 
         totals: dict[str, float] = {"loss": 0.0, "updates": 0}
         for mb in range(n_mb):
-            sums = self._run_minibatch([s for s in samples if s.minibatch == mb], loss_fn)
+            sums = self._run_minibatch([s for s in samples if s.minibatch == mb], loss_fn, self.temperature)
             totals.setdefault("update_losses", []).append(sums["loss"])
             for k, v in sums.items():
                 if k in MAX_SUMS:
@@ -338,7 +346,7 @@ class LearnerRank:
         diag["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
         if self.ref_model is not None:
             with torch.no_grad():
-                ref, _ = self._logprobs(batch, self.ref_model)
+                ref, _ = self._logprobs(batch, self.ref_model, self.temperature)
             d = ref.float() - lp
             kl = torch.exp(d) - d - 1.0
             loss = loss + self.lcfg.kl_coef * (kl * mask).sum() / n_tokens
@@ -360,10 +368,11 @@ class LearnerRank:
         return sums
 
     @torch.no_grad()
-    def compute_logprobs(self, token_ids_B: list[np.ndarray]) -> list[np.ndarray]:
-        """log p(token t | tokens < t) under the current weights, per sequence; entry 0 is 0."""
+    def compute_logprobs(self, token_ids_B: list[np.ndarray], temperature: float = 1.0) -> list[np.ndarray]:
+        """log p(token t | tokens < t) under the current weights at `temperature` (the RL step uses
+        generator.temperature), per sequence; entry 0 is 0."""
         samples = [_Sample(_as_trajectory(ids), 0.0, 0) for ids in token_ids_B]
-        self._fill_proximal(samples)
+        self._fill_proximal(samples, temperature)
         return [s.proximal_T.numpy() for s in samples]
 
     def partition_numel(self) -> int:
