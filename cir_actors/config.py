@@ -151,6 +151,9 @@ class InterpreterConfig(Section):
     """Characters of output put back into the model's context (CIR: 400, head and tail kept)."""
     sessions: bool = False
     """Keep variables across a trajectory's blocks (opt-in; CIR runs each block alone)."""
+    repl_last_expression: bool = False
+    """When a block prints nothing and ends with a bare expression, show that expression's value
+    (CIR's executor, ToRA's rule; the paper recipe turns it on)."""
     session_idle_s: float = Field(60.0, gt=0)
     """A session child idle this long is reaped."""
     max_sessions: int = Field(64, ge=1)

@@ -183,6 +183,7 @@ class Generator:
         self.stats = {"requests": 0, "interrupted_requests": 0, "updates": 0, "update_s": 0.0}
 
     def _start_engine(self) -> Any:
+        check_vllm_api()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -442,6 +443,43 @@ class LocalGenerator:
             self.run(_shutdown(), timeout=60)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
+
+
+# What this module and engine_weights.py use of vLLM (tested on 0.32; pyproject pins the range).
+VLLM_ENGINE_ARGS = ("logprobs_mode", "worker_extension_cls", "hf_overrides", "enable_prefix_caching")
+VLLM_ENGINE_METHODS = ("generate", "abort", "collective_rpc", "reset_prefix_cache", "shutdown")
+
+
+def check_vllm_api() -> None:
+    """One sentence naming the first vLLM API the generator needs that the installed vLLM lacks."""
+    import dataclasses
+    import importlib
+
+    import vllm
+
+    version = getattr(vllm, "__version__", "?")
+    need = [("vllm.engine.arg_utils", "AsyncEngineArgs"), ("vllm.v1.engine.async_llm", "AsyncLLM"),
+            ("vllm.inputs", "TokensPrompt"), ("vllm.sampling_params", "RequestOutputKind"),
+            ("vllm", "SamplingParams")]
+    found: dict[str, Any] = {}
+    for module, name in need:
+        try:
+            found[name] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise RuntimeError(f"vLLM {version} has no {module}.{name}, which the generator uses "
+                               "(install the range pinned in pyproject.toml)") from None
+    fields = {f.name for f in dataclasses.fields(found["AsyncEngineArgs"])}
+    for name in VLLM_ENGINE_ARGS:
+        if name not in fields:
+            raise RuntimeError(f"vLLM {version}: AsyncEngineArgs has no field '{name}', which the generator "
+                               "uses (install the range pinned in pyproject.toml)")
+    for name in VLLM_ENGINE_METHODS:
+        if not callable(getattr(found["AsyncLLM"], name, None)):
+            raise RuntimeError(  # noqa: TRY004 - a missing API, not a type error of ours
+                f"vLLM {version}: AsyncLLM has no method '{name}', which the generator "
+                "uses (install the range pinned in pyproject.toml)")
+    if not hasattr(found["RequestOutputKind"], "DELTA"):
+        raise RuntimeError(f"vLLM {version}: RequestOutputKind has no DELTA, which the generator streams with")
 
 
 def _check_model_dir(path: str | Path) -> str:
