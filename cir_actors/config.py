@@ -232,6 +232,15 @@ class LearnerConfig(Section):
     """How new weights reach the generators."""
     save_every: int = Field(0, ge=0)
     """Checkpoint every N steps (0: only at the end)."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward instead of keeping them
+    (HF gradient checkpointing; same gradients, ~1 more forward of time). On in the 7B recipe."""
+    logprob_chunk_tokens: int = Field(4096, ge=0)
+    """Positions per chunk of LM head + log-softmax (checkpointed): no full [tokens, vocab] logits
+    or fp32 copy is held. 0: the model's full logits (also used under ZeRO-3)."""
+    entropy_sample_tokens: int = Field(256, ge=0)
+    """With entropy_coef 0, the entropy diagnostic is computed on at most this many evenly spaced
+    trained tokens per micro-batch (0: not computed)."""
     seed: int = 0
     """Seed for init of the training RNGs."""
 

@@ -25,7 +25,7 @@ import torch
 
 from cir_actors.advantages import compute_advantages
 from cir_actors.config import Config
-from cir_actors.loss import policy_loss, token_entropy, token_logprobs
+from cir_actors.loss import forward_logprobs, policy_loss
 from cir_actors.types import FinishReason, ScoredTrajectory, Trajectory
 
 MAX_SUMS = ("ratio_max", "is_weight_max")
@@ -159,7 +159,13 @@ class LearnerRank:
         self.model_path = ensure_local(self.model_path, self.cfg)
         self.hf_config = load_hf_config(self.model_path, self.cfg)  # the engine's window settings too
         deepspeed.init_distributed(dist_backend=self.lcfg.backend, auto_mpi_discovery=False, verbose=False)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, config=self.hf_config, dtype=torch.float32)
+        # Loaded in the training dtype: bf16 training keeps its fp32 master copy in the optimizer, so
+        # an fp32 host copy of the weights per rank would only be a transient to cast from.
+        load_dtype = torch.bfloat16 if self.lcfg.bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, config=self.hf_config, dtype=load_dtype)
+        if self.lcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         self.publish_dtype = getattr(torch, self.cfg.model.dtype)
         self.ref_model = None
         if self.lcfg.kl_coef > 0:
@@ -213,13 +219,18 @@ class LearnerRank:
 
     # ---------------------------------------------------------------- forward passes
     def _logprobs(
-        self, batch: dict[str, torch.Tensor], model: Any, temperature: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token log-probs of `logits / temperature` (and those logits, for the entropy term)."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if temperature != 1.0:
-            logits = logits / temperature
-        return token_logprobs(logits, batch["input_ids"]), logits
+        self, batch: dict[str, torch.Tensor], model: Any, temperature: float = 1.0, entropy: str = "none"
+    ) -> tuple[torch.Tensor, Any]:
+        """Token log-probs of `logits / temperature`, and (entropy [B, T], where it is valid) or
+        None (`loss.forward_logprobs`: chunked, without the full logits, except under ZeRO-3 whose
+        parameter hooks expect one forward through the module)."""
+        module = model.module if hasattr(model, "module") else model
+        chunk = 0 if self.zero3 and module is self.engine.module else self.lcfg.logprob_chunk_tokens
+        lp, ent, valid = forward_logprobs(
+            module, batch["input_ids"], batch["attention_mask"], temperature=temperature, chunk_tokens=chunk,
+            entropy=entropy, loss_mask_B_T=batch["mask"], entropy_sample_tokens=self.lcfg.entropy_sample_tokens,
+        )  # fmt: skip
+        return lp, (None if ent is None else (ent, valid))
 
     def _micro_batches(self, samples: list[_Sample]) -> list[list[_Sample]]:
         plan = plan_micro_batches([len(s.traj.token_ids_T) for s in samples], self.lcfg.micro_batch_tokens)
@@ -247,8 +258,8 @@ class LearnerRank:
             return sums
         for k in range(int(n_micro)):
             batch = _collate(micro[k] if k < len(micro) else [], self.device)
-            lp, logits = self._logprobs(batch, self.engine, temperature)
-            loss, diag = loss_fn(batch, lp, logits, n_tokens)
+            lp, ent = self._logprobs(batch, self.engine, temperature, entropy=self._entropy_mode(loss_fn))
+            loss, diag = loss_fn(batch, lp, ent, n_tokens)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             sums["loss"] += float(loss.item())
             n = diag.pop("num_tokens", 0.0)
@@ -304,14 +315,14 @@ class LearnerRank:
         if not reuse_forward:
             self._fill_proximal(samples, self.temperature)
 
-        def loss_fn(batch, lp, logits, n_tokens):
+        def loss_fn(batch, lp, ent, n_tokens):
             prox = lp.detach() if reuse_forward else batch["prox"]
             loss, diag = policy_loss(
                 lp, prox, batch["behav"], batch["adv"], batch["mask"],
                 clip_low=self.lcfg.clip_low, clip_high=self.lcfg.clip_high, is_cap=self.lcfg.is_cap,
                 dual_clip=self.lcfg.dual_clip, num_tokens=n_tokens,
             )  # fmt: skip
-            return self._extra_terms(loss, diag, batch, lp, logits, n_tokens)
+            return self._extra_terms(loss, diag, batch, lp, ent, n_tokens)
 
         totals: dict[str, float] = {"loss": 0.0, "updates": 0}
         for mb in range(n_mb):
@@ -334,16 +345,24 @@ class LearnerRank:
         )
         return totals
 
-    def _extra_terms(self, loss, diag, batch, lp, logits, n_tokens):
-        """Optional KL (k3, against the frozen initial model) and entropy-bonus terms, token-mean."""
-        mask = batch["mask"]
+    def _entropy_mode(self, loss_fn: Any) -> str:
+        if getattr(loss_fn, "is_sft", False):
+            return "none"
         if self.lcfg.entropy_coef > 0:
-            ent = token_entropy(logits)
-            loss = loss - self.lcfg.entropy_coef * (ent * mask).sum() / n_tokens
-        else:
-            with torch.no_grad():
-                ent = token_entropy(logits)
-        diag["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
+            return "full"
+        return "sample" if self.lcfg.entropy_sample_tokens > 0 else "none"
+
+    def _extra_terms(self, loss, diag, batch, lp, ent, n_tokens):
+        """Optional KL (k3, against the frozen initial model) and entropy-bonus terms, token-mean.
+        `ent`: (entropy [B, T], positions where it is valid) or None; with entropy_coef 0 it is the
+        diagnostic on a sample of the trained tokens (`learner.entropy_sample_tokens`)."""
+        mask = batch["mask"]
+        if ent is not None:
+            ent_T, valid = ent
+            if self.lcfg.entropy_coef > 0:
+                loss = loss - self.lcfg.entropy_coef * (ent_T * mask).sum() / n_tokens
+            where = mask * valid
+            diag["entropy"] = float((ent_T.detach() * where).sum() / where.sum().clamp(min=1))
         if self.ref_model is not None:
             with torch.no_grad():
                 ref, _ = self._logprobs(batch, self.ref_model, self.temperature)
@@ -358,10 +377,12 @@ class LearnerRank:
         t0 = time.perf_counter()
         samples = [_Sample(t, 0.0, 0) for t in trajectories]
 
-        def loss_fn(batch, lp, logits, n_tokens):
+        def loss_fn(batch, lp, ent, n_tokens):
             mask = batch["mask"]
             n = float(mask.sum())
             return -(lp * mask).sum() / n_tokens, {"num_tokens": n}
+
+        loss_fn.is_sft = True
 
         sums = self._run_minibatch(samples, loss_fn)
         sums.update(trajectories=len(trajectories), time_s=time.perf_counter() - t0)
