@@ -226,8 +226,10 @@ class LearnerRank:
         parameter hooks expect one forward through the module)."""
         module = model.module if hasattr(model, "module") else model
         chunk = 0 if self.zero3 and module is self.engine.module else self.lcfg.logprob_chunk_tokens
+        # the full-logits path calls the engine itself (ZeRO-3's forward bookkeeping lives there); the
+        # chunked one calls the module's body and head, which ZeRO-0/1/2 need no engine for
         lp, ent, valid = forward_logprobs(
-            module, batch["input_ids"], batch["attention_mask"], temperature=temperature, chunk_tokens=chunk,
+            model if chunk == 0 else module, batch["input_ids"], batch["attention_mask"], temperature=temperature, chunk_tokens=chunk,
             entropy=entropy, loss_mask_B_T=batch["mask"], entropy_sample_tokens=self.lcfg.entropy_sample_tokens,
         )  # fmt: skip
         return lp, (None if ent is None else (ent, valid))
