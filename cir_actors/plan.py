@@ -3,9 +3,10 @@ needs, and whether it fits.
 
 The model is read from its config.json on the meta device (no weights), so a 7B plan runs anywhere
 (`tests/data/qwen2.5-math-7b/config.json` ships for that). Terms, per learner rank:
-- weights P x (2 bytes bf16 | 4 fp32), gradients the same, optimizer state per ZeRO stage (the ZeRO
-  paper's accounting: an fp32 master copy + Adam m and v = 12 bytes/param, divided by the ranks
-  from stage 1; gradients divided from stage 2; weights from stage 3);
+- weights P x (2 bytes bf16 | 4 fp32), gradients the same (+ DeepSpeed's reduce bucket at stages
+  1-2), optimizer state per ZeRO stage (as DeepSpeed's ZeRO-1/2 optimizer holds it: an fp32 master
+  copy + Adam m and v + the fp32 gradient partition flattened at the step = 16 bytes/param),
+  divided by the ranks from stage 1; gradients divided from stage 2; weights from stage 3;
 - activations of one micro-batch (`learner.micro_batch_tokens` tokens): per token and layer the
   tensors a Qwen2 block keeps for its backward (~10 H + 4 I + 3 kv elements, flash/SDPA attention,
   no T^2 term); with gradient checkpointing only each block's input plus one block's recompute;
@@ -47,6 +48,7 @@ INSTANCE_GPUS = {
     "g6e": "L40S-48G",
     "g5": "A10G-24G",
 }
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 MFU_TRAIN = 0.40  # assumed fraction of peak for the learner's forward/backward
 DECODE_EFFICIENCY = 0.5  # assumed fraction of HBM bandwidth per decode step
 GPU_RUNTIME_GB = 3.0  # CUDA context + allocator fragmentation (assumed)
@@ -114,7 +116,10 @@ def learner_plan(cfg: Config, shape: ModelShape, capacity_gb: float | None = Non
     stage = lcfg.zero_stage
     weights = P * wb / (n if stage >= 3 else 1)
     grads = P * wb / (n if stage >= 2 else 1)
-    optim = P * 12 / (n if stage >= 1 else 1)  # fp32 master copy + Adam m, v
+    if stage in (1, 2):  # DeepSpeed's reduce bucket (contiguous gradients), reduce_bucket_size elements
+        grads += min(P, REDUCE_BUCKET) * wb
+    # fp32 master copy + Adam m, v + the fp32 copy of the gradient partition made at the step
+    optim = P * 16 / (n if stage >= 1 else 1)
     tokens = lcfg.micro_batch_tokens
     ab = wb  # activations are in the compute dtype
     per_token_layer = 10 * shape.hidden + 4 * shape.intermediate + 3 * shape.kv_dim
@@ -172,7 +177,8 @@ def generator_plan(cfg: Config, shape: ModelShape, window: int, capacity_gb: flo
     return plan
 
 
-def step_time(cfg: Config, shape: ModelShape, gpu: str | None, mean_response_frac: float = 0.5) -> dict[str, float]:
+def step_time(cfg: Config, shape: ModelShape, gpu: str | None, mean_response_frac: float = 0.5,
+              kv_budget_gb: float | None = None) -> dict[str, float]:
     """Seconds per training step (estimates): learner compute and generation of one step's groups."""
     if gpu is None:
         return {}
@@ -186,8 +192,13 @@ def step_time(cfg: Config, shape: ModelShape, gpu: str | None, mean_response_fra
     wb = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
     step_s = shape.params * wb / (bw * DECODE_EFFICIENCY)  # one decode step reads the weights once
     resp_tokens = g.max_response_tokens * mean_response_frac
-    # each engine runs max_inflight at once; a step's sequences are spread over the engines
-    waves = max(1.0, seqs / (g.num_generators * g.max_inflight_trajectories))
+    # each engine runs max_inflight at once, fewer when the KV cache cannot hold them at their mean
+    # length; a step's sequences are spread over the engines
+    concurrent = float(g.max_inflight_trajectories)
+    if kv_budget_gb is not None:
+        kv_seq = 2 * shape.layers * shape.kv_dim * wb * (tokens / seqs) / g.tensor_parallel_size
+        concurrent = max(1.0, min(concurrent, kv_budget_gb * GB / kv_seq))
+    waves = max(1.0, seqs / (g.num_generators * concurrent))
     gen_s = waves * resp_tokens * step_s
     return {"learner_s": train_s, "generation_s": gen_s, "tokens_per_step": tokens}
 
@@ -234,7 +245,8 @@ def plan(cfg: Config, model_dir: str | Path, cluster: dict[str, Any] | None) -> 
     out["time"] = step_time(cfg, shape, out["gpus"]["learner"][1])
     gen_gpu = out["gpus"]["generator"][1]
     if gen_gpu:
-        out["time"]["generation_s"] = step_time(cfg, shape, gen_gpu)["generation_s"]
+        kv = out["roles"][1].terms_gb.get("KV cache (vLLM takes what is left)")
+        out["time"]["generation_s"] = step_time(cfg, shape, gen_gpu, kv_budget_gb=kv)["generation_s"]
     return out
 
 

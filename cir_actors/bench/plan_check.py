@@ -113,7 +113,7 @@ def run(argv: list[str]) -> dict:
     from cir_actors.config import load_config
 
     root = Path(tempfile.gettempdir()) / "cir-plan-check"
-    base = _run_child(["--child", str(build_model("micro", root)), "8", "1"])["peak_gb"]
+    base = _run_child(["--child", str(build_model("micro", root)), "64", "1"])["peak_gb"]
     print(f"runtime baseline (a LearnerRank and two steps of a ~10 k-parameter model): {base:.2f} GB "
           f"(planner constant CPU_RUNTIME_GB = {plan.CPU_RUNTIME_GB:.2f})")
     rows = []
