@@ -52,9 +52,9 @@ REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 MFU_TRAIN = 0.40  # assumed fraction of peak for the learner's forward/backward
 DECODE_EFFICIENCY = 0.5  # assumed fraction of HBM bandwidth per decode step
 GPU_RUNTIME_GB = 3.0  # CUDA context + allocator fragmentation (assumed)
-# CPU learner process without a model: python + torch + transformers + deepspeed + gloo world
-# (measured here: `python -m cir_actors.bench.plan_check --baseline`).
-CPU_RUNTIME_GB = 0.31
+# CPU learner process with a ~10 k-parameter model: python, torch, transformers, DeepSpeed, the gloo
+# world, the allocator (measured on this machine by `python -m cir_actors.bench.plan_check`, first line).
+CPU_RUNTIME_GB = 0.54
 
 
 @dataclass
