@@ -58,6 +58,15 @@ class ModelConfig(Section):
     """Where generators and learners run."""
     use_chat_template: bool = True
     """Wrap the prompt in the tokenizer's chat template (False: the raw CIR string, as CIR evaluated Qwen2.5-Math)."""
+    hub_cache_dir: str = "/tmp/cir-actors/hub"
+    """Where a hub id in `path` is downloaded: one directory per node, shared by every role on it."""
+    max_position_embeddings: int | None = Field(None, ge=64)
+    """Override of config.json's max_position_embeddings (the window), applied identically in the
+    vLLM engine (hf_overrides) and the learner's model load; None keeps the model's."""
+    rope_parameters: dict[str, Any] | None = None
+    """RoPE settings merged over the model's (transformers>=5 `rope_parameters`: rope_type,
+    rope_theta, factor, original_max_position_embeddings), applied identically in engine and
+    learner; e.g. {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 4096}."""
 
 
 class DataConfig(Section):
@@ -142,6 +151,9 @@ class InterpreterConfig(Section):
     """Characters of output put back into the model's context (CIR: 400, head and tail kept)."""
     sessions: bool = False
     """Keep variables across a trajectory's blocks (opt-in; CIR runs each block alone)."""
+    repl_last_expression: bool = False
+    """When a block prints nothing and ends with a bare expression, show that expression's value
+    (CIR's executor, ToRA's rule; the paper recipe turns it on)."""
     session_idle_s: float = Field(60.0, gt=0)
     """A session child idle this long is reaped."""
     max_sessions: int = Field(64, ge=1)
@@ -248,6 +260,15 @@ class LearnerConfig(Section):
     save_every: int = Field(10, ge=0)
     """Checkpoint every N steps (0: only at the end). A checkpoint is a consistent cut of learner,
     buffer and scheduler; an automatic recovery resumes from the latest one."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward instead of keeping them
+    (HF gradient checkpointing; same gradients, ~1 more forward of time). On in the 7B recipe."""
+    logprob_chunk_tokens: int = Field(4096, ge=0)
+    """Positions per chunk of LM head + log-softmax (checkpointed): no full [tokens, vocab] logits
+    or fp32 copy is held. 0: the model's full logits (also used under ZeRO-3)."""
+    entropy_sample_tokens: int = Field(256, ge=0)
+    """With entropy_coef 0, the entropy diagnostic is computed on at most this many evenly spaced
+    trained tokens per micro-batch (0: not computed)."""
     seed: int = 0
     """Seed for init of the training RNGs."""
 
@@ -372,6 +393,12 @@ class Config(Section):
             raise ValueError(f"scheduler.budget_schedule {sch.budget_schedule} has a negative budget")
         if self.data.source == "file" and not self.data.train_path:
             raise ValueError("data.train_path must be set when data.source is 'file'")
+        if self.generator.tensor_parallel_size > 1 and lrn.publish == "broadcast":
+            raise ValueError(
+                f"generator.tensor_parallel_size = {self.generator.tensor_parallel_size} with learner.publish "
+                "'broadcast' is not supported (every TP worker would join the broadcast group with the same "
+                "rank); use learner.publish 'object_store' or tensor_parallel_size 1"
+            )
         if self.generator.samples_per_prompt < 2 and lrn.advantage != "reinforce_pp":
             raise ValueError(
                 "generator.samples_per_prompt must be >= 2 for group-normalised advantages (grpo, mean)"

@@ -45,7 +45,7 @@ def build_prompt(problem: str, tokenizer: Any, use_chat_template: bool) -> tuple
     has one; otherwise the raw string, as CIR evaluated Qwen2.5-Math (then the tokenizer's own
     special tokens, e.g. a BOS, are added as for any raw text).
     """
-    content = f"{CIR_INSTRUCTION}\n\n{problem}"
+    content = f"{CIR_INSTRUCTION}\n{problem}"  # one newline, as CIR (its reward code splits on it)
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True

@@ -136,7 +136,11 @@ class Generator:
         self.cfg = cfg
         self.name = name
         self._interpreter = interpreter
-        self._model_path = _check_model_dir(model_path)
+        from cir_actors.model_setup import check_window, ensure_local, hf_overrides
+
+        self._model_path = _check_model_dir(ensure_local(model_path, cfg))
+        check_window(cfg, self._model_path)
+        self._hf_overrides = hf_overrides(cfg, self._model_path)
         match = re.search(r"(\d+)$", name)
         self._broadcast_rank = broadcast_rank if broadcast_rank is not None else 1 + int(match.group(1) if match else 0)
         self._sampling_overrides = dict(sampling_overrides or {})
@@ -179,6 +183,7 @@ class Generator:
         self.stats = {"requests": 0, "interrupted_requests": 0, "updates": 0, "update_s": 0.0}
 
     def _start_engine(self) -> Any:
+        check_vllm_api()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -197,6 +202,7 @@ class Generator:
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
             disable_log_stats=True,
+            hf_overrides=self._hf_overrides,  # the window settings, as the learner loads them
         )
         # Returned without a local: vLLM keeps a reference to this frame, and a local would keep the
         # engine alive past shutdown (its __del__ then runs at interpreter exit, on torn-down modules).
@@ -437,6 +443,43 @@ class LocalGenerator:
             self.run(_shutdown(), timeout=60)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
+
+
+# What this module and engine_weights.py use of vLLM (tested on 0.32; pyproject pins the range).
+VLLM_ENGINE_ARGS = ("logprobs_mode", "worker_extension_cls", "hf_overrides", "enable_prefix_caching")
+VLLM_ENGINE_METHODS = ("generate", "abort", "collective_rpc", "reset_prefix_cache", "shutdown")
+
+
+def check_vllm_api() -> None:
+    """One sentence naming the first vLLM API the generator needs that the installed vLLM lacks."""
+    import dataclasses
+    import importlib
+
+    import vllm
+
+    version = getattr(vllm, "__version__", "?")
+    need = [("vllm.engine.arg_utils", "AsyncEngineArgs"), ("vllm.v1.engine.async_llm", "AsyncLLM"),
+            ("vllm.inputs", "TokensPrompt"), ("vllm.sampling_params", "RequestOutputKind"),
+            ("vllm", "SamplingParams")]
+    found: dict[str, Any] = {}
+    for module, name in need:
+        try:
+            found[name] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise RuntimeError(f"vLLM {version} has no {module}.{name}, which the generator uses "
+                               "(install the range pinned in pyproject.toml)") from None
+    fields = {f.name for f in dataclasses.fields(found["AsyncEngineArgs"])}
+    for name in VLLM_ENGINE_ARGS:
+        if name not in fields:
+            raise RuntimeError(f"vLLM {version}: AsyncEngineArgs has no field '{name}', which the generator "
+                               "uses (install the range pinned in pyproject.toml)")
+    for name in VLLM_ENGINE_METHODS:
+        if not callable(getattr(found["AsyncLLM"], name, None)):
+            raise RuntimeError(  # noqa: TRY004 - a missing API, not a type error of ours
+                f"vLLM {version}: AsyncLLM has no method '{name}', which the generator "
+                "uses (install the range pinned in pyproject.toml)")
+    if not hasattr(found["RequestOutputKind"], "DELTA"):
+        raise RuntimeError(f"vLLM {version}: RequestOutputKind has no DELTA, which the generator streams with")
 
 
 def _check_model_dir(path: str | Path) -> str:

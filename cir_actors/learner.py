@@ -212,13 +212,14 @@ class Learner:
                    step=self._step, version=self.version)  # fmt: skip
         return out
 
-    def compute_logprobs(self, token_ids_B: list[np.ndarray]) -> list[np.ndarray]:
-        """The learner's log-prob of every token given its prefix (entry 0 is 0), current weights."""
+    def compute_logprobs(self, token_ids_B: list[np.ndarray], temperature: float = 1.0) -> list[np.ndarray]:
+        """The learner's log-prob of every token given its prefix (entry 0 is 0), current weights,
+        of the logits divided by `temperature`."""
         import ray
 
         self._wait_pending()
         involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
-        return ray.get([r.compute_logprobs.remote(list(token_ids_B)) for r in involved])[0]
+        return ray.get([r.compute_logprobs.remote(list(token_ids_B), temperature) for r in involved])[0]
 
     def publish(self, via: str | None = None) -> PolicyUpdate:
         """Publish the current weights as version `self.version` (`via`: "object_store" or

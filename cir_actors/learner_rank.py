@@ -28,7 +28,7 @@ import torch
 from cir_actors.advantages import compute_advantages
 from cir_actors.config import Config
 from cir_actors.dumps import build_record, select_stratified, stratum, turn_sums
-from cir_actors.loss import policy_loss, token_entropy, token_logprobs
+from cir_actors.loss import forward_logprobs, policy_loss
 from cir_actors.sampling import VoidTurn, roc_down_sample, void_turn_reason
 from cir_actors.types import FinishReason, ScoredTrajectory, Trajectory
 
@@ -134,6 +134,9 @@ class LearnerRank:
         self.device = torch.device("cuda" if cfg.model.device == "cuda" else "cpu")
         self.engine: Any = None
         self.sender: Any = None
+        # Behaviour log-probs are of the distribution sampled from (logits / T); the learner's RL
+        # log-probs use the same T, as verl does (T = 0 is refused for training at load).
+        self.temperature = cfg.generator.temperature if cfg.generator.temperature > 0 else 1.0
         torch.set_num_threads(max(1, int(self.lcfg.num_cpus)))
         self._roc_rng = random.Random(self.lcfg.seed * 1_000_003 + rank)
 
@@ -162,12 +165,24 @@ class LearnerRank:
         random.seed(seed + self.rank)
         np.random.seed(seed + self.rank)
         torch.manual_seed(seed)  # identical on every rank: the model is loaded, not initialised
+        from cir_actors.model_setup import ensure_local, load_hf_config
+
+        self.model_path = ensure_local(self.model_path, self.cfg)
+        self.hf_config = load_hf_config(self.model_path, self.cfg)  # the engine's window settings too
         deepspeed.init_distributed(dist_backend=self.lcfg.backend, auto_mpi_discovery=False, verbose=False)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        # Loaded in the training dtype: bf16 training keeps its fp32 master copy in the optimizer, so
+        # an fp32 host copy of the weights per rank would only be a transient to cast from.
+        load_dtype = torch.bfloat16 if self.lcfg.bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, config=self.hf_config, dtype=load_dtype)
+        if self.lcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         self.publish_dtype = getattr(torch, self.cfg.model.dtype)
         self.ref_model = None
         if self.lcfg.kl_coef > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.publish_dtype)
+            self.ref_model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, config=self.hf_config, dtype=self.publish_dtype
+            )
             self.ref_model.to(self.device).eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.lcfg.lr, weight_decay=self.lcfg.weight_decay
@@ -214,26 +229,38 @@ class LearnerRank:
         return out
 
     # ---------------------------------------------------------------- forward passes
-    def _logprobs(self, batch: dict[str, torch.Tensor], model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_logprobs(logits, batch["input_ids"]), logits
+    def _logprobs(
+        self, batch: dict[str, torch.Tensor], model: Any, temperature: float = 1.0, entropy: str = "none"
+    ) -> tuple[torch.Tensor, Any]:
+        """Token log-probs of `logits / temperature`, and (entropy [B, T], where it is valid) or
+        None (`loss.forward_logprobs`: chunked, without the full logits, except under ZeRO-3 whose
+        parameter hooks expect one forward through the module)."""
+        module = model.module if hasattr(model, "module") else model
+        chunk = 0 if self.zero3 and module is self.engine.module else self.lcfg.logprob_chunk_tokens
+        # the full-logits path calls the engine itself (ZeRO-3's forward bookkeeping lives there); the
+        # chunked one calls the module's body and head, which ZeRO-0/1/2 need no engine for
+        lp, ent, valid = forward_logprobs(
+            model if chunk == 0 else module, batch["input_ids"], batch["attention_mask"], temperature=temperature, chunk_tokens=chunk,
+            entropy=entropy, loss_mask_B_T=batch["mask"], entropy_sample_tokens=self.lcfg.entropy_sample_tokens,
+        )  # fmt: skip
+        return lp, (None if ent is None else (ent, valid))
 
     def _micro_batches(self, samples: list[_Sample]) -> list[list[_Sample]]:
         plan = plan_micro_batches([len(s.traj.token_ids_T) for s in samples], self.lcfg.micro_batch_tokens)
         return [[samples[i] for i in mb] for mb in plan]
 
     @torch.no_grad()
-    def _fill_proximal(self, samples: list[_Sample]) -> None:
+    def _fill_proximal(self, samples: list[_Sample], temperature: float = 1.0) -> None:
         micro = self._micro_batches(samples)
         # ZeRO-3 gathers parameters collectively inside every forward: all ranks run as many
         n_micro = int(self._all_reduce([len(micro)], "max")[0]) if self.zero3 else len(micro)
         for k in range(n_micro):
             mb = micro[k] if k < len(micro) else []
-            lp, _ = self._logprobs(_collate(mb, self.device), self.engine)
+            lp, _ = self._logprobs(_collate(mb, self.device), self.engine, temperature)
             for b, s in enumerate(mb):
                 s.proximal_T = lp[b, : len(s.traj.token_ids_T)].float().cpu()
 
-    def _run_minibatch(self, samples: list[_Sample], loss_fn: Any) -> dict:
+    def _run_minibatch(self, samples: list[_Sample], loss_fn: Any, temperature: float = 1.0) -> dict:
         """Forward/backward over micro-batches in step with the other ranks, then one optimizer step.
         Returns summed diagnostics, `loss` being this rank's share of the global token-mean loss."""
         micro = self._micro_batches(samples)
@@ -244,10 +271,10 @@ class LearnerRank:
             return sums
         for k in range(int(n_micro)):
             batch = _collate(micro[k] if k < len(micro) else [], self.device)
-            lp, logits = self._logprobs(batch, self.engine)
+            lp, ent = self._logprobs(batch, self.engine, temperature, entropy=self._entropy_mode(loss_fn))
             for b, s in enumerate(micro[k] if k < len(micro) else []):
                 s.current_T = lp[b, : len(s.traj.token_ids_T)].detach().float().cpu()
-            loss, diag = loss_fn(batch, lp, logits, n_tokens)
+            loss, diag = loss_fn(batch, lp, ent, n_tokens)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             sums["loss"] += float(loss.item())
             n = diag.pop("num_tokens", 0.0)
@@ -321,9 +348,9 @@ class LearnerRank:
         n_mb = int(self._all_reduce([max([mb for mb, _ in groups.values()], default=-1) + 1], "max")[0])
         reuse_forward = n_mb == 1
         if not reuse_forward:
-            self._fill_proximal(samples)
+            self._fill_proximal(samples, self.temperature)
 
-        def loss_fn(batch, lp, logits, n_tokens):
+        def loss_fn(batch, lp, ent, n_tokens):
             prox = lp.detach() if reuse_forward else batch["prox"]
             loss, diag = policy_loss(
                 lp, prox, batch["behav"], batch["adv"], batch["mask"],
@@ -331,11 +358,11 @@ class LearnerRank:
                 dual_clip=self.lcfg.dual_clip, num_tokens=n_tokens, correction=self.lcfg.correction,
                 is_band=self.lcfg.is_band, geo_band=self.lcfg.geo_band,
             )  # fmt: skip
-            return self._extra_terms(loss, diag, batch, lp, logits, n_tokens)
+            return self._extra_terms(loss, diag, batch, lp, ent, n_tokens)
 
         totals: dict[str, float] = {"loss": 0.0, "updates": 0}
         for mb in range(n_mb):
-            sums = self._run_minibatch([s for s in samples if s.minibatch == mb], loss_fn)
+            sums = self._run_minibatch([s for s in samples if s.minibatch == mb], loss_fn, self.temperature)
             totals.setdefault("update_losses", []).append(sums["loss"])
             for k, v in sums.items():
                 if k in MAX_SUMS:
@@ -389,19 +416,27 @@ class LearnerRank:
                                     pieces=pieces, trained=is_trained, group=s.group, lcfg=self.lcfg))  # fmt: skip
         return out
 
-    def _extra_terms(self, loss, diag, batch, lp, logits, n_tokens):
-        """Optional KL (k3, against the frozen initial model) and entropy-bonus terms, token-mean."""
-        mask = batch["mask"]
+    def _entropy_mode(self, loss_fn: Any) -> str:
+        if getattr(loss_fn, "is_sft", False):
+            return "none"
         if self.lcfg.entropy_coef > 0:
-            ent = token_entropy(logits)
-            loss = loss - self.lcfg.entropy_coef * (ent * mask).sum() / n_tokens
-        else:
-            with torch.no_grad():
-                ent = token_entropy(logits)
-        diag["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
+            return "full"
+        return "sample" if self.lcfg.entropy_sample_tokens > 0 else "none"
+
+    def _extra_terms(self, loss, diag, batch, lp, ent, n_tokens):
+        """Optional KL (k3, against the frozen initial model) and entropy-bonus terms, token-mean.
+        `ent`: (entropy [B, T], positions where it is valid) or None; with entropy_coef 0 it is the
+        diagnostic on a sample of the trained tokens (`learner.entropy_sample_tokens`)."""
+        mask = batch["mask"]
+        if ent is not None:
+            ent_T, valid = ent
+            if self.lcfg.entropy_coef > 0:
+                loss = loss - self.lcfg.entropy_coef * (ent_T * mask).sum() / n_tokens
+            where = mask * valid
+            diag["entropy"] = float((ent_T.detach() * where).sum() / where.sum().clamp(min=1))
         if self.ref_model is not None:
             with torch.no_grad():
-                ref, _ = self._logprobs(batch, self.ref_model)
+                ref, _ = self._logprobs(batch, self.ref_model, self.temperature)
             d = ref.float() - lp
             kl = torch.exp(d) - d - 1.0
             loss = loss + self.lcfg.kl_coef * (kl * mask).sum() / n_tokens
@@ -413,20 +448,23 @@ class LearnerRank:
         t0 = time.perf_counter()
         samples = [_Sample(t, 0.0, 0) for t in trajectories]
 
-        def loss_fn(batch, lp, logits, n_tokens):
+        def loss_fn(batch, lp, ent, n_tokens):
             mask = batch["mask"]
             n = float(mask.sum())
             return -(lp * mask).sum() / n_tokens, {"num_tokens": n}
+
+        loss_fn.is_sft = True
 
         sums = self._run_minibatch(samples, loss_fn)
         sums.update(trajectories=len(trajectories), time_s=time.perf_counter() - t0)
         return sums
 
     @torch.no_grad()
-    def compute_logprobs(self, token_ids_B: list[np.ndarray]) -> list[np.ndarray]:
-        """log p(token t | tokens < t) under the current weights, per sequence; entry 0 is 0."""
+    def compute_logprobs(self, token_ids_B: list[np.ndarray], temperature: float = 1.0) -> list[np.ndarray]:
+        """log p(token t | tokens < t) under the current weights at `temperature` (the RL step uses
+        generator.temperature), per sequence; entry 0 is 0."""
         samples = [_Sample(_as_trajectory(ids), 0.0, 0) for ids in token_ids_B]
-        self._fill_proximal(samples)
+        self._fill_proximal(samples, temperature)
         return [s.proximal_T.numpy() for s in samples]
 
     def partition_numel(self) -> int:

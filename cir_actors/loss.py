@@ -185,3 +185,105 @@ ESS = mean(w)^2 / mean(w^2)), `is_cap_frac` (tokens whose weight was truncated),
             "num_tokens": float(n_here.item()),
         }
     return loss, diag
+
+
+def forward_logprobs(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 0,
+    entropy: str = "none",
+    loss_mask_B_T: torch.Tensor | None = None,
+    entropy_sample_tokens: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(log-probs [B, T] of `logits / temperature` aligned as `token_logprobs`, entropy [B, T] or
+    None, the mask of positions where that entropy is valid or None).
+
+    `chunk_tokens` > 0: the transformer body runs once, then the LM head, log-softmax and entropy run
+    on chunks of that many positions, each under activation checkpointing, so neither the full
+    [B, T, V] logits nor an fp32 copy of them is ever held (at 32k tokens x 152k vocabulary each is
+    ~10-20 GB); the backward recomputes one chunk's logits at a time. 0: the model's full logits.
+    `entropy`: "none"; "full" (every position, with grad: an entropy bonus); "sample" (a diagnostic
+    without grad on at most `entropy_sample_tokens` evenly spaced positions of `loss_mask_B_T`).
+    The body is `model.base_model` and the head `model.get_output_embeddings()` (HF causal LMs).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    B, T = input_ids_B_T.shape
+    ids = input_ids_B_T.long()
+    if chunk_tokens <= 0:
+        logits = model(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T).logits
+        if temperature != 1.0:
+            logits = logits / temperature
+        lp = token_logprobs(logits, ids)
+        if entropy == "none":
+            return lp, None, None
+        if entropy == "full":
+            return lp, token_entropy(logits), torch.ones_like(lp, dtype=torch.bool)
+        with torch.no_grad():
+            ent = token_entropy(logits.detach())
+        sample = _sample_positions(loss_mask_B_T, entropy_sample_tokens, lp.shape)
+        return lp, ent * sample, sample
+
+    hidden = model.base_model(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T).last_hidden_state
+    head = model.get_output_embeddings()
+    h = hidden[:, :-1].reshape(B * (T - 1), -1)
+    targets = ids[:, 1:].reshape(-1)
+    with_entropy = entropy == "full"
+
+    def chunk_fn(h_c: torch.Tensor, t_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h_c).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(-1, t_c.unsqueeze(-1)).squeeze(-1) - lse
+        if with_entropy:  # H = lse - sum p * logit
+            ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        else:
+            ent = torch.zeros_like(picked)
+        return picked, ent
+
+    lps, ents = [], []
+    for start in range(0, h.shape[0], chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled() and h.requires_grad:
+            picked, ent = checkpoint(chunk_fn, h[sl], targets[sl], use_reentrant=False)
+        else:
+            picked, ent = chunk_fn(h[sl], targets[sl])
+        lps.append(picked)
+        ents.append(ent)
+    lp = torch.nn.functional.pad(torch.cat(lps).view(B, T - 1), (1, 0))
+    if entropy == "none":
+        return lp, None, None
+    if with_entropy:
+        return lp, torch.nn.functional.pad(torch.cat(ents).view(B, T - 1), (1, 0)), torch.ones_like(
+            lp, dtype=torch.bool
+        )
+    sample = _sample_positions(loss_mask_B_T, entropy_sample_tokens, lp.shape)
+    ent = torch.zeros(B, T, device=lp.device)
+    with torch.no_grad():
+        b_idx, t_idx = sample.nonzero(as_tuple=True)
+        if len(b_idx):
+            logits = head(hidden[b_idx, t_idx - 1].detach()).float()
+            if temperature != 1.0:
+                logits = logits / temperature
+            logp = torch.log_softmax(logits, dim=-1)
+            ent[b_idx, t_idx] = -(logp.exp() * logp).sum(-1)
+    return lp, ent, sample
+
+
+def _sample_positions(mask_B_T: torch.Tensor | None, k: int, shape: torch.Size) -> torch.Tensor:
+    """At most k evenly spaced positions where mask_B_T > 0 (position 0 never); deterministic, so
+    it uses no random state (a resumed run stays exact)."""
+    out = torch.zeros(shape, dtype=torch.bool, device=mask_B_T.device if mask_B_T is not None else None)
+    if mask_B_T is None or k <= 0:
+        return out
+    m = mask_B_T > 0
+    m[:, 0] = False
+    flat = m.reshape(-1).nonzero().squeeze(-1)
+    if len(flat) > k:
+        flat = flat[torch.linspace(0, len(flat) - 1, k, device=flat.device).round().long()]
+    out.view(-1)[flat] = True
+    return out

@@ -12,6 +12,7 @@ syscalls (`sandbox_layers.py`).
 
 from __future__ import annotations
 
+import ast
 import builtins
 import contextlib
 import fcntl
@@ -50,14 +51,57 @@ class ChildHost(Protocol):
     base_vm_bytes: int
 
 
-def run_block(code: str, scope: dict) -> tuple[bool, str | None]:
-    """exec one block; (ok, error line). Builtins the block replaced (print = None) are put back
-    afterwards, so that reporting its result and the next block of a session still work."""
-    raised: BaseException | None = None
+class _CountingStdout:
+    """sys.stdout for the length of a block, counting what the block printed through it."""
+
+    def __init__(self, inner) -> None:
+        self._inner, self.chars = inner, 0
+
+    def write(self, text):
+        self.chars += len(text)
+        return self._inner.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _split_last_expression(code: str):
+    """(the block without its last statement, that statement as an eval-able expression) when the
+    block parses and ends with a bare expression; None otherwise."""
     try:
-        exec(compile(code, "<code>", "exec"), scope)  # noqa: S102 - running it is the point
+        tree = ast.parse(code, "<code>", "exec")
+    except SyntaxError:
+        return None
+    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+        return None
+    last = tree.body.pop()
+    return compile(tree, "<code>", "exec"), compile(ast.Expression(last.value), "<code>", "eval")
+
+
+def run_block(code: str, scope: dict, repl: bool = False) -> tuple[bool, str | None]:
+    """exec one block; (ok, error line). Builtins the block replaced (print = None) are put back
+    afterwards, so that reporting its result and the next block of a session still work.
+
+    `repl` (interpreter.repl_last_expression, CIR's executor rule): when the block ends with a bare
+    expression and printed nothing through sys.stdout, the expression's value is printed (str, as
+    CIR; None is not shown, as in the Python REPL). The expression is evaluated once, as a plain
+    exec would; CIR's executor re-runs the rest of the block first, which this does not copy."""
+    raised: BaseException | None = None
+    split = _split_last_expression(code) if repl else None
+    counter = None
+    try:
+        if split is None:
+            exec(compile(code, "<code>", "exec"), scope)  # noqa: S102 - running it is the point
+        else:
+            counter = sys.stdout = _CountingStdout(sys.stdout)
+            exec(split[0], scope)  # noqa: S102
+            value = eval(split[1], scope)
+            if value is not None and counter.chars == 0 and sys.stdout is counter:
+                counter.write(f"{value}\n")
     except BaseException as e:  # noqa: BLE001 - everything the code raises is a result
         raised = e
+    if counter is not None and sys.stdout is counter:
+        sys.stdout = counter._inner
     builtins.__dict__.update(_BUILTINS)
     if raised is None:
         ok, err = True, None
@@ -162,7 +206,7 @@ def run_child(z: ChildHost, slot: int, fds: tuple[int, int, int], stage: dict) -
             for block in msg["replay"]:
                 run_block(block, scope)
             os.dup2(5, 1)
-        ok, err = run_block(msg["code"], scope)
+        ok, err = run_block(msg["code"], scope, repl=bool(z.cfg.get("repl_last_expression")))
         os.write(3, L.pack_frame({"ok": ok, "error": err}))
         if not msg.get("keep"):
             os._exit(0)

@@ -39,14 +39,13 @@ def init_ray(cfg: Config) -> None:
 
 
 def resolve_model_path(cfg: Config) -> str:
-    if cfg.model.path:
-        path = Path(cfg.model.path)
-        if path.exists() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path '{path}' has no config.json: not a Hugging Face model directory")
-        return str(path)
-    from cir_actors.tiny_model import build_tiny_model
+    """The model directory (local, hub id fetched into the node's cache, or the tiny model), after
+    every load-time refusal (window, sampling the learner cannot reproduce): cir_actors/model_setup.py."""
+    from cir_actors.model_setup import check_feasible, resolve_model
 
-    return str(build_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+    path = resolve_model(cfg)
+    check_feasible(cfg, path)
+    return path
 
 
 def step_metrics(metas: list[list[dict[str, float]]]) -> dict[str, Any]:

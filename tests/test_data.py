@@ -107,12 +107,12 @@ def tok(tiny_model_dir):
 
 def test_build_prompt_chat_and_raw(tok):
     text, ids = build_prompt("What is 2+3?", tok, use_chat_template=True)
-    assert text == f"<|im_start|>user\n{CIR_INSTRUCTION}\n\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    assert text == f"<|im_start|>user\n{CIR_INSTRUCTION}\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
     assert ids == tok.apply_chat_template(
-        [{"role": "user", "content": f"{CIR_INSTRUCTION}\n\nWhat is 2+3?"}], tokenize=True, add_generation_prompt=True
+        [{"role": "user", "content": f"{CIR_INSTRUCTION}\nWhat is 2+3?"}], tokenize=True, add_generation_prompt=True
     )["input_ids"] and tok.decode(ids) == text
     raw_text, raw_ids = build_prompt("What is 2+3?", tok, use_chat_template=False)
-    assert raw_text == f"{CIR_INSTRUCTION}\n\nWhat is 2+3?" and tok.decode(raw_ids) == raw_text
+    assert raw_text == f"{CIR_INSTRUCTION}\nWhat is 2+3?" and tok.decode(raw_ids) == raw_text
 
 
 def test_load_tasks_synthetic_and_file(tok, tmp_path):
