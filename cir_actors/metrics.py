@@ -71,6 +71,12 @@ INT_LATENCY = _spec("cir_interpreter_call_seconds", "histogram", "Wall time of o
                     LATENCY_BUCKETS_S)
 INT_BUSY = _spec("cir_interpreter_busy_workers", "gauge", "Sandboxed workers running code now.")
 INT_SESSIONS = _spec("cir_interpreter_sessions", "gauge", "Live interpreter sessions.")
+INT_CACHE = _spec("cir_interpreter_cache_lookups_total", "counter", "Execution-cache lookups by outcome (hit, miss).",
+                  ("outcome",))
+INT_CACHE_REPLAYS = _spec("cir_interpreter_cache_replays_total", "counter",
+                          "Cached session blocks later replayed in their session's child (hits minus these: calls saved).")
+INT_CACHE_ENTRIES = _spec("cir_interpreter_cache_entries", "gauge", "Results held by the execution cache.")
+INT_CACHE_BYTES = _spec("cir_interpreter_cache_bytes", "gauge", "Bytes held by the execution cache.")
 # Scorer
 SCO_VERDICTS = _spec("cir_scorer_verdicts_total", "counter", "Verdicts by reason (correct, wrong, no_box, "
                      "parse_failure, timeout).", ("reason",))
@@ -192,6 +198,16 @@ class InterpreterMetrics(_RoleMetrics):
 
     def sessions(self, n: int) -> None:
         self._set(INT_SESSIONS, n)
+
+    def cache_lookup(self, hit: bool) -> None:
+        self._inc(INT_CACHE, 1, outcome="hit" if hit else "miss")
+
+    def cache_replays(self, n: int) -> None:
+        self._inc(INT_CACHE_REPLAYS, n)
+
+    def cache_size(self, entries: int, nbytes: int) -> None:
+        self._set(INT_CACHE_ENTRIES, entries)
+        self._set(INT_CACHE_BYTES, nbytes)
 
 
 class ScorerMetrics(_RoleMetrics):

@@ -480,6 +480,13 @@ class Trainer:
                 wstats.append(ray.get(ref, timeout=30))
             except Exception:  # noqa: BLE001, S112 - a generator that just died: healed at the next wait
                 continue
+        cache = []  # the interpreter pools' execution caches (cumulative counters; zeros when off)
+        for ref in [p.cache_stats.remote() for p in self.interpreters]:
+            try:
+                cache.append(ray.get(ref, timeout=30))
+            except Exception:  # noqa: BLE001, S112 - a pool Ray is restarting: counted again next step
+                continue
+        lookups, hits = sum(c["lookups"] for c in cache), sum(c["hits"] for c in cache)
         step_s = t_pub - t0
         return {
             "step": version,
@@ -499,6 +506,8 @@ class Trainer:
             # infrastructure faults met and retried (a group that still failed is dropped as `infra`)
             "infra/interpreter_faults": int(sum(w.get("interpreter_faults", 0) for w in wstats)),
             "infra/scorer_faults": int(sum(w.get("scorer_faults", 0) for w in wstats)),
+            "interp_cache/lookups": lookups, "interp_cache/hits": hits, "interp_cache/hit_rate": hits / max(lookups, 1),
+            "interp_cache/calls_saved": sum(c["calls_saved"] for c in cache),
             "count/admitted_groups": sched["admitted_groups"],
             "count/inflight_groups": sched["inflight_groups"],
             "count/failed_groups": sched["failed_groups"],
