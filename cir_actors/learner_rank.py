@@ -296,8 +296,10 @@ class LearnerRank:
         ]
         n_mb = int(self._all_reduce([max([mb for mb, _ in groups.values()], default=-1) + 1], "max")[0])
         reuse_forward = n_mb == 1
+        t_fetched = time.perf_counter()
         if not reuse_forward:
             self._fill_proximal(samples)
+        t_prox = time.perf_counter()
 
         def loss_fn(batch, lp, logits, n_tokens):
             prox = lp.detach() if reuse_forward else batch["prox"]
@@ -328,6 +330,10 @@ class LearnerRank:
             adv_stats=adv_stats,
             time_s=time.perf_counter() - t0,
         )
+        # Where this rank's step went: fetching the batch and the advantages' all-gather, the separate
+        # proximal forward (0 when one mini-batch reuses its own forward), forward/backward/optimizer.
+        totals["phases"] = {"fetch_s": t_fetched - t0, "proximal_s": t_prox - t_fetched,
+                            "update_s": time.perf_counter() - t_prox}
         return totals
 
     def _extra_terms(self, loss, diag, batch, lp, logits, n_tokens):

@@ -112,6 +112,8 @@ RUN_TRAJ = _spec("cir_run_trajectories", "gauge", "Trajectories by place (added,
 RUN_DROPPED = _spec("cir_run_groups_dropped", "gauge", "Groups that left untrained, by reason.", ("reason",))
 RUN_CONSERVED = _spec("cir_run_conservation_ok", "gauge", "1 while both conservation identities hold.")
 RUN_RESTARTS = _spec("cir_run_restarts", "gauge", "Actor restarts and automatic resumes so far, by role.", ("role",))
+RUN_STEP_TIME = _spec("cir_run_step_time_seconds", "gauge", "Where the last step's time went, by part (learner_*, "
+                      "gen_* per generator, ideal_async_step, ideal_sync_step): docs/step_time.md.", ("part",))
 RUN_RECOVERY_S = _spec("cir_run_recovery_seconds", "gauge", "Duration of the latest recovery, by role.", ("role",))
 
 _built: dict[str, Any] = {}
@@ -286,3 +288,8 @@ class RunMetrics(_RoleMetrics):
             self._set(RUN_RESTARTS, n, role=role)
         for role, seconds in last_recovery_s.items():
             self._set(RUN_RECOVERY_S, seconds, role=role)
+
+    def step_time(self, parts: dict[str, float]) -> None:
+        """The step's time breakdown (cir_actors/step_time.py), one series per part."""
+        for part, seconds in parts.items():
+            self._set(RUN_STEP_TIME, seconds, part=part)

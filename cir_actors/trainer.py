@@ -471,6 +471,8 @@ class Trainer:
     def _row(self, version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start, learner_wait, dropped_total):
         import ray
 
+        from cir_actors.step_time import generator_times, step_time_row
+
         sm = step_metrics(batch.metas)
         sched = self._get(self.scheduler.state.remote(), "scheduler")
         buf = self._get(self.buffer.stats.remote(), "buffer")
@@ -487,6 +489,7 @@ class Trainer:
             except Exception:  # noqa: BLE001, S112 - a pool Ray is restarting: counted again next step
                 continue
         lookups, hits = sum(c["lookups"] for c in cache), sum(c["hits"] for c in cache)
+        gen_times = generator_times(self.workers)  # where the step's time went (cir_actors/step_time.py)
         step_s = t_pub - t0
         return {
             "step": version,
@@ -499,6 +502,7 @@ class Trainer:
             "time/train_s": t_train - t_batch,
             "time/publish_s": t_pub - t_train,
             "time/elapsed_s": t_pub - t_start,
+            **step_time_row(train_metrics, t_batch - t0, t_train - t_batch, t_pub - t_train, step_s, gen_times),
             "throughput/sampled_tokens_per_s": sm.get("sampled_tokens", 0.0) / max(step_s, 1e-9),
             "throughput/trajectories_per_s": sm.get("trajectories", 0) / max(step_s, 1e-9),
             "idle/learner_s": learner_wait,
