@@ -130,6 +130,18 @@ class GeneratorConfig(Section):
     """Engine sampling seed."""
 
 
+class ExecCacheConfig(Section):
+    """The interpreter pool's execution cache (docs/sandbox.md, "Execution cache")."""
+
+    enabled: bool = False
+    """Reuse the result of a program this pool already ran to completion (opt-in: a program whose
+    output depends on time or randomness gets the cached output)."""
+    max_entries: int = Field(4096, ge=1)
+    """Results kept (least recently used go first)."""
+    max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Bytes kept: output, error text and the 32-byte key of each entry."""
+
+
 class InterpreterConfig(Section):
     num_pools: int = Field(1, ge=1)
     """Interpreter pool actors."""
@@ -160,6 +172,8 @@ class InterpreterConfig(Section):
     """Live sessions per pool."""
     allow_weaker_isolation: bool = False
     """Start even when an isolation layer cannot be applied (the missing layers are logged)."""
+    cache: ExecCacheConfig = ExecCacheConfig()
+    """Execution cache shared by every caller of the pool (the samples of a group, across steps)."""
 
 
 class ScorerConfig(Section):

@@ -18,12 +18,19 @@ What it does not stop: kernel exploits through the syscalls still allowed (the s
 the risky families, it is not an allow-list), CPU side channels, reading the interpreter's own
 files and the world-readable files of /usr, and a session's blocks seeing what earlier blocks of the
 same session left behind (by design).
+
+With `interpreter.cache.enabled` the pool keeps an `ExecCache`: a bounded map from the exact program
+it would run (the code, its timeout and, with sessions on, the blocks the session ran before it) to
+the result of a run that completed normally within its limits. The samples of a GRPO group that run
+the same program, in this step or a later one, get that result without a fork (docs/sandbox.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -35,12 +42,13 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from pydantic import ValidationError
 
-from cir_actors.config import ConfigError, InterpreterConfig
+from cir_actors.config import ConfigError, ExecCacheConfig, InterpreterConfig
 from cir_actors.metrics import InterpreterMetrics
 from cir_actors.sandbox_layers import FrameReader, pack_frame
 from cir_actors.types import ExecResult, ProbeFailed, last_error_line
@@ -191,6 +199,120 @@ def _crashed(call_id: int) -> dict:
     return {"op": "result", "id": call_id, "ok": False, "stdout": "", "error": "InterpreterCrashed"}
 
 
+def _cacheable(result: ExecResult) -> bool:
+    """Only a run that completed normally within its limits: never an error, timeout, truncation or kill."""
+    return result.ok and result.error is None and not result.timed_out and not result.truncated \
+        and result.killed_by is None
+
+
+def _program_key(code: str, timeout_s: float, history: tuple[str, ...]) -> bytes:
+    """sha256 of the exact program: every earlier block of the session, then the code, then the timeout
+    (each length-prefixed, so no two different programs share an encoding)."""
+    h = hashlib.sha256()
+    for part in (*history, code, repr(float(timeout_s))):
+        data = part.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    h.update(len(history).to_bytes(8, "little"))
+    return h.digest()
+
+
+class ExecCache:
+    """Least-recently-used results of completed runs, bounded in entries and bytes (thread-safe).
+
+    `get` returns the very ExecResult a fresh run returned (same stdout, same duration_s); `put`
+    ignores anything `_cacheable` rejects and any single result larger than the byte bound.
+    """
+
+    def __init__(self, cfg: ExecCacheConfig) -> None:
+        self.cfg = cfg
+        self._entries: collections.OrderedDict[bytes, tuple[ExecResult, int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = self.misses = self.stores = self.evictions = 0
+
+    @staticmethod
+    def size(key: bytes, result: ExecResult) -> int:
+        return len(key) + len(result.stdout.encode("utf-8", "surrogatepass")) + len((result.error or "").encode())
+
+    def get(self, key: bytes) -> ExecResult | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def count(self, hit: bool) -> None:
+        """One lookup that decided how a call was served (a caller that waited is counted once)."""
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+
+    def put(self, key: bytes, result: ExecResult) -> bool:
+        if not _cacheable(result):
+            return False
+        size = self.size(key, result)
+        if size > self.cfg.max_bytes:
+            return False
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._entries[key] = (result, size)
+            self.bytes += size
+            self.stores += 1
+            while len(self._entries) > self.cfg.max_entries or self.bytes > self.cfg.max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.bytes -= dropped
+                self.evictions += 1
+        return True
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class _SessionTrace:
+    """What the pool knows of one session when the cache is on: the blocks it ran (the cache key's
+    history), the cached blocks its child has not run yet (replayed before its next real run), and
+    whether the trace can still be trusted (a timeout, kill, crash or a replay that came out
+    differently makes the rest of the session uncacheable)."""
+
+    __slots__ = ("history", "lag", "trusted")
+
+    def __init__(self) -> None:
+        self.history: list[str] = []
+        self.lag: list[tuple[str, ExecResult]] = []
+        self.trusted = True
+
+
+@dataclass
+class _Plan:
+    """How one call is served when the cache is on (see InterpreterPool._cache_plan)."""
+
+    key: bytes | None = None
+    hit: ExecResult | None = None
+    trace: _SessionTrace | None = None
+    lag: list = field(default_factory=list)
+    wait: Future | None = None
+    lead: bool = False
+
+
+def _wait_deadline(msg: dict) -> float:
+    """How long a caller waits for the same program running for another caller before running it
+    itself (the other run ends by its own deadline well before; replays may stretch it)."""
+    return 4 * float(msg["timeout_s"]) + 30.0
+
+
+def _session_continues(result: ExecResult) -> bool:
+    """The zygote keeps a block in the session's history unless it killed the child (timeout, output
+    limit) or the child vanished; anything else (including a Python error) is part of the state."""
+    return not (result.timed_out or result.truncated or result.killed_by is not None
+                or result.error in ("InterpreterCrashed", "OutputLimitExceeded"))
+
+
 def _actor_name() -> str | None:
     """This actor's name when running as a Ray actor (the metrics' `actor` tag)."""
     try:
@@ -221,6 +343,10 @@ class InterpreterPool:
         self.zygote_restarts = 0
         self._busy = 0  # calls in flight: each runs in its own sandboxed child (or its session's)
         self._sessions: set[str] = set()
+        self._cache = ExecCache(self.cfg.cache) if self.cfg.cache.enabled else None
+        self._traces: collections.OrderedDict[str, _SessionTrace] = collections.OrderedDict()
+        self._inflight: dict[bytes, Future] = {}
+        self.replayed_blocks = 0
         self._zygote = self._start()
 
     def _start(self) -> _Zygote:
@@ -237,6 +363,8 @@ class InterpreterPool:
             if not self._zygote.alive:
                 log.warning("interpreter zygote died; starting a new one")
                 self.zygote_restarts += 1
+                for trace in self._traces.values():  # the new zygote has none of their history
+                    trace.trusted = False
                 self._zygote.close()
                 self._zygote = self._start()
             zygote, call_id = self._zygote, next(self._ids)
@@ -284,25 +412,148 @@ class InterpreterPool:
     def run(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
         """Run `code` and wait for its result (blocking)."""
         t0 = time.perf_counter()
-        result = self._result(self._submit(self._run_msg(code, timeout_s, session)).result())
+        msg = self._run_msg(code, timeout_s, session)
+        plan = self._cache_plan(msg, may_wait=True)
+        if plan.wait is not None:  # the same program is running for another caller: take its result
+            with contextlib.suppress(TimeoutError):
+                plan.wait.result(timeout=_wait_deadline(msg))
+            plan = self._cache_plan(msg, may_wait=False)
+        if plan.hit is not None:
+            self._metrics.call(time.perf_counter() - t0, True, False)
+            return plan.hit
+        try:
+            lag_futs = [self._submit({**msg, "code": c, "timeout_s": t}) for c, t, _ in plan.lag]
+            fut = self._submit(msg)
+            lag_results = [self._result(f.result()) for f in lag_futs]
+            result = self._result(fut.result())
+            self._cache_after(msg, plan, lag_results, result)
+        finally:
+            self._release(plan)
         self._metrics.call(time.perf_counter() - t0, result.ok, result.timed_out)
         return result
 
     async def run_async(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
         """Run `code` without blocking the event loop; many may be in flight at once."""
         t0 = time.perf_counter()
-        fut = self._submit(self._run_msg(code, timeout_s, session))
-        result = self._result(await asyncio.wrap_future(fut))
+        msg = self._run_msg(code, timeout_s, session)
+        plan = self._cache_plan(msg, may_wait=True)
+        if plan.wait is not None:  # the same program is running for another caller: take its result
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(plan.wait)), _wait_deadline(msg))
+            plan = self._cache_plan(msg, may_wait=False)
+        if plan.hit is not None:
+            self._metrics.call(time.perf_counter() - t0, True, False)
+            return plan.hit
+        try:
+            lag_futs = [self._submit({**msg, "code": c, "timeout_s": t}) for c, t, _ in plan.lag]
+            fut = self._submit(msg)
+            lag_results = [self._result(await asyncio.wrap_future(f)) for f in lag_futs]
+            result = self._result(await asyncio.wrap_future(fut))
+            self._cache_after(msg, plan, lag_results, result)
+        finally:
+            self._release(plan)
         self._metrics.call(time.perf_counter() - t0, result.ok, result.timed_out)
         return result
+
+    # -- execution cache (off unless interpreter.cache.enabled)
+    def _cache_plan(self, msg: dict, may_wait: bool) -> _Plan:
+        """How to serve this call: from the cache, by waiting for the same program already running for
+        another caller (in-flight coalescing, `may_wait`), or by running it (after replaying the
+        session's cached blocks in its child). Blocks of one session are expected in order, one at a
+        time (as a trajectory issues them)."""
+        if self._cache is None:
+            return _Plan()
+        name, trace, history, evicted = msg["session"], None, (), []
+        if name is not None:
+            with self._lock:
+                trace = self._traces.get(name)
+                if trace is None:
+                    trace = self._traces[name] = _SessionTrace()
+                    # Fewer traces than the zygote keeps histories (8 x max_sessions), so the zygote
+                    # never forgets a session the pool still keys by its history; both forget together.
+                    while len(self._traces) > 4 * self.cfg.max_sessions:
+                        evicted.append(self._traces.popitem(last=False)[0])
+                self._traces.move_to_end(name)
+            for old in evicted:
+                self._submit({"op": "close_session", "session": old})
+            if not trace.trusted:
+                return _Plan(trace=trace)
+            history = tuple(trace.history)
+        key = _program_key(msg["code"], msg["timeout_s"], history)
+        hit, lead = self._cache.get(key), False
+        if hit is None and may_wait:
+            with self._lock:
+                running = self._inflight.get(key)
+                if running is None:
+                    hit = self._cache.get(key)  # a leader stores before it lets go: look again
+                    if hit is None:
+                        self._inflight[key], lead = Future(), True
+            if running is not None:
+                return _Plan(key=key, trace=trace, wait=running)
+        self._cache.count(hit is not None)
+        self._metrics.cache_lookup(hit is not None)
+        if hit is not None:
+            if trace is not None:
+                trace.history.append(msg["code"])
+                trace.lag.append((msg["code"], msg["timeout_s"], hit))
+            return _Plan(key=key, hit=hit, trace=trace)
+        lag: list = []
+        if trace is not None:
+            lag, trace.lag = trace.lag, []
+        return _Plan(key=key, trace=trace, lag=lag, lead=lead)
+
+    def _release(self, plan: _Plan) -> None:
+        """The leader of a program's run lets the callers waiting for it go (they look it up again)."""
+        if plan.lead:
+            with self._lock:
+                fut = self._inflight.pop(plan.key, None)
+            if fut is not None:
+                fut.set_result(None)
+
+    def _cache_after(self, msg: dict, plan: _Plan, lag_results: list[ExecResult], result: ExecResult) -> None:
+        if self._cache is None:
+            return
+        key, trace, lag = plan.key, plan.trace, plan.lag
+        if trace is not None:
+            self.replayed_blocks += len(lag)
+            self._metrics.cache_replays(len(lag))
+            for (_, _, cached), got in zip(lag, lag_results, strict=True):
+                if got.stdout != cached.stdout or not _cacheable(got):
+                    trace.trusted = False  # the child's state is not what the key says: stop here
+            if not _session_continues(result):
+                trace.trusted = False
+            elif trace.trusted:
+                trace.history.append(msg["code"])
+            if not trace.trusted:
+                return
+        if key is not None:
+            self._cache.put(key, result)
+            self._metrics.cache_size(len(self._cache), self._cache.bytes)
+
+    def cache_stats(self) -> dict[str, Any]:
+        """The execution cache's counters (all zero with the cache off). `calls_saved` is hits minus
+        the cached session blocks that later had to be replayed in their session's child."""
+        c = self._cache
+        if c is None:
+            return {"enabled": False, "lookups": 0, "hits": 0, "misses": 0, "hit_rate": 0.0, "calls_saved": 0,
+                    "replayed": 0, "stores": 0, "evictions": 0, "entries": 0, "bytes": 0}
+        lookups = c.hits + c.misses
+        return {"enabled": True, "lookups": lookups, "hits": c.hits, "misses": c.misses,
+                "hit_rate": c.hits / lookups if lookups else 0.0, "calls_saved": c.hits - self.replayed_blocks,
+                "replayed": self.replayed_blocks, "stores": c.stores, "evictions": c.evictions,
+                "entries": len(c), "bytes": c.bytes}
 
     def close_session(self, session: str) -> None:
         """Kill a session's child and forget its history (no-op for unknown sessions or sessions off)."""
         if self.cfg.sessions:
+            with self._lock:
+                self._traces.pop(str(session), None)
             self._submit({"op": "close_session", "session": str(session)}).result()
 
     async def close_session_async(self, session: str) -> None:
         if self.cfg.sessions:
+            with self._lock:
+                self._traces.pop(str(session), None)
             await asyncio.wrap_future(self._submit({"op": "close_session", "session": str(session)}))
 
     def health(self) -> dict[str, int]:

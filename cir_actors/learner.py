@@ -187,6 +187,8 @@ class Learner:
             zero_adv_groups=parts[0]["adv_stats"]["zero_adv_groups"],
             groups=len(groups),
             adv_abs_mean=parts[0]["adv_stats"]["adv_abs_mean"],
+            # the slowest rank's time in each phase (ranks run in step)
+            phases={k: max(p.get("phases", {}).get(k, 0.0) for p in parts) for k in parts[0].get("phases", {})},
             time_s=elapsed,
             tokens_per_s=out["seq_tokens"] / elapsed if elapsed > 0 else 0.0,
             step=self._step,

@@ -347,8 +347,10 @@ class LearnerRank:
             self._fill_proximal([s for _, s in chosen if s.advantage == 0.0 and not extra_terms])
         n_mb = int(self._all_reduce([max([mb for mb, _ in groups.values()], default=-1) + 1], "max")[0])
         reuse_forward = n_mb == 1
+        t_fetched = time.perf_counter()
         if not reuse_forward:
             self._fill_proximal(samples, self.temperature)
+        t_prox = time.perf_counter()
 
         def loss_fn(batch, lp, ent, n_tokens):
             prox = lp.detach() if reuse_forward else batch["prox"]
@@ -393,6 +395,10 @@ class LearnerRank:
         totals["turn_sums"] = turn
         if chosen:
             totals["records"] = self._records(chosen, samples, reuse_forward)
+        # Where this rank's step went: fetching the batch and the advantages' all-gather, the separate
+        # proximal forward (0 when one mini-batch reuses its own forward), forward/backward/optimizer.
+        totals["phases"] = {"fetch_s": t_fetched - t0, "proximal_s": t_prox - t_fetched,
+                            "update_s": time.perf_counter() - t_prox}
         return totals
 
     def _records(self, chosen: list[tuple[ScoredTrajectory, _Sample]], trained: list[_Sample], reuse_forward: bool):

@@ -71,6 +71,12 @@ INT_LATENCY = _spec("cir_interpreter_call_seconds", "histogram", "Wall time of o
                     LATENCY_BUCKETS_S)
 INT_BUSY = _spec("cir_interpreter_busy_workers", "gauge", "Sandboxed workers running code now.")
 INT_SESSIONS = _spec("cir_interpreter_sessions", "gauge", "Live interpreter sessions.")
+INT_CACHE = _spec("cir_interpreter_cache_lookups_total", "counter", "Execution-cache lookups by outcome (hit, miss).",
+                  ("outcome",))
+INT_CACHE_REPLAYS = _spec("cir_interpreter_cache_replays_total", "counter",
+                          "Cached session blocks later replayed in their session's child (hits minus these: calls saved).")
+INT_CACHE_ENTRIES = _spec("cir_interpreter_cache_entries", "gauge", "Results held by the execution cache.")
+INT_CACHE_BYTES = _spec("cir_interpreter_cache_bytes", "gauge", "Bytes held by the execution cache.")
 # Scorer
 SCO_VERDICTS = _spec("cir_scorer_verdicts_total", "counter", "Verdicts by reason (correct, wrong, no_box, "
                      "parse_failure, timeout).", ("reason",))
@@ -116,6 +122,8 @@ RUN_TRAJ = _spec("cir_run_trajectories", "gauge", "Trajectories by place (added,
 RUN_DROPPED = _spec("cir_run_groups_dropped", "gauge", "Groups that left untrained, by reason.", ("reason",))
 RUN_CONSERVED = _spec("cir_run_conservation_ok", "gauge", "1 while both conservation identities hold.")
 RUN_RESTARTS = _spec("cir_run_restarts", "gauge", "Actor restarts and automatic resumes so far, by role.", ("role",))
+RUN_STEP_TIME = _spec("cir_run_step_time_seconds", "gauge", "Where the last step's time went, by part (learner_*, "
+                      "gen_* per generator, ideal_async_step, ideal_sync_step): docs/step_time.md.", ("part",))
 RUN_RECOVERY_S = _spec("cir_run_recovery_seconds", "gauge", "Duration of the latest recovery, by role.", ("role",))
 
 _built: dict[str, Any] = {}
@@ -202,6 +210,16 @@ class InterpreterMetrics(_RoleMetrics):
 
     def sessions(self, n: int) -> None:
         self._set(INT_SESSIONS, n)
+
+    def cache_lookup(self, hit: bool) -> None:
+        self._inc(INT_CACHE, 1, outcome="hit" if hit else "miss")
+
+    def cache_replays(self, n: int) -> None:
+        self._inc(INT_CACHE_REPLAYS, n)
+
+    def cache_size(self, entries: int, nbytes: int) -> None:
+        self._set(INT_CACHE_ENTRIES, entries)
+        self._set(INT_CACHE_BYTES, nbytes)
 
 
 class ScorerMetrics(_RoleMetrics):
@@ -290,3 +308,8 @@ class RunMetrics(_RoleMetrics):
             self._set(RUN_RESTARTS, n, role=role)
         for role, seconds in last_recovery_s.items():
             self._set(RUN_RECOVERY_S, seconds, role=role)
+
+    def step_time(self, parts: dict[str, float]) -> None:
+        """The step's time breakdown (cir_actors/step_time.py), one series per part."""
+        for part, seconds in parts.items():
+            self._set(RUN_STEP_TIME, seconds, part=part)

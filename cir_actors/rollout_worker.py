@@ -75,10 +75,16 @@ class RolloutWorker:
         self._counts = {"trajectories": 0, "groups": 0, "failed_groups": 0, "infra_groups": 0, "sampled_tokens": 0}
         self._metrics = None
         self._outbox: dict[str, ScoredTrajectory] = {}  # finished samples until the buffer takes them
+        # Where this generator's time went since the driver last asked (`step_times`): wall seconds
+        # loading weights; trajectory-seconds generating, waiting for tools, waiting for a verdict.
+        self._times = {"weight_load_s": 0.0, "generation_s": 0.0, "tool_wait_s": 0.0, "scoring_s": 0.0}
+        self._times_since = (time.monotonic(), 0.0)  # (when, idle_s then)
 
     # ---- what the scheduler and driver call ---------------------------------------------------
     async def update_weights(self, update: PolicyUpdate) -> ServedPolicy:
+        t0 = time.monotonic()
         served = await self._gen.update_weights(update)
+        self._times["weight_load_s"] += time.monotonic() - t0
         if self._metrics is not None:
             self._metrics.served_version(served.version)
             self._metrics.budget(served.budget)
@@ -96,6 +102,17 @@ class RolloutWorker:
         return {**self._counts, "idle_s": idle, "uptime_s": time.monotonic() - self._started,
                 "served_version": self._gen.served_version(),
                 "interpreter_faults": self._interp.faults, "scorer_faults": self._scorer.faults}
+
+    def step_times(self) -> dict[str, float]:
+        """Seconds spent since the previous call (the driver calls it once per step, so these are
+        per-step): `wall_s`, `idle_s` (no trajectory running), `weight_load_s` (wall), and the
+        trajectory-seconds (summed over concurrent trajectories) of generation, tool wait, scoring."""
+        now, idle = time.monotonic(), self.stats()["idle_s"]
+        since, idle_then = self._times_since
+        out = {"wall_s": now - since, "idle_s": idle - idle_then, **self._times}
+        self._times_since = (now, idle)
+        self._times = dict.fromkeys(self._times, 0.0)
+        return out
 
     async def run(self) -> dict[str, Any]:
         """The loop: runs until the scheduler stops admitting and every group in flight is done."""
@@ -166,7 +183,11 @@ class RolloutWorker:
             self._busy(-1)
         if traj.finish_reason == FinishReason.ABORTED:
             return False
+        t_score = time.monotonic()
         verdict = await self._scorer.score(traj.sampled_text, req.task.gold)
+        self._times["scoring_s"] += time.monotonic() - t_score
+        self._times["generation_s"] += traj.gen_time_s
+        self._times["tool_wait_s"] += traj.interp_wait_s
         reward = self._cfg.scorer.reward_correct if verdict.correct else self._cfg.scorer.reward_wrong
         scored = ScoredTrajectory(trajectory=traj, verdict=verdict, reward=reward)
         key = f"{req.group_id}/{index}"

@@ -478,6 +478,8 @@ class Trainer:
     def _row(self, version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start, learner_wait, dropped_total):
         import ray
 
+        from cir_actors.step_time import generator_times, step_time_row
+
         sm = step_metrics(batch.metas)
         sched = self._get(self.scheduler.state.remote(), "scheduler")
         buf = self._get(self.buffer.stats.remote(), "buffer")
@@ -487,6 +489,14 @@ class Trainer:
                 wstats.append(ray.get(ref, timeout=30))
             except Exception:  # noqa: BLE001, S112 - a generator that just died: healed at the next wait
                 continue
+        cache = []  # the interpreter pools' execution caches (cumulative counters; zeros when off)
+        for ref in [p.cache_stats.remote() for p in self.interpreters]:
+            try:
+                cache.append(ray.get(ref, timeout=30))
+            except Exception:  # noqa: BLE001, S112 - a pool Ray is restarting: counted again next step
+                continue
+        lookups, hits = sum(c["lookups"] for c in cache), sum(c["hits"] for c in cache)
+        gen_times = generator_times(self.workers)  # where the step's time went (cir_actors/step_time.py)
         step_s = t_pub - t0
         return {
             "step": version,
@@ -499,6 +509,7 @@ class Trainer:
             "time/train_s": t_train - t_batch,
             "time/publish_s": t_pub - t_train,
             "time/elapsed_s": t_pub - t_start,
+            **step_time_row(train_metrics, t_batch - t0, t_train - t_batch, t_pub - t_train, step_s, gen_times),
             "throughput/sampled_tokens_per_s": sm.get("sampled_tokens", 0.0) / max(step_s, 1e-9),
             "throughput/trajectories_per_s": sm.get("trajectories", 0) / max(step_s, 1e-9),
             "idle/learner_s": learner_wait,
@@ -506,6 +517,8 @@ class Trainer:
             # infrastructure faults met and retried (a group that still failed is dropped as `infra`)
             "infra/interpreter_faults": int(sum(w.get("interpreter_faults", 0) for w in wstats)),
             "infra/scorer_faults": int(sum(w.get("scorer_faults", 0) for w in wstats)),
+            "interp_cache/lookups": lookups, "interp_cache/hits": hits, "interp_cache/hit_rate": hits / max(lookups, 1),
+            "interp_cache/calls_saved": sum(c["calls_saved"] for c in cache),
             "count/admitted_groups": sched["admitted_groups"],
             "count/inflight_groups": sched["inflight_groups"],
             "count/failed_groups": sched["failed_groups"],

@@ -50,6 +50,11 @@ def record(role: str, name: str) -> None:
         i.call(5.0, ok=False, timed_out=True)
         i.busy_workers(1)
         i.sessions(0)
+        i.cache_lookup(True)
+        i.cache_lookup(True)
+        i.cache_lookup(False)
+        i.cache_replays(1)
+        i.cache_size(1, 120)
     elif role == "scorer":
         s = metrics.ScorerMetrics(name)
         s.verdict(0.003, "correct")
@@ -139,6 +144,8 @@ def test_role_actors_export_their_metrics(ray_session):
     assert value("ray_cir_interpreter_calls_total", actor="interpreter-0", outcome="timeout") == 1
     assert value("ray_cir_interpreter_calls_total", actor="interpreter-0", outcome="error") == 1
     assert value("ray_cir_interpreter_call_seconds_count", actor="interpreter-0") == 3
+    assert value("ray_cir_interpreter_cache_lookups_total", actor="interpreter-0", outcome="hit") == 2
+    assert value("ray_cir_interpreter_cache_bytes", actor="interpreter-0") == 120
     assert value("ray_cir_scorer_verdicts_total", actor="scorer-0", reason="timeout") == 1
     assert value("ray_cir_learner_tokens_per_second", actor="learner-rank-0") == 2048
     assert value("ray_cir_weight_sync_seconds_count", actor="learner-rank-0", side="publish") == 1

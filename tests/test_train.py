@@ -44,6 +44,14 @@ def test_short_training_run_and_resume(ray_session, tmp_path):
     assert [r["budget"] for r in rows] == [2, 2]  # budget of the version each step published
     for r in rows:
         assert r["trajectories"] == 4 and max(int(k) for k in r["staleness_hist"]) <= 1
+        # where the step went (cir_actors/step_time.py): the learner's phases fit in its train time,
+        # the generator did generate, and the ideal steps bracket each other
+        phases = r["time/learner_fetch_s"] + r["time/learner_proximal_s"] + r["time/learner_update_s"]
+        assert 0 < phases <= r["time/train_s"] + 1e-6 and r["time/learner_update_s"] > 0
+        assert r["time/gen_wall_s"] > 0 and r["time/ideal_async_step_s"] <= r["time/ideal_sync_step_s"]
+        assert r["interp_cache/lookups"] == 0  # the cache is off by default
+    # a step's samples may all have been generated inside the previous step's window: sum over steps
+    assert sum(r["time/gen_generation_traj_s"] for r in rows) > 0
     # the weights reached the generator: it serves the final version with the learner's checksum
     (served,) = summary["served"].values()
     assert served["version"] == 2 and served["error"] is None

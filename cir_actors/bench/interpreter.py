@@ -9,11 +9,19 @@ Measured side by side in one run, each at 2 and 8 concurrent clients (threads is
 Per row: p50/p99 latency, calls/s, and CPU ms per call (all processes involved: the bench process,
 the zygote and its children / the subprocesses / the workers). (b) is slow, so it runs fewer calls
 (--fresh-calls); the ratio (a) vs (b) compares p50 latency and throughput.
+
+Then the execution cache (`interpreter.cache`) on a rollout-like workload, side by side in one run:
+--groups prompt groups of --n samples each (asyncio, one task per sample, a group's samples at once,
+--group-concurrency groups in flight); in a group most samples write the same program and a few a
+variant of it (as on the demo task), and a second pass replays the same groups (the next epoch).
+Two pools, one with the cache off and one with it on, alternate pass by pass; per pool: calls made,
+sandbox runs, hit rate, calls saved and wall time, and whether every output matched the uncached one.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures as cf
 import contextlib
 import io
@@ -127,13 +135,81 @@ def _bench_unsafe(code: str, calls: int, clients: int, workers: int) -> dict:
     return _row("unisolated exec pool", clients, lat, wall, cpu)
 
 
+def _group_programs(groups: int, n: int) -> list[list[str]]:
+    """Per group, the n samples' programs: 5/8 the group's common program, the rest two variants."""
+    out = []
+    for g in range(groups):
+        base = f"from sympy import factorint, isprime\nN = {10**9 + 7 * g}\nprint(factorint(N), isprime(N + 2))"
+        variants = [base, base.replace("print(", "print('N =', N, "), base + "\nprint(N % 97)"]
+        out.append([variants[0 if j < (5 * n + 7) // 8 else 1 + j % 2] for j in range(n)])
+    return out
+
+
+async def _rollout_pass(pool: InterpreterPool, programs: list[list[str]], group_concurrency: int) -> list[list[str]]:
+    sem = asyncio.Semaphore(group_concurrency)
+
+    async def group(codes: list[str]) -> list[str]:
+        async with sem:
+            results = await asyncio.gather(*[pool.run_async(c) for c in codes])
+        if not all(r.ok for r in results):
+            raise RuntimeError(f"cache bench: a call failed: {next(r for r in results if not r.ok)}")
+        return [r.stdout for r in results]
+
+    return await asyncio.gather(*[group(codes) for codes in programs])
+
+
+def bench_cache(groups: int, n: int, group_concurrency: int, passes: int = 2) -> dict:
+    """The rollout-like workload through a pool without and with the execution cache, alternating."""
+    programs = _group_programs(groups, n)
+    calls = groups * n
+    rows = {}
+    with InterpreterPool(max_workers=8) as off, InterpreterPool(max_workers=8, cache={"enabled": True}) as on:
+        for p in (off, on):
+            p.run("print(1)")
+        base = on.cache_stats()
+        wall = {"off": [], "on": []}
+        outputs = {"off": [], "on": []}
+        for _ in range(passes):
+            for name, pool in (("off", off), ("on", on)):
+                t0 = time.perf_counter()
+                outputs[name].append(asyncio.run(_rollout_pass(pool, programs, group_concurrency)))
+                wall[name].append(time.perf_counter() - t0)
+        st = {k: v - base[k] for k, v in on.cache_stats().items() if k not in ("enabled", "hit_rate")}
+    st["hit_rate"] = st["hits"] / max(1, st["lookups"])
+    for name in ("off", "on"):
+        rows[name] = {"calls": calls * passes, "wall_s": sum(wall[name]), "per_pass_s": wall[name]}
+    rows["on"].update({"sandbox_runs": st["misses"], "hit_rate": st["hit_rate"], "calls_saved": st["calls_saved"],
+                       "entries": st["entries"], "bytes": st["bytes"]})
+    rows["off"].update({"sandbox_runs": calls * passes, "hit_rate": 0.0, "calls_saved": 0})
+    same = outputs["on"] == outputs["off"]
+    print(f"execution cache: {groups} groups x n={n} samples, {group_concurrency} groups in flight, {passes} passes "
+          f"(pass 2+ = the same groups again)")
+    print(f"{'cache':<7}{'calls':>7}{'runs':>7}{'hit rate':>10}{'saved':>7}" + "".join(
+        f"{f'pass {i + 1} s':>10}" for i in range(passes)) + f"{'total s':>9}")
+    for name in ("off", "on"):
+        r = rows[name]
+        print(f"{name:<7}{r['calls']:>7}{r['sandbox_runs']:>7}{r['hit_rate']:>10.1%}{r['calls_saved']:>7}"
+              + "".join(f"{w:>10.2f}" for w in r["per_pass_s"]) + f"{r['wall_s']:>9.2f}")
+    speedup = rows["off"]["wall_s"] / rows["on"]["wall_s"]
+    first = rows["off"]["per_pass_s"][0] / rows["on"]["per_pass_s"][0]
+    print(f"cache on vs off: {speedup:.2f}x faster overall, {first:.2f}x on the first pass; "
+          f"outputs identical to the uncached pool: {same}")
+    return {"rows": rows, "speedup": speedup, "first_pass_speedup": first, "outputs_identical": same}
+
+
 def run(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="bench interpreter", description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=1000, help="calls per setting for (a) and (c)")
     ap.add_argument("--fresh-calls", type=int, default=16, help="calls per setting for (b), the slow one")
     ap.add_argument("--clients", default="2,8", help="comma-separated concurrent clients")
     ap.add_argument("--code", default="print(1)", help="the code each call runs")
+    ap.add_argument("--groups", type=int, default=16, help="prompt groups in the cache workload")
+    ap.add_argument("--n", type=int, default=8, help="samples per group in the cache workload")
+    ap.add_argument("--group-concurrency", type=int, default=2, help="groups in flight in the cache workload")
+    ap.add_argument("--only", choices=["pools", "cache"], help="run only the pool comparison or only the cache one")
     args = ap.parse_args(argv)
+    if args.only == "cache":
+        return {"cache": bench_cache(args.groups, args.n, args.group_concurrency)}
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()
     print(f"host: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; code {args.code!r}")
@@ -158,4 +234,7 @@ def run(argv: list[str]) -> dict:
         print(f"pool vs fresh at {c} clients: p50 {ratios[c]['p50_speedup']:.0f}x faster, "
               f"{ratios[c]['throughput_ratio']:.0f}x the calls/s")
     print("isolation layers on:", ", ".join(name for name, on in layers.items() if on))
-    return {"rows": rows, "pool_vs_fresh": ratios, "layers": layers, "loadavg": load}
+    out = {"rows": rows, "pool_vs_fresh": ratios, "layers": layers, "loadavg": load}
+    if args.only != "pools":
+        out["cache"] = bench_cache(args.groups, args.n, args.group_concurrency)
+    return out

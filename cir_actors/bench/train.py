@@ -6,6 +6,11 @@ left out), their ratio, and the ideal ratio from the synchronous run's measured 
 training times alone, (gen + train) / max(gen, train). Target: async reaches >= 0.9 of the ideal.
 On a 2-core machine generation and training compete for the same cores, which caps the overlap;
 the table says so rather than hiding it.
+
+Below it, where each mode's step goes (cir_actors/step_time.py, metrics.jsonl `time/...`): the
+learner's wait for a batch, fetch, separate proximal forward, update and publication; a generator's
+wall, idle, busy and weight-load time and its trajectory-seconds of generation, tool wait and
+scoring; the ideal synchronous and asynchronous steps from them and the measured overlap efficiency.
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+BREAKDOWN = [
+    "time/learner_wait_batch_s", "time/learner_fetch_s", "time/learner_proximal_s", "time/learner_update_s",
+    "time/learner_publish_s", "time/learner_busy_s", "time/gen_wall_s", "time/gen_idle_s", "time/gen_busy_s",
+    "time/gen_weight_load_s", "time/gen_generation_traj_s", "time/gen_tool_wait_traj_s", "time/gen_scoring_traj_s",
+    "time/ideal_sync_step_s", "time/ideal_async_step_s", "time/overlap_efficiency",
+]
 
 
 def _run(overrides: list[str], run_dir: Path) -> list[dict[str, Any]]:
@@ -72,6 +83,8 @@ def run(argv: list[str]) -> dict[str, Any]:
                 "gen_s": statistics.mean(r["time/wait_batch_s"] for r in steady),
                 "train_s": statistics.mean(r["time/train_s"] + r["time/publish_s"] for r in steady),
                 "staleness_mean": statistics.mean(r["staleness_mean"] for r in steady),
+                # where the step went (cir_actors/step_time.py), mean over steady steps
+                **{k.removeprefix("time/"): statistics.mean(r.get(k, 0.0) for r in steady) for k in BREAKDOWN},
             }
     sync, asyn = results["sync"], results["async"]
     gen, train = sync["gen_s"], sync["train_s"]
@@ -90,6 +103,12 @@ def run(argv: list[str]) -> dict[str, Any]:
     for mode, r in results.items():
         print(f"{mode:<7}{r['trajectories_per_s']:>10.2f}{r['step_s']:>10.2f}{r['gen_s']:>10.2f}"
               f"{r['train_s']:>10.2f}{r['staleness_mean']:>11.2f}")
+    print("where a step goes (mean s per steady step; *_traj_s are trajectory-seconds, summed over concurrent "
+          "trajectories of one generator):")
+    print(f"{'part':<28}" + "".join(f"{m:>10}" for m in results))
+    for k in BREAKDOWN:
+        name = k.removeprefix("time/")
+        print(f"{name:<28}" + "".join(f"{r[name]:>10.3f}" for r in results.values()))
     print(f"async / sync = {ratio:.2f}; ideal (gen + train) / max(gen, train) = {ideal:.2f}; "
           f"fraction of ideal = {ratio / ideal:.2f} (target >= 0.9)")
     ray.shutdown()
