@@ -34,7 +34,7 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	else echo "make: chromium/chromium-driver missing and not installable here (needs root and apt-get):" \
-	  "tests/test_viewer.py will fail saying so"; fi
+	  "tests/ops/test_viewer.py will fail saying so"; fi
 
 test: venv browser
 	$(PY) -m pytest tests

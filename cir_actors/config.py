@@ -89,7 +89,7 @@ class DataConfig(Section):
                 "digit_sum_power", "arith_series"]
     ] | None = ["mul", "powmod"]
     """Synthetic task kinds (None: all). The default two are what the tiny demo model learns in
-    minutes; the others (longer numbers, several wordings) are harder (cir_actors/tasks.py)."""
+    minutes; the others (longer numbers, several wordings) are harder (cir_actors/data/tasks.py)."""
     seed: int = 0
     """Seed for the synthetic task generator and for shuffling."""
     shuffle: bool = True
@@ -201,7 +201,7 @@ class BufferConfig(Section):
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling, asynchronous: drop zero-variance groups (as drop_zero_advantage_groups)
     and let the scheduler admit ahead by the measured zero-variance rate so batches stay full without
-    the learner waiting (cir_actors/sampling.py). Dropped prompts count as consumed."""
+    the learner waiting (cir_actors/control/sampling.py). Dropped prompts count as consumed."""
     void_turn_filter: bool = False
     """SimpleTIR's filter: trajectories whose last turn produced neither a closed code block nor a
     final answer are left out of the policy update (advantages still use the whole group). Void
@@ -252,7 +252,7 @@ class LearnerConfig(Section):
     """PPO ratio clip above 1 (clip-higher)."""
     correction: Literal["tis", "mis", "icepop", "seq_tis", "geo_mask"] = "tis"
     """Off-policy correction between the generator's (behaviour) and the learner's proximal log-probs
-    (cir_actors/loss.py `correction_weights`, docs/algorithms.md): token truncated IS (tis), token
+    (cir_actors/learning/loss.py `correction_weights`, docs/algorithms.md): token truncated IS (tis), token
     masked IS above is_cap (mis), IcePop's two-sided band mask (icepop), sequence truncated IS
     (seq_tis), or whole-sequence rejection by the geometric-mean ratio (geo_mask)."""
     is_cap: float = Field(5.0, ge=1)
@@ -297,7 +297,7 @@ class SchedulerConfig(Section):
     roc: bool = False
     """GRPO-RoC (rStar2-Agent): generate roc_oversample x samples_per_prompt per prompt, then keep
     samples_per_prompt: failures at random, successes with the fewest tool errors and cleanest answer
-    format, in the group's proportions (cir_actors/sampling.py)."""
+    format, in the group's proportions (cir_actors/control/sampling.py)."""
     roc_oversample: float = Field(2.0, ge=1)
     """GRPO-RoC: over-sampling factor of each group (rStar2-Agent: 2)."""
     budget_schedule: list[tuple[int, int]] = [(0, 2)]
@@ -324,7 +324,7 @@ class LoggingConfig(Section):
 
 
 class RecoveryConfig(Section):
-    """The failure policy (cir_actors/failures.py owns it; docs/failures.md tells what a user sees)."""
+    """The failure policy (cir_actors/control/failures.py owns it; docs/failures.md tells what a user sees)."""
 
     max_recoveries: int = Field(3, ge=0)
     """Automatic resumes from the latest checkpoint after a stateful role (learner rank, buffer,
@@ -349,7 +349,7 @@ class RecoveryConfig(Section):
 
 
 class DumpsConfig(Section):
-    """Per-step trajectory dumps for the viewer (`cir_actors/dumps.py`, `entrypoints/view.py`)."""
+    """Per-step trajectory dumps for the viewer (`cir_actors/learning/dumps.py`, `entrypoints/view.py`)."""
 
     per_step: int = Field(8, ge=0)
     """Trajectories dumped per step (stratified: correct, wrong, tool error, truncated); 0 turns dumps off."""

@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cir_actors.config import ConfigError
-from cir_actors.data import DataError
-from cir_actors.preflight import InputError
+from cir_actors.data.loaders import DataError
+from cir_actors.data.preflight import InputError
 
 PARTS = ["interpreter", "scorer", "generation", "learner", "train", "recovery"]
 

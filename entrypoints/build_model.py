@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
         return 2
     from pathlib import Path
 
-    from cir_actors.tiny_model import build_tiny_model
+    from cir_actors.data.tiny_model import build_tiny_model
 
     # --out is relative to where the user stands; the config's cache_dir to the project root.
     cache_dir = Path(args.out).resolve() if args.out else cfg.model.cache_dir

@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cir_actors.config import ConfigError, load_config
-from cir_actors.data import DataError
-from cir_actors.preflight import InputError, check_inputs
+from cir_actors.data.loaders import DataError
+from cir_actors.data.preflight import InputError, check_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +56,11 @@ def main(argv: list[str]) -> int:
     import ray
     from transformers import AutoTokenizer
 
-    from cir_actors.data import load_tasks
-    from cir_actors.evaluation import EvalRunner
-    from cir_actors.tiny_model import build_tiny_model
-    from cir_actors.trainer import Trainer, init_ray
-    from cir_actors.warm_start import warm_start
+    from cir_actors.control.trainer import Trainer, init_ray
+    from cir_actors.data.loaders import load_tasks
+    from cir_actors.data.tiny_model import build_tiny_model
+    from cir_actors.learning.warm_start import warm_start
+    from cir_actors.scoring.evaluation import EvalRunner
 
     t0 = time.monotonic()
     run_dir = Path(cfg.logging.run_dir)

@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cir_actors.config import ConfigError, load_config
-from cir_actors.data import DataError
-from cir_actors.evaluation import EvalError, benchmark_tasks_for, evaluate, load_tokenizer
+from cir_actors.data.loaders import DataError
+from cir_actors.scoring.evaluation import EvalError, benchmark_tasks_for, evaluate, load_tokenizer
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, sampling + args.overrides)
         model = args.model or cfg.model.path
         if model is None:
-            from cir_actors.tiny_model import build_tiny_model
+            from cir_actors.data.tiny_model import build_tiny_model
 
             model = str(build_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
         benchmarks = benchmark_tasks_for(cfg, load_tokenizer(model), args.data, args.limit)

@@ -1,6 +1,6 @@
 """Plan: `python entrypoints/plan.py --config configs/qwen2.5-math-7b.yaml [--cluster ray_cluster.yaml]
 [--model-dir DIR] [--json]`: per role and per GPU, weights, gradients, optimizer, activations, logits,
-KV cache, a time per step, and "fits / does not fit: <what breaks>" (cir_actors/plan.py).
+KV cache, a time per step, and "fits / does not fit: <what breaks>" (cir_actors/ops/plan.py).
 
 The model's config.json is read on the meta device (no weights). `--model-dir` points at a directory
 holding it when model.path is a hub id that is not cached here (tests/data/qwen2.5-math-7b ships one).
@@ -27,8 +27,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from cir_actors import plan
-        from cir_actors.model_setup import resolve_model
+        from cir_actors.data.model_setup import resolve_model
+        from cir_actors.ops import plan
 
         model_dir = args.model_dir or resolve_model(cfg)
         result = plan.plan(cfg, model_dir, plan.load_cluster(args.cluster) if args.cluster else None)

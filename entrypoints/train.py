@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cir_actors.config import ConfigError, dump_config, load_config
-from cir_actors.data import DataError
-from cir_actors.preflight import InputError, check_inputs
+from cir_actors.data.loaders import DataError
+from cir_actors.data.preflight import InputError, check_inputs
 from cir_actors.types import ProbeFailed
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from cir_actors.trainer import train
+    from cir_actors.control.trainer import train
 
     try:
         train(cfg)

@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--last-steps", type=int, default=20, help="dumped steps to include (latest first; 0: none)")
     p.add_argument("--serve", type=int, default=None, metavar="PORT", help="also serve the page on this port")
     args = p.parse_args(argv)
-    from cir_actors.viewer import build_page
+    from cir_actors.ops.viewer import build_page
 
     try:
         page = build_page(args.run_dir, last_steps=args.last_steps)
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     out.write_text(page, encoding="utf-8")
     print(f"wrote {out} ({len(page.encode()) / 1e6:.1f} MB)")
     if args.serve is not None:
-        from cir_actors.viewer import serve
+        from cir_actors.ops.viewer import serve
 
         serve(out, args.serve)
     return 0

@@ -34,7 +34,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The locally built tiny model (built once, reused from .cache)."""
-    from cir_actors.tiny_model import build_tiny_model
+    from cir_actors.data.tiny_model import build_tiny_model
 
     return build_tiny_model()
 
@@ -45,8 +45,8 @@ def tiny_generator(tiny_model_dir):
     on its own event loop: `tiny_generator.run(tiny_generator.gen.rollout(task, 0, 2))`.
     Tests may change `gen.cfg.generator.update_policy`; they restore it."""
     from cir_actors.config import load_config
-    from cir_actors.generator import LocalGenerator
-    from cir_actors.interpreter import InterpreterPool
+    from cir_actors.generation.generator import LocalGenerator
+    from cir_actors.sandbox.pool import InterpreterPool
 
     cfg = load_config(None, ["generator.max_response_tokens=96", "generator.max_inflight_trajectories=16"])
     pool = InterpreterPool(cfg.interpreter)

@@ -46,8 +46,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
 
 
 def _tasks(tokenizer: Any, n: int) -> list[Any]:
-    from cir_actors.data import make_task
-    from cir_actors.tasks import generate_problems
+    from cir_actors.data.loaders import make_task
+    from cir_actors.data.tasks import generate_problems
     from cir_actors.types import Task
 
     tasks = []
@@ -85,7 +85,7 @@ async def _cir_sync_loop(gen: Any, tasks: list, n: int, budget: int, bias: dict,
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    from cir_actors.rollout import BlockScanner, _tokens_through, open_block_tail
+    from cir_actors.generation.rollout import BlockScanner, _tokens_through, open_block_tail
 
     codec, engine, interp = gen._codec, gen.engine, gen._interpreter
     cfg = gen.cfg
@@ -257,8 +257,8 @@ def _mismatch_hf(model_dir: str, dtype: str, samples: list) -> dict[str, float]:
 
 
 def _engine(model_dir: str, dtype: str, args: argparse.Namespace) -> Any:
-    from cir_actors.generator import LocalGenerator
-    from cir_actors.interpreter import InterpreterPool
+    from cir_actors.generation.generator import LocalGenerator
+    from cir_actors.sandbox.pool import InterpreterPool
 
     cfg = load_config(None, [f"model.dtype={dtype}", f"generator.max_response_tokens={args.max_response}",
                              "generator.max_prompt_tokens=256", "generator.max_inflight_trajectories=64",
@@ -274,7 +274,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from cir_actors.tiny_model import build_tiny_model
+    from cir_actors.data.tiny_model import build_tiny_model
 
     args = _args(argv)
     parts = set(args.parts.split(","))

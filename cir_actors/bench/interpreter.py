@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from cir_actors.interpreter import InterpreterPool
+from cir_actors.sandbox.pool import InterpreterPool
 
 _TICK = os.sysconf("SC_CLK_TCK")
 

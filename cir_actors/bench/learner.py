@@ -45,7 +45,7 @@ class PublicationReceiver:
         self.params = {n: torch.empty(s, dtype=getattr(torch, d)) for n, s, d in names_shapes}
 
     def _verify(self, t0: float) -> tuple[float, float, str]:
-        from cir_actors.weight_sync import fingerprint
+        from cir_actors.learning.weight_sync import fingerprint
 
         t1 = time.perf_counter()
         fp = fingerprint(self.params.items())
@@ -61,7 +61,7 @@ class PublicationReceiver:
         return self._verify(t0)
 
     def load_broadcast(self, update: Any, rank: int) -> tuple[float, float, str]:
-        from cir_actors.weight_sync import receive_broadcast
+        from cir_actors.learning.weight_sync import receive_broadcast
 
         t0 = time.perf_counter()
         for name, t in receive_broadcast(update, rank=rank):
@@ -116,8 +116,8 @@ def run(argv: list[str]) -> dict:
     import ray
 
     from cir_actors.config import TinyModelConfig, load_config
-    from cir_actors.learner import Learner
-    from cir_actors.tiny_model import build_tiny_model
+    from cir_actors.data.tiny_model import build_tiny_model
+    from cir_actors.learning.learner import Learner
 
     started_ray = not ray.is_initialized()
     if started_ray:

@@ -36,7 +36,7 @@ def _peak_gb() -> float:
 
 def build_model(size: str, root: Path) -> Path:
     """A random-init model of `size` with the tiny model's tokenizer (cached under root)."""
-    from cir_actors.tiny_model import build_tiny_model
+    from cir_actors.data.tiny_model import build_tiny_model
 
     tiny = build_tiny_model()
     if SIZES[size] is None:
@@ -73,7 +73,7 @@ def child(model_dir: str, length: int, rows: int) -> dict:
     import numpy as np
 
     from cir_actors.config import load_config
-    from cir_actors.learner_rank import LearnerRank, _as_trajectory
+    from cir_actors.learning.learner_rank import LearnerRank, _as_trajectory
 
     cfg = load_config(None, _overrides(length * rows))
     rank = LearnerRank(cfg, model_dir, 0, 1)
@@ -109,8 +109,8 @@ def run(argv: list[str]) -> dict:
         print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
         return {}
 
-    from cir_actors import plan
     from cir_actors.config import load_config
+    from cir_actors.ops import plan
 
     root = Path(tempfile.gettempdir()) / "cir-plan-check"
     base = _run_child(["--child", str(build_model("micro", root)), "64", "1"])["peak_gb"]

@@ -70,7 +70,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
     from cir_actors.config import load_config
-    from cir_actors.trainer import init_ray, train
+    from cir_actors.control.trainer import init_ray, train
 
     plan = [(2, "generator-1"), (3, "interpreter-0"), (4, "scorer-1"), (5, "learner-rank-0"), (7, "buffer")]
     with tempfile.TemporaryDirectory(prefix="cir-bench-recovery-") as tmp:

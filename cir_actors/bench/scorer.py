@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from cir_actors.config import ScorerConfig
-from cir_actors.scorer import Scorer, gold_answer
+from cir_actors.scoring.scorer import Scorer, gold_answer
 from cir_actors.types import VerdictReason
 
 BENCHMARKS = Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"

@@ -7,7 +7,7 @@ training times alone, (gen + train) / max(gen, train). Target: async reaches >= 
 On a 2-core machine generation and training compete for the same cores, which caps the overlap;
 the table says so rather than hiding it.
 
-Below it, where each mode's step goes (cir_actors/step_time.py, metrics.jsonl `time/...`): the
+Below it, where each mode's step goes (cir_actors/ops/step_time.py, metrics.jsonl `time/...`): the
 learner's wait for a batch, fetch, separate proximal forward, update and publication; a generator's
 wall, idle, busy and weight-load time and its trajectory-seconds of generation, tool wait and
 scoring; the ideal synchronous and asynchronous steps from them and the measured overlap efficiency.
@@ -33,7 +33,7 @@ BREAKDOWN = [
 
 def _run(overrides: list[str], run_dir: Path) -> list[dict[str, Any]]:
     from cir_actors.config import load_config
-    from cir_actors.trainer import Trainer
+    from cir_actors.control.trainer import Trainer
 
     cfg = load_config(None, [*overrides, f"logging.run_dir={run_dir}", "logging.wandb_mode=disabled",
                              "logging.progress=false"])
@@ -53,8 +53,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     import ray
 
     from cir_actors.config import load_config
-    from cir_actors.preflight import check_inputs
-    from cir_actors.trainer import init_ray
+    from cir_actors.control.trainer import init_ray
+    from cir_actors.data.preflight import check_inputs
 
     model = args.model
     warm = ROOT / "runs" / "demo" / "warm_start" / "hf"
@@ -83,7 +83,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                 "gen_s": statistics.mean(r["time/wait_batch_s"] for r in steady),
                 "train_s": statistics.mean(r["time/train_s"] + r["time/publish_s"] for r in steady),
                 "staleness_mean": statistics.mean(r["staleness_mean"] for r in steady),
-                # where the step went (cir_actors/step_time.py), mean over steady steps
+                # where the step went (cir_actors/ops/step_time.py), mean over steady steps
                 **{k.removeprefix("time/"): statistics.mean(r.get(k, 0.0) for r in steady) for k in BREAKDOWN},
             }
     sync, asyn = results["sync"], results["async"]

@@ -1,0 +1,350 @@
+"""The replay buffer: references to scored trajectories, assembled into complete GRPO groups.
+
+The trajectory data is never deserialized by this actor. It must survive the death of the
+generator that produced it, so the buffer, not the generator, owns each object: the generator
+announces a finished sample (`pull`) with the few numbers the buffer decides on (reward, oldest
+sampling version, metrics), and the buffer calls back `source.take(key)`. The return value of an
+actor call is owned by the caller, so the reference the buffer keeps lives as long as the buffer,
+whatever happens to the generator. (Ray 2.56 removed `ray.put(..., _owner=)`, the other way to do
+this. Ray stores returns under 100 KiB inline in the owner's memory store: for small trajectories
+the bytes sit in this process's memory, still never deserialized here; larger ones stay in the
+node's object store.)
+
+A group is served once all n samples are in. At serve time, groups older than the staleness bound
+(oldest token version < learner version - max_staleness) are dropped and counted, as are, when
+configured, groups whose rewards are all equal (they carry no GRPO signal). Every group is in
+exactly one place: partial, ready, served, or dropped; `stats()` adds them up.
+
+The ledger: with the scheduler as `ledger`, every change of a group's place is reported to it
+before it takes effect here (completion, drops), all under one lock, so that `snapshot()` and
+`checkpoint_cut()` see the scheduler's ledger and this buffer at one instant: the conservation
+identity can be checked exactly while generators run, and a checkpoint is a true cut (no group both
+saved and re-queued, none in neither).
+
+Checkpoints: `checkpoint_cut()` returns the ready groups' data (fetched from the object store only
+then) with the scheduler's state of the same instant; `restore()` puts both back; partial groups
+are not saved — the scheduler re-queues their tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from cir_actors.types import DropReason, TrainBatch
+
+
+@dataclass
+class _Group:
+    group_id: int
+    n: int
+    admitted_version: int
+    refs: dict[int, Any] = field(default_factory=dict)  # sample_index -> ObjectRef
+    rewards: dict[int, float] = field(default_factory=dict)
+    min_versions: dict[int, int] = field(default_factory=dict)
+    metas: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.refs) == self.n
+
+    def min_version(self) -> int:
+        versions = [v for v in self.min_versions.values() if v >= 0]
+        return min(versions) if versions else self.admitted_version
+
+
+class ReplayBuffer:
+    """Plain Python; the system runs it as the async Ray actor named `buffer`."""
+
+    def __init__(
+        self, max_staleness: int, *, drop_zero_advantage: bool = False, max_groups: int = 1024, ledger: Any = None
+    ):
+        self._ledger_handle = ledger  # the scheduler (an actor handle or, in tests, the object)
+        self._max_staleness = max_staleness
+        self._drop_zero_adv = drop_zero_advantage
+        self._max_groups = max_groups
+        self._partial: dict[int, _Group] = {}
+        self._ready: dict[int, _Group] = {}  # insertion order = completion order
+        self._served_groups = 0
+        self._served_trajectories = 0
+        self._added_trajectories = 0
+        self._dropped: Counter[str] = Counter()
+        self._dropped_trajectories: Counter[str] = Counter()
+        self._served_staleness: Counter[int] = Counter()
+        self._closed: set[int] = set()  # groups served or dropped: a late sample would duplicate data
+        self._changed: asyncio.Condition | None = None
+        from cir_actors.ops.metrics import BufferMetrics
+
+        self._metrics = BufferMetrics()
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _ledger(self, method: str, *args: Any) -> Any:
+        """Report to the scheduler's ledger (None without one)."""
+        if self._ledger_handle is None:
+            return None
+        fn = getattr(self._ledger_handle, method)
+        if hasattr(fn, "remote"):
+            return await fn.remote(*args)
+        out = fn(*args)
+        return await out if inspect.isawaitable(out) else out
+
+    async def add(
+        self,
+        group_id: int,
+        n: int,
+        admitted_version: int,
+        sample_index: int,
+        ref: list[Any],
+        reward: float,
+        min_version: int,
+        meta: dict[str, float] | None = None,
+    ) -> bool:
+        """Accept one sample of a group (`ref` is a one-element list holding the ObjectRef; `meta`
+        a few numbers for the step's metrics, e.g. correct, response_len, num_executed).
+        Returns True when this sample completed the group."""
+        cond = self._condition()
+        async with cond:
+            if group_id in self._ready or group_id in self._closed:
+                raise ValueError(f"group {group_id} is already complete or closed; sample {sample_index} would duplicate it")
+            if not 0 <= sample_index < n:
+                raise ValueError(f"sample_index {sample_index} outside [0, {n})")
+            group = self._partial.setdefault(group_id, _Group(group_id, n, admitted_version))
+            if sample_index in group.refs:
+                raise ValueError(f"group {group_id} sample {sample_index} added twice")
+            group.refs[sample_index] = ref[0]
+            group.rewards[sample_index] = float(reward)
+            group.min_versions[sample_index] = int(min_version)
+            group.metas[sample_index] = dict(meta or {})
+            self._added_trajectories += 1
+            if not group.complete:
+                self._metrics.depth(len(self._ready), len(self._partial))
+                return False
+            del self._partial[group_id]
+            if await self._ledger("group_buffered", group_id) is False:
+                # The scheduler had already given the group up (its generator was declared dead).
+                self._closed.add(group_id)
+                self._dropped_trajectories[DropReason.GENERATOR_LOST] += len(group.refs)
+                return False
+            self._ready[group_id] = group
+            self._metrics.depth(len(self._ready), len(self._partial))
+            cond.notify_all()
+        return True
+
+    async def pull(
+        self,
+        group_id: int,
+        n: int,
+        admitted_version: int,
+        sample_index: int,
+        source: Any,
+        key: str,
+        reward: float,
+        min_version: int,
+        meta: dict[str, float] | None = None,
+    ) -> bool:
+        """Take ownership of a finished sample held by `source` (an actor with `take(key)`), then
+        `add` it. Returns once the object exists, so the producer may die afterwards."""
+        import ray
+
+        ref = source.take.remote(key)
+        await asyncio.to_thread(ray.wait, [ref], num_returns=1, fetch_local=False)
+        return await self.add(group_id, n, admitted_version, sample_index, [ref], reward, min_version, meta)
+
+    def discard_partial(self, group_id: int, reason: str = DropReason.ABORTED) -> int:
+        """Forget an incomplete group (its generator failed; the scheduler already dropped it from
+        its ledger); returns how many samples it held (counted as dropped trajectories)."""
+        self._closed.add(group_id)
+        group = self._partial.pop(group_id, None)
+        if group is None:
+            return 0
+        self._dropped_trajectories[str(reason)] += len(group.refs)
+        return len(group.refs)
+
+    def discard_groups(self, group_ids: list[int], reason: str) -> int:
+        """`discard_partial` for several groups (a dead generator's); returns the samples dropped."""
+        return sum(self.discard_partial(gid, reason) for gid in group_ids)
+
+    def mark_lost(self, group_ids: list[int], trajectories: int) -> None:
+        """Served groups whose objects were gone when the learner fetched them: not trained."""
+        self._served_groups -= len(group_ids)
+        self._served_trajectories -= trajectories
+        self._dropped[DropReason.LOST] += len(group_ids)
+        self._dropped_trajectories[DropReason.LOST] += trajectories
+
+    def _take_servable(self, learner_version: int, num_groups: int) -> tuple[list[_Group], dict[str, list[_Group]]]:
+        dropped: dict[str, list[_Group]] = {}
+        # Oldest data first: it is the closest to the staleness bound.
+        for gid in sorted(self._ready, key=lambda g: self._ready[g].min_version()):
+            group = self._ready[gid]
+            if group.min_version() < learner_version - self._max_staleness:
+                del self._ready[gid]
+                self._closed.add(gid)
+                dropped.setdefault(DropReason.STALE, []).append(group)
+            elif self._drop_zero_adv and len(set(group.rewards.values())) == 1:
+                del self._ready[gid]
+                self._closed.add(gid)
+                dropped.setdefault(DropReason.ZERO_ADVANTAGE, []).append(group)
+        if len(self._ready) < num_groups:
+            return [], dropped
+        chosen = sorted(self._ready.values(), key=lambda g: g.min_version())[:num_groups]
+        for g in chosen:
+            del self._ready[g.group_id]
+            self._closed.add(g.group_id)
+        return chosen, dropped
+
+    async def get_batch(self, num_groups: int, learner_version: int, timeout_s: float = 1.0) -> TrainBatch | None:
+        """`num_groups` complete, fresh-enough groups for the learner at `learner_version`, or None
+        after timeout_s. Stale groups met on the way are dropped and reported in `dropped`."""
+        cond = self._condition()
+        all_dropped: Counter[str] = Counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        async with cond:
+            while True:
+                chosen, dropped = self._take_servable(learner_version, num_groups)
+                for reason, groups in dropped.items():
+                    await self._ledger("groups_dropped", [g.group_id for g in groups], reason)
+                    all_dropped[reason] += len(groups)
+                    self._dropped[reason] += len(groups)
+                    self._dropped_trajectories[reason] += sum(len(g.refs) for g in groups)
+                if chosen:
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None if not all_dropped else TrainBatch([], [], [], dict(all_dropped))
+                try:
+                    await asyncio.wait_for(cond.wait(), remaining)
+                except TimeoutError:
+                    pass
+        self._served_groups += len(chosen)
+        for g in chosen:
+            self._served_trajectories += len(g.refs)
+            self._served_staleness[learner_version - g.min_version()] += 1
+            self._metrics.trained([learner_version - v for v in g.min_versions.values()])
+        for reason, count in all_dropped.items():
+            self._metrics.dropped(count, reason)
+        self._metrics.depth(len(self._ready), len(self._partial))
+        return TrainBatch(
+            groups=[[g.refs[i] for i in range(g.n)] for g in chosen],
+            group_ids=[g.group_id for g in chosen],
+            admitted_versions=[g.admitted_version for g in chosen],
+            dropped=dict(all_dropped),
+            metas=[[{**g.metas.get(i, {}), "reward": g.rewards[i], "staleness": learner_version - g.min_versions[i]}
+                    for i in range(g.n)] for g in chosen],
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "partial_groups": len(self._partial),
+            "ready_groups": len(self._ready),
+            "served_groups": self._served_groups,
+            "served_trajectories": self._served_trajectories,
+            "added_trajectories": self._added_trajectories,
+            "dropped_groups": dict(self._dropped),
+            "dropped_trajectories": dict(self._dropped_trajectories),
+            "partial_trajectories": sum(len(g.refs) for g in self._partial.values()),
+            "ready_trajectories": sum(len(g.refs) for g in self._ready.values()),
+            "served_staleness": {str(k): v for k, v in sorted(self._served_staleness.items())},
+        }
+
+    def trajectory_conservation(self) -> dict[str, Any]:
+        """added = trained (served, not lost) + dropped (by reason) + partial + ready, for trajectories."""
+        st = self.stats()
+        out = {
+            "added": st["added_trajectories"],
+            "trained": st["served_trajectories"],
+            "dropped": sum(st["dropped_trajectories"].values()),
+            "dropped_by_reason": st["dropped_trajectories"],
+            "partial": st["partial_trajectories"],
+            "ready": st["ready_trajectories"],
+        }
+        out["ok"] = out["added"] == out["trained"] + out["dropped"] + out["partial"] + out["ready"]
+        return out
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The scheduler's ledger and this buffer at one instant (for the driver's conservation check)."""
+        async with self._condition():
+            ledger = await self._ledger("conservation")
+            return {"groups": ledger, "trajectories": self.trajectory_conservation(), "buffer": self.stats()}
+
+    async def checkpoint_cut(self) -> dict[str, Any]:
+        """A consistent cut: the scheduler's checkpoint state and the ready groups' data at one
+        instant (nothing completes or drops in between)."""
+        import ray
+
+        async with self._condition():
+            scheduler = await self._ledger("checkpoint_state")
+            groups = self.checkpoint_groups_refs()
+            refs = [r for g in groups for r in g.pop("refs")]
+            fetch = [r for r in refs if isinstance(r, ray.ObjectRef)]  # (plain objects in in-process tests)
+            got = iter(await asyncio.to_thread(ray.get, fetch) if fetch else [])
+            data = [next(got) if isinstance(r, ray.ObjectRef) else r for r in refs]
+            it = iter(data)
+            for g in groups:
+                g["samples"] = [next(it) for _ in range(g["n"])]
+            counters = {
+                "served_groups": self._served_groups,
+                "served_trajectories": self._served_trajectories,
+                "added_trajectories": self._added_trajectories,
+                "dropped": dict(self._dropped),
+                # partial groups are not saved: their samples are regenerated after a resume
+                "dropped_trajectories": dict(
+                    self._dropped_trajectories
+                    + Counter({DropReason.RESUMED: sum(len(g.refs) for g in self._partial.values())})
+                ),
+                "served_staleness": {str(k): v for k, v in self._served_staleness.items()},
+            }
+            return {"scheduler": scheduler, "groups": groups, "counters": counters}
+
+    def restore_counters(self, counters: dict[str, Any]) -> None:
+        """Counters of the run before a resume, so the conservation identities hold across resumes."""
+        self._served_groups = int(counters["served_groups"])
+        self._served_trajectories = int(counters["served_trajectories"])
+        self._added_trajectories = int(counters["added_trajectories"])
+        self._dropped = Counter(counters["dropped"])
+        self._dropped_trajectories = Counter(counters["dropped_trajectories"])
+        self._served_staleness = Counter({int(k): int(v) for k, v in counters.get("served_staleness", {}).items()})
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpoint_groups_refs(self) -> list[dict[str, Any]]:
+        """The ready groups with references to their samples (`refs`), for a checkpoint."""
+        return [
+            {
+                "group_id": g.group_id,
+                "n": g.n,
+                "admitted_version": g.admitted_version,
+                "refs": [g.refs[i] for i in range(g.n)],
+                "rewards": [g.rewards[i] for i in range(g.n)],
+                "min_versions": [g.min_versions[i] for i in range(g.n)],
+                "metas": [g.metas.get(i, {}) for i in range(g.n)],
+            }
+            for g in self._ready.values()
+        ]
+
+    def checkpoint_groups(self) -> list[dict[str, Any]]:
+        """The ready groups with their data (resolved from the object store)."""
+        import ray
+
+        out = self.checkpoint_groups_refs()
+        for g in out:
+            g["samples"] = ray.get(g.pop("refs"))
+        return out
+
+    def restore_groups(self, groups: list[dict[str, Any]]) -> None:
+        import ray
+
+        for d in groups:
+            g = _Group(d["group_id"], d["n"], d["admitted_version"])
+            for i, sample in enumerate(d["samples"]):
+                g.refs[i] = ray.put(sample)  # owned by this actor
+                g.rewards[i] = d["rewards"][i]
+                g.min_versions[i] = d["min_versions"][i]
+                g.metas[i] = d.get("metas", [{}] * g.n)[i]
+            self._ready[g.group_id] = g

@@ -1,0 +1,681 @@
+"""The driver of a training run: starts (or joins) Ray, creates the named actors of every role,
+runs the learner loop, and writes the run directory.
+
+    run_dir/config.yaml        the resolved config
+    run_dir/metrics.jsonl      one line per step (rewards, accuracy, lengths, tool use, budget,
+                               version, staleness, loss diagnostics, throughput, idle times, counts)
+    run_dir/checkpoints/       learner state + buffer groups + scheduler position, `latest` pointer
+    run_dir/curves.png         reward and accuracy per step, drawn at the end
+    run_dir/trajectories/      per step, a sample of trained trajectories token by token (learning/dumps.py;
+                               `python entrypoints/view.py run_dir` renders them, docs/viewer.md)
+    run_dir/wandb/             W&B (offline unless logging.wandb_mode=online)
+
+The trajectories themselves never pass through the driver: generators put them into the object
+store owned by the buffer, and the learner ranks fetch their shard by reference. The driver sees
+only the few numbers the buffer keeps per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cir_actors.config import Config, dump_config
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster when asked, else start a private local Ray (local_head.connect_ray)."""
+    from cir_actors.ops.local_head import connect_ray
+
+    connect_ray(cfg)
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """The model directory (local, hub id fetched into the node's cache, or the tiny model), after
+    every load-time refusal (window, sampling the learner cannot reproduce): cir_actors/data/model_setup.py."""
+    from cir_actors.data.model_setup import check_feasible, resolve_model
+
+    path = resolve_model(cfg)
+    check_feasible(cfg, path)
+    return path
+
+
+def step_metrics(metas: list[list[dict[str, float]]]) -> dict[str, Any]:
+    """Per-step figures from the per-sample numbers the buffer keeps (pure; tested)."""
+    flat = [m for group in metas for m in group]
+    if not flat:
+        return {}
+
+    def mean(key: str) -> float:
+        return float(np.mean([m.get(key, 0.0) for m in flat]))
+
+    staleness = Counter(int(m.get("staleness", 0)) for m in flat)
+    finish = Counter(k.removeprefix("finish_") for m in flat for k in m if k.startswith("finish_"))
+    return {
+        "reward_mean": mean("reward"),
+        "accuracy": mean("correct"),
+        "response_len": mean("response_len"),
+        "code_blocks_per_response": mean("code_blocks"),
+        "tool_calls_per_response": mean("executed"),
+        "interp_errors_per_response": mean("interp_errors"),
+        "interp_timeouts_per_response": mean("interp_timeouts"),
+        "scorer_timeouts_per_response": mean("verdict_timeout"),
+        "sampled_tokens": float(sum(m.get("sampled_tokens", 0.0) for m in flat)),
+        "staleness_hist": {str(k): v for k, v in sorted(staleness.items())},
+        "staleness_mean": float(np.mean([m.get("staleness", 0) for m in flat])),
+        "finish_reasons": dict(finish),
+        "trajectories": len(flat),
+    }
+
+
+class StatefulRoleDied(RuntimeError):
+    """A learner rank, the buffer or the scheduler died: the run resumes from its latest checkpoint."""
+
+    def __init__(self, role: str, cause: BaseException):
+        super().__init__(f"{role} died ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})")
+        self.role = role
+
+
+class ConservationError(RuntimeError):
+    """admitted != trained + dropped + in flight + buffered: a group was lost or counted twice."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.history: list[dict[str, Any]] = []
+        self._wandb = None
+        self.recoveries = _load_recoveries(self.run_dir)
+        self._generator_restarts = 0
+        self._pending_recovery: dict[str, dict[str, Any]] = {}  # generator name -> its open recovery record
+        self._stateless_pids: dict[str, int] = {}
+        self.pending_resume: dict[str, Any] | None = None  # an automatic resume, closed by the first step
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        import ray
+        from transformers import AutoTokenizer
+
+        from cir_actors.control.budget_scheduler import BudgetScheduler
+        from cir_actors.control.replay_buffer import ReplayBuffer
+        from cir_actors.data.loaders import load_tasks
+        from cir_actors.learning.learner import Learner
+        from cir_actors.ops.cluster import actor_options
+        from cir_actors.sandbox.pool import InterpreterPool, probe_interpreters
+        from cir_actors.scoring.scorer import Scorer, probe_scorers
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        init_ray(cfg)
+        taken = wait_names_free(cfg, 60.0)
+        if taken:
+            raise RuntimeError(f"actors named {', '.join(taken)} are alive in namespace '{cfg.cluster.namespace}': "
+                               "another run of this config is going on (or use another cluster.namespace)")
+        self.model_path = resolve_model_path(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        tasks = load_tasks(cfg, tokenizer, "train")
+        log.info("%d training tasks; model %s", len(tasks), self.model_path)
+
+        self.learner = Learner(cfg, self.model_path)
+        self.scheduler = ray.remote(BudgetScheduler).options(**actor_options("scheduler", cfg)).remote(cfg, tasks)
+        self.buffer = ray.remote(ReplayBuffer).options(**actor_options("buffer", cfg)).remote(
+            cfg.scheduler.max_staleness,
+            drop_zero_advantage=cfg.buffer.drops_zero_variance,
+            max_groups=cfg.buffer.max_buffered_groups,
+            ledger=self.scheduler,
+        )
+        self.interpreters = [
+            ray.remote(InterpreterPool).options(**actor_options("interpreter", cfg, i)).remote(cfg.interpreter)
+            for i in range(cfg.interpreter.num_pools)
+        ]
+        self.scorers = [
+            ray.remote(Scorer).options(**actor_options("scorer", cfg, i)).remote(cfg.scorer)
+            for i in range(cfg.scorer.num_scorers)
+        ]
+        probe_interpreters(self.interpreters)  # a broken sandbox or scorer: one sentence (ProbeFailed) here,
+        probe_scorers(self.scorers)  # not "3 groups in a row failed" later
+        self.resumed_from = self._maybe_resume()
+        self.workers = [self._new_generator(i, self._initial_update) for i in range(cfg.generator.num_generators)]
+        for i, w in enumerate(self.workers):
+            self._get(self.scheduler.register_generator.remote(f"generator-{i}", w), "scheduler")
+        self._init_wandb()
+
+    def _interpreters_for(self, i: int) -> list[Any]:
+        """Generator i's interpreter pools: its own first, then the others (where retries go)."""
+        k = i % len(self.interpreters)
+        return self.interpreters[k:] + self.interpreters[:k]
+
+    def _new_generator(self, i: int, initial_update: Any) -> Any:
+        import ray
+
+        from cir_actors.generation.rollout_worker import RolloutWorker
+        from cir_actors.ops.cluster import actor_options
+
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                return ray.remote(RolloutWorker).options(**actor_options("generator", self.cfg, i)).remote(
+                    self.cfg, self.model_path, f"generator-{i}", self._interpreters_for(i),
+                    self.scorers, self.buffer, self.scheduler, initial_update,
+                )
+            except ValueError as e:  # the dead actor's name is released a moment after its death
+                if "already taken" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _get(self, ref: Any, role: str, timeout: float | None = None) -> Any:
+        """ray.get with a deadline; the death of a stateful role becomes StatefulRoleDied."""
+        import ray
+        import ray.exceptions as rex
+
+        try:
+            return ray.get(ref, timeout=timeout or self.cfg.recovery.call_timeout_s)
+        except (rex.RayActorError, rex.ActorUnavailableError) as e:
+            raise StatefulRoleDied(role, e) from e
+        except rex.GetTimeoutError as e:
+            raise RuntimeError(f"the {role} did not answer within {timeout or self.cfg.recovery.call_timeout_s:.0f} s") from e
+
+    def _maybe_resume(self) -> int | None:
+        """Restore learner, buffer, scheduler and counters from the latest checkpoint, if any."""
+        from cir_actors.serialization import decode_scored, read_frames
+        from cir_actors.types import PolicyUpdate
+
+        self._initial_update = None
+        latest = self.ckpt_dir / "latest"
+        if not latest.is_file():
+            # Nothing to resume: steps a run logged before dying without a checkpoint are not trained.
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return None
+        step_dir = self.ckpt_dir / latest.read_text().strip()
+        cut = json.loads((step_dir / "cut.json").read_text())
+        self.learner.load_checkpoint(step_dir / "learner")
+        with open(step_dir / "buffer.msgpack", "rb") as f:
+            groups = list(read_frames(f))
+        for g in groups:
+            g["samples"] = [decode_scored(s) for s in g["samples"]]
+        self._get(self.scheduler.restore.remote(cut["scheduler"], PolicyUpdate(version=self.learner.version, budget=0)),
+                  "scheduler")
+        self._get(self.buffer.restore_groups.remote(groups), "buffer")
+        self._get(self.buffer.restore_counters.remote(cut["counters"]), "buffer")
+        # Generators start from the base model: hand them the restored weights with the first admission.
+        self._initial_update = self.learner.publish()
+        hist = self.run_dir / "metrics.jsonl"
+        if hist.is_file():
+            self.history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
+            self.history = [h for h in self.history if h["step"] <= self.learner.version]
+            hist.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        log.info("resumed from %s at version %d", step_dir, self.learner.version)
+        return self.learner.version
+
+    def _init_wandb(self) -> None:
+        if self.cfg.logging.wandb_mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self._wandb = wandb.init(
+                project=self.cfg.logging.wandb_project or "cir-actors",
+                mode=self.cfg.logging.wandb_mode,
+                dir=str(self.run_dir),
+                config=self.cfg.model_dump(mode="json"),
+                resume="allow",
+                id=self.run_dir.name.replace("/", "-"),
+            )
+        except Exception as e:  # noqa: BLE001 - W&B is an observer: a failure to log must not stop training
+            log.warning("W&B disabled: %s", e)
+            self._wandb = None
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        from cir_actors.ops.metrics import LearnerMetrics, RunMetrics
+        from cir_actors.types import DropReason
+
+        cfg = self.cfg
+        self.setup()
+        self.runs = [w.run.remote() for w in self.workers]
+        total = cfg.scheduler.total_steps
+        version = self.learner.version
+        t_start = time.monotonic()
+        learner_wait = 0.0
+        dropped_total: Counter[str] = Counter()
+        from cir_actors.learning.dumps import dump_step
+
+        learner_metrics = LearnerMetrics("learner")
+        self._run_metrics = RunMetrics()
+        self._step_times: list[float] = []
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+        try:
+            while version < total:
+                t0 = time.monotonic()
+                self._check_workers()  # every step, not only while waiting: a dead generator is healed at once
+                batch = self._wait_batch(version, t0, dropped_total)
+                t_batch = time.monotonic()
+                learner_wait += t_batch - t0
+                try:
+                    train_metrics = self.learner.train_step(batch.groups, record=cfg.dumps.per_step)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    raise StatefulRoleDied("learner rank", e) from e
+                dump_row = dump_step(self.run_dir, self.learner.version, train_metrics.pop("records", []), cfg)
+                lost_idx = set(train_metrics.pop("lost_groups", []))
+                lost_ids = [gid for k, gid in enumerate(batch.group_ids) if k in lost_idx]
+                trained_ids = [gid for k, gid in enumerate(batch.group_ids) if k not in lost_idx]
+                if lost_ids:
+                    lost_traj = sum(len(batch.groups[k]) for k in lost_idx)
+                    self._get(self.scheduler.groups_dropped.remote(lost_ids, DropReason.LOST), "scheduler")
+                    self._get(self.buffer.mark_lost.remote(lost_ids, lost_traj), "buffer")
+                    log.warning("step %d: %d groups lost with their objects (counted, not trained)",
+                                version + 1, len(lost_ids))
+                self._get(self.scheduler.groups_trained.remote(trained_ids), "scheduler")
+                t_train = time.monotonic()
+                try:
+                    update = self.learner.publish()
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    raise StatefulRoleDied("learner rank", e) from e
+                update = self._get(self.scheduler.advance.remote(update), "scheduler")
+                version = update.version
+                t_pub = time.monotonic()
+                self._step_times.append(t_pub - t0)
+                learner_metrics.step(t_train - t_batch, int(train_metrics.get("seq_tokens", 0)), version,
+                                     train_metrics.get("loss"))
+                learner_metrics.publish(t_pub - t_train)
+                learner_metrics.correction(train_metrics.get("is_masked_frac", 0.0),
+                                           train_metrics.get("is_cap_frac", 0.0), train_metrics.get("is_ess", 1.0))
+                row = self._row(version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start,
+                                learner_wait, dropped_total)
+                row["group_ids"] = trained_ids
+                if self.pending_resume is not None:
+                    rec, self.pending_resume = self.pending_resume, None
+                    rec["resumed_after_s"] = round(time.monotonic() - rec.pop("_t0"), 2)
+                    self._record_recovery(rec)
+                    log.warning("training again %.1f s after %s died", rec["resumed_after_s"], rec["name"])
+                row.update(self._conservation_row())
+                row.update(dump_row)
+                self.history.append(row)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                if self._wandb is not None:
+                    self._wandb.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=version)
+                if cfg.logging.progress:
+                    print(self._progress(row, total), flush=True)
+                if cfg.learner.save_every and version % cfg.learner.save_every == 0 and version < total:
+                    self.save_checkpoint(version)
+        finally:
+            metrics_file.close()
+        # The final checkpoint comes first: a late failure below loses nothing that was trained.
+        self._get(self.scheduler.stop.remote(), "scheduler")
+        self.save_checkpoint(version)
+        # Invariant 5: every generator reports the final version and the checksum it was sent.
+        served = self._get(self.scheduler.wait_served.remote(version), "scheduler", timeout=180)
+        for name, rep in served.items():
+            if rep.get("error") or rep.get("checksum") != rep.get("expected_checksum"):
+                log.error("%s did not load version %d cleanly: %s", name, version, rep)
+        for rec in self._pending_recovery.values():  # restarted, but the run ended before it served
+            rec["serving_again_s"] = None
+            self._record_recovery(rec)
+        self._pending_recovery.clear()
+        worker_stats = []
+        for i, ref in enumerate(self.runs):
+            try:
+                worker_stats.append(ray.get(ref, timeout=300))
+            except Exception as e:  # noqa: BLE001 - training is done and saved; say which worker and go on
+                log.error("generator-%d did not finish cleanly after the last step: %s", i, e)
+                worker_stats.append({"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
+        self._plot()
+        summary = {"final_version": version, "steps": len(self.history), "wall_s": time.monotonic() - t_start,
+                   "served": served, "recoveries": self.recoveries,
+                   "workers": worker_stats, "scheduler": self._get(self.scheduler.state.remote(), "scheduler"),
+                   "buffer": self._get(self.buffer.stats.remote(), "buffer")}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if self._wandb is not None:
+            self._wandb.finish()
+        return summary
+
+    def _wait_batch(self, version: int, t0: float, dropped_total: Counter[str]) -> Any:
+        """The next batch; meanwhile heal generators, watch the weight pushes and the progress.
+        (The buffer reports its drops to the scheduler's ledger itself; they are only counted here.)"""
+        cfg = self.cfg
+        stall_s = max(cfg.recovery.min_stall_s, cfg.recovery.stall_factor * float(np.median(self._step_times))
+                      if self._step_times else cfg.recovery.min_stall_s)
+        while True:
+            batch = self._get(self.buffer.get_batch.remote(cfg.learner.prompts_per_step, version, timeout_s=2.0),
+                              "buffer")
+            if batch is not None and batch.dropped:
+                dropped_total.update(batch.dropped)
+            if batch is not None and cfg.buffer.dynamic_sampling:
+                self._get(self.scheduler.batch_inspected.remote(len(batch.groups), batch.dropped), "scheduler")
+            if batch is not None and batch.groups:
+                return batch
+            self._check_workers()
+            if time.monotonic() - t0 > stall_s:
+                sched = self._get(self.scheduler.state.remote(), "scheduler")
+                buf = self._get(self.buffer.stats.remote(), "buffer")
+                raise RuntimeError(
+                    f"no batch for {time.monotonic() - t0:.0f} s at version {version} (watchdog: {stall_s:.0f} s); "
+                    f"scheduler {json.dumps({k: sched[k] for k in ('inflight_groups', 'capacity', 'verified', 'dead_generators', 'served')}, default=str)}; "
+                    f"buffer {json.dumps({k: buf[k] for k in ('partial_groups', 'ready_groups', 'dropped_groups')})}"
+                )
+
+    def _check_workers(self) -> None:
+        """Heal dead generators, end the run on a persistent weight-push failure, and close the
+        recovery records of generators that are serving again."""
+        import ray
+
+        done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        for ref in done:
+            i = self.runs.index(ref)
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                self._heal_generator(i, e)
+                continue
+            if not self._get(self.scheduler.stopped.remote(), "scheduler"):
+                raise RuntimeError(f"generator-{i} stopped while the scheduler was still admitting")
+        failures = self._get(self.scheduler.push_failures.remote(), "scheduler")
+        if failures:
+            raise RuntimeError(next(iter(failures.values())))
+        if self._pending_recovery:
+            state = self._get(self.scheduler.state.remote(), "scheduler")
+            for name, rec in list(self._pending_recovery.items()):
+                if state["verified"].get(name):
+                    rec["serving_again_s"] = round(time.monotonic() - rec.pop("_t0"), 2)
+                    self._record_recovery(rec)
+                    log.warning("%s serving again after %.1f s (version %d)", name, rec["serving_again_s"],
+                                state["version"])
+                    del self._pending_recovery[name]
+
+    def _heal_generator(self, i: int, err: BaseException) -> None:
+        """Generator i died: release its in-flight groups (their prompts are admitted again),
+        restart it under the same name and send it the current weights; the scheduler admits it
+        once it echoed their fingerprint."""
+        import ray
+
+        from cir_actors.types import DropReason
+
+        name = f"generator-{i}"
+        t0 = time.monotonic()
+        if self._generator_restarts >= self.cfg.recovery.max_generator_restarts:
+            raise RuntimeError(f"{name} died and recovery.max_generator_restarts "
+                               f"({self.cfg.recovery.max_generator_restarts}) is spent: {err}") from err
+        self._generator_restarts += 1
+        lost = self._get(self.scheduler.fail_generator.remote(name), "scheduler")
+        samples = self._get(self.buffer.discard_groups.remote(lost, DropReason.GENERATOR_LOST), "buffer")
+        log.warning("recovery: %s died (%s); %d groups in flight released (%d samples dropped), restarting it",
+                    name, type(err).__name__, len(lost), samples)
+        ray.kill(self.workers[i], no_restart=True)
+        update = self._get(self.scheduler.current_update.remote(), "scheduler")
+        if self.cfg.learner.publish == "broadcast":
+            # A broadcast group's membership is fixed when it forms: the next one re-forms with the new actor.
+            self.learner.reset_broadcast()
+            update = self.learner.publish(via="object_store")
+        self.workers[i] = self._new_generator(i, None)
+        self._get(self.scheduler.register_generator.remote(name, self.workers[i], update), "scheduler")
+        self.runs[i] = self.workers[i].run.remote()
+        self._pending_recovery[name] = {"role": "generator", "name": name, "at_version": update.version,
+                                        "groups_released": len(lost), "samples_dropped": samples, "_t0": t0}
+
+    def _record_recovery(self, rec: dict[str, Any]) -> None:
+        rec = {k: v for k, v in rec.items() if not k.startswith("_")}
+        rec["time"] = time.time()
+        self.recoveries.append(rec)
+        with open(self.run_dir / "recoveries.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _conservation_row(self) -> dict[str, Any]:
+        """Check both conservation identities at one instant and return them for metrics.jsonl."""
+        import ray
+
+        snap = self._get(self.buffer.snapshot.remote(), "buffer")
+        groups, traj = snap["groups"], snap["trajectories"]
+        if not groups["ok"]:
+            raise ConservationError(f"groups: admitted {groups['admitted']} != trained {groups['trained']} + "
+                                    f"dropped {groups['dropped']} + in flight {groups['inflight']} + "
+                                    f"buffered {groups['buffered']}")
+        if not traj["ok"]:
+            raise ConservationError(f"trajectories: added {traj['added']} != trained {traj['trained']} + "
+                                    f"dropped {traj['dropped']} + partial {traj['partial']} + ready {traj['ready']}")
+        # Stateless roles restarted by Ray since the last step (a new pid answers).
+        actors = [("interpreter", i, a) for i, a in enumerate(self.interpreters)]
+        actors += [("scorer", i, a) for i, a in enumerate(self.scorers)]
+        for role, i, actor in actors:
+            try:
+                pid = ray.get(actor.health.remote(), timeout=10)["pid"]
+            except Exception:  # noqa: BLE001, S112 - restarting now: counted when it answers again
+                continue
+            key = f"{role}-{i}"
+            if key in self._stateless_pids and self._stateless_pids[key] != pid:
+                self._record_recovery({"role": role, "name": key, "healed_by": "ray"})
+                log.warning("recovery: %s was restarted by Ray (pid %d -> %d)", key, self._stateless_pids[key], pid)
+            self._stateless_pids[key] = pid
+        restarts = Counter(r["role"] for r in self.recoveries)
+        last_s: dict[str, float] = {}
+        for r in self.recoveries:
+            for k in ("serving_again_s", "resumed_after_s"):
+                if k in r:
+                    last_s[r["role"]] = r[k]
+        self._run_metrics.conservation(groups, traj)
+        self._run_metrics.restarts(dict(restarts), last_s)
+        row: dict[str, Any] = {f"conservation/groups_{k}": v for k, v in groups.items() if k != "dropped_by_reason"}
+        row["conservation/groups_dropped_by_reason"] = groups["dropped_by_reason"]
+        row.update({f"conservation/trajectories_{k}": v for k, v in traj.items() if k != "dropped_by_reason"})
+        row["conservation/trajectories_dropped_by_reason"] = traj["dropped_by_reason"]
+        row.update({f"recovery/restarts_{role}": n for role, n in restarts.items()})
+        row.update({f"recovery/last_s_{role}": s for role, s in last_s.items()})
+        return row
+
+    def _row(self, version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start, learner_wait, dropped_total):
+        import ray
+
+        from cir_actors.ops.step_time import generator_times, step_time_row
+
+        sm = step_metrics(batch.metas)
+        sched = self._get(self.scheduler.state.remote(), "scheduler")
+        buf = self._get(self.buffer.stats.remote(), "buffer")
+        wstats = []
+        for ref in [w.stats.remote() for w in self.workers]:
+            try:
+                wstats.append(ray.get(ref, timeout=30))
+            except Exception:  # noqa: BLE001, S112 - a generator that just died: healed at the next wait
+                continue
+        cache = []  # the interpreter pools' execution caches (cumulative counters; zeros when off)
+        for ref in [p.cache_stats.remote() for p in self.interpreters]:
+            try:
+                cache.append(ray.get(ref, timeout=30))
+            except Exception:  # noqa: BLE001, S112 - a pool Ray is restarting: counted again next step
+                continue
+        lookups, hits = sum(c["lookups"] for c in cache), sum(c["hits"] for c in cache)
+        gen_times = generator_times(self.workers)  # where the step's time went (cir_actors/ops/step_time.py)
+        step_s = t_pub - t0
+        return {
+            "step": version,
+            "version": version,
+            "budget": sched["budget"],
+            **sm,
+            **{f"train/{k}": v for k, v in train_metrics.items() if isinstance(v, int | float)},
+            "time/step_s": step_s,
+            "time/wait_batch_s": t_batch - t0,
+            "time/train_s": t_train - t_batch,
+            "time/publish_s": t_pub - t_train,
+            "time/elapsed_s": t_pub - t_start,
+            **step_time_row(train_metrics, t_batch - t0, t_train - t_batch, t_pub - t_train, step_s, gen_times),
+            "throughput/sampled_tokens_per_s": sm.get("sampled_tokens", 0.0) / max(step_s, 1e-9),
+            "throughput/trajectories_per_s": sm.get("trajectories", 0) / max(step_s, 1e-9),
+            "idle/learner_s": learner_wait,
+            "idle/generators_s": float(sum(w["idle_s"] for w in wstats)),
+            # infrastructure faults met and retried (a group that still failed is dropped as `infra`)
+            "infra/interpreter_faults": int(sum(w.get("interpreter_faults", 0) for w in wstats)),
+            "infra/scorer_faults": int(sum(w.get("scorer_faults", 0) for w in wstats)),
+            "interp_cache/lookups": lookups, "interp_cache/hits": hits, "interp_cache/hit_rate": hits / max(lookups, 1),
+            "interp_cache/calls_saved": sum(c["calls_saved"] for c in cache),
+            "count/admitted_groups": sched["admitted_groups"],
+            "count/inflight_groups": sched["inflight_groups"],
+            "count/failed_groups": sched["failed_groups"],
+            "count/trained_groups": buf["served_groups"],
+            "count/ready_groups": buf["ready_groups"],
+            "count/partial_groups": buf["partial_groups"],
+            "count/dropped_groups": sum(buf["dropped_groups"].values()),
+            "count/dropped_by_reason": buf["dropped_groups"],
+            "count/produced_trajectories": buf["added_trajectories"],
+            **{f"sampling/{k}": v for k, v in sched.items() if k.startswith(("zero_variance", "oversample"))},
+            "count/trained_trajectories": buf["served_trajectories"],
+        }
+
+    @staticmethod
+    def _progress(row: dict[str, Any], total: int) -> str:
+        return (
+            f"step {row['step']:>4}/{total}  reward {row.get('reward_mean', 0):+.3f}  acc {row.get('accuracy', 0):6.1%}  "
+            f"len {row.get('response_len', 0):5.1f}  tools {row.get('tool_calls_per_response', 0):.2f}  "
+            f"tok/s {row['throughput/sampled_tokens_per_s']:7.0f}  staleness {row.get('staleness_mean', 0):.2f}  "
+            f"budget {row['budget']}  step {row['time/step_s']:.1f}s"
+        )
+
+    # ---- checkpoints and plots -------------------------------------------------------------
+    def save_checkpoint(self, version: int) -> Path:
+        """A consistent cut: learner at `version`, and the buffer's ready groups with the scheduler's
+        state taken at one instant by the buffer (in-flight groups re-queued, counters included).
+        Written to a temporary directory renamed into place, then `latest` moves: a crash while
+        saving leaves the previous checkpoint as the latest."""
+        import shutil
+
+        from cir_actors.serialization import encode_scored, write_frames
+
+        step_dir = self.ckpt_dir / f"step-{version:06d}"
+        tmp_dir = self.ckpt_dir / f".step-{version:06d}.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        try:
+            self.learner.save_checkpoint(tmp_dir / "learner")
+        except Exception as e:
+            import ray.exceptions as rex
+
+            if isinstance(e, rex.RayActorError | rex.ActorUnavailableError):
+                raise StatefulRoleDied("learner rank", e) from e
+            raise
+        cut = self._get(self.buffer.checkpoint_cut.remote(), "buffer", timeout=600)
+        for g in cut["groups"]:
+            g["samples"] = [encode_scored(s) for s in g["samples"]]
+        with open(tmp_dir / "buffer.msgpack", "wb") as f:
+            write_frames(f, cut["groups"])
+        (tmp_dir / "cut.json").write_text(json.dumps({"version": version, "scheduler": cut["scheduler"],
+                                                      "counters": cut["counters"]}))
+        shutil.rmtree(step_dir, ignore_errors=True)
+        tmp_dir.rename(step_dir)
+        tmp = self.ckpt_dir / "latest.tmp"
+        tmp.write_text(step_dir.name)
+        tmp.replace(self.ckpt_dir / "latest")
+        return step_dir
+
+    def _plot(self) -> None:
+        if not self.history:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in self.history]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+        ax[0].plot(steps, [h.get("reward_mean", 0) for h in self.history])
+        ax[0].set(title="reward (mean)", xlabel="step")
+        ax[1].plot(steps, [h.get("accuracy", 0) for h in self.history])
+        ax[1].set(title="training accuracy", xlabel="step", ylim=(0, 1))
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "curves.png", dpi=100)
+        plt.close(fig)
+
+    def shutdown(self) -> None:
+        """Stop the engines and kill every actor this run created, then wait until their names are
+        free (an automatic resume creates them again under the same names)."""
+        import ray
+
+        for w in getattr(self, "workers", []):
+            try:
+                ray.get(w.shutdown.remote(), timeout=60)
+            except Exception:  # noqa: BLE001, S110 - best effort at exit (the actor may be dead)
+                pass
+        if hasattr(self, "learner"):
+            try:
+                self.learner.shutdown()
+            except Exception as e:  # noqa: BLE001 - a dead rank: kill what is left below
+                log.warning("learner shutdown: %s", e)
+                for r in getattr(self.learner, "ranks", []):
+                    ray.kill(r)
+        actors = [a for name in ("workers", "interpreters", "scorers") for a in getattr(self, name, [])]
+        actors += [getattr(self, name) for name in ("scheduler", "buffer") if hasattr(self, name)]
+        for actor in actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001, S110 - already gone
+                pass
+        wait_names_free(self.cfg, 30.0)
+
+def actor_names(cfg: Config) -> list[str]:
+    """The names of every actor a run creates (cir_actors/ops/cluster.py names them)."""
+    names = [f"generator-{i}" for i in range(cfg.generator.num_generators)]
+    names += [f"interpreter-{i}" for i in range(cfg.interpreter.num_pools)]
+    names += [f"scorer-{i}" for i in range(cfg.scorer.num_scorers)]
+    return names + ["scheduler", "buffer"] + [f"learner-rank-{i}" for i in range(cfg.learner.num_ranks)]
+
+
+def wait_names_free(cfg: Config, timeout_s: float) -> list[str]:
+    """Wait until no live actor holds one of the run's names (a killed driver's actors die a moment
+    after it); returns the names still taken at the deadline."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    taken = []
+    for name in actor_names(cfg):
+        while True:
+            try:
+                ray.get_actor(name, namespace=cfg.cluster.namespace)
+            except ValueError:
+                break
+            if time.monotonic() > deadline:
+                taken.append(name)
+                break
+            time.sleep(0.2)
+    return taken
+
+
+def _load_recoveries(run_dir: Path) -> list[dict[str, Any]]:
+    f = run_dir / "recoveries.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run training; when a stateful role dies (a learner rank, the buffer, the scheduler), restart
+    every actor and resume from the latest checkpoint, up to recovery.max_recoveries times."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recoveries = 0
+    pending: dict[str, Any] | None = None
+    while True:
+        trainer = Trainer(cfg)
+        trainer.pending_resume = pending
+        try:
+            return trainer.run()
+        except StatefulRoleDied as e:
+            if recoveries >= cfg.recovery.max_recoveries:
+                raise RuntimeError(f"{e}; recovery.max_recoveries ({cfg.recovery.max_recoveries}) spent") from e
+            recoveries += 1
+            latest = trainer.ckpt_dir / "latest"
+            where = latest.read_text().strip() if latest.is_file() else "the start (no checkpoint yet)"
+            log.warning("recovery %d/%d: %s; restarting the run's actors and resuming from %s",
+                        recoveries, cfg.recovery.max_recoveries, e, where)
+            # The next Trainer resumes; its first step closes the record with the time to train again.
+            pending = {"role": e.role.split()[0], "name": e.role, "resumed_from": where, "_t0": time.monotonic()}
+        finally:
+            trainer.shutdown()

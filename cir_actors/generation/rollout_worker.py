@@ -1,0 +1,224 @@
+"""The rollout worker: one per inference engine, the Ray actor named `generator-<i>`.
+
+It composes a `Generator` (the vLLM engine and the multi-turn state machine) and runs the
+streaming loop of the design: ask the scheduler for a prompt group, run its n rollouts
+concurrently, and as *each* trajectory finishes send it to a scorer and announce it to the buffer,
+which takes it with `take(key)` — so the object is owned by the buffer and survives this actor.
+Many groups are in flight at once, up to the engine's trajectory capacity.
+
+It does not decide what to generate or when weights change: the scheduler admits groups and pushes
+`PolicyUpdate`s, which this actor forwards to its generator.
+
+Failures (cir_actors/control/failures.py): interpreter calls and verdicts go through retrying adapters over
+every interpreter pool and scorer (its own pool first). When they give up (`InfraFault`) the group
+is dropped with reason `infra` and its prompt re-admitted — an infrastructure fault is never shown
+to the model as an observation nor scored. A group's completion is reported to the scheduler's
+ledger by the buffer, not by this actor, so a group is complete or not whether or not this actor
+lives to say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from cir_actors.config import Config
+from cir_actors.types import (
+    DropReason,
+    FinishReason,
+    GroupRequest,
+    InfraFault,
+    PolicyUpdate,
+    ScoredTrajectory,
+    ServedPolicy,
+    VerdictReason,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        cfg: Config,
+        model_path: str,
+        name: str,
+        interpreters: Any,
+        scorers: list[Any],
+        buffer: Any,
+        scheduler: Any,
+        initial_update: PolicyUpdate | None = None,
+    ):
+        from cir_actors.control.failures import ReplicatedInterpreter, ReplicatedScorer
+        from cir_actors.generation.generator import Generator
+
+        self._cfg = cfg
+        self._name = name
+        pools = list(interpreters) if isinstance(interpreters, list | tuple) else [interpreters]
+        retries = cfg.recovery.call_retries
+        self._interp = ReplicatedInterpreter(pools, retries=retries)
+        self._gen = Generator(cfg, model_path, self._interp, name=name)
+        self._scorer = ReplicatedScorer(list(scorers), retries=retries)
+        self._buffer = buffer
+        self._scheduler = scheduler
+        self._initial_update = initial_update
+        self._max_groups = max(1, cfg.generator.max_inflight_trajectories // cfg.generator.samples_per_prompt)
+        self._inflight: set[asyncio.Task] = set()
+        self._active_trajectories = 0
+        self._idle_since: float | None = time.monotonic()
+        self._idle_s = 0.0
+        self._started = time.monotonic()
+        self._consecutive_failures = 0
+        self._last_error: BaseException | None = None
+        self._counts = {"trajectories": 0, "groups": 0, "failed_groups": 0, "infra_groups": 0, "sampled_tokens": 0}
+        self._metrics = None
+        self._outbox: dict[str, ScoredTrajectory] = {}  # finished samples until the buffer takes them
+        # Where this generator's time went since the driver last asked (`step_times`): wall seconds
+        # loading weights; trajectory-seconds generating, waiting for tools, waiting for a verdict.
+        self._times = {"weight_load_s": 0.0, "generation_s": 0.0, "tool_wait_s": 0.0, "scoring_s": 0.0}
+        self._times_since = (time.monotonic(), 0.0)  # (when, idle_s then)
+
+    # ---- what the scheduler and driver call ---------------------------------------------------
+    async def update_weights(self, update: PolicyUpdate) -> ServedPolicy:
+        t0 = time.monotonic()
+        served = await self._gen.update_weights(update)
+        self._times["weight_load_s"] += time.monotonic() - t0
+        if self._metrics is not None:
+            self._metrics.served_version(served.version)
+            self._metrics.budget(served.budget)
+        return served
+
+    def take(self, key: str) -> ScoredTrajectory:
+        """The buffer takes a finished sample; the returned object is owned by the buffer."""
+        return self._outbox.pop(key)
+
+    def served_policy(self) -> ServedPolicy:
+        return self._gen.served_policy()
+
+    def stats(self) -> dict[str, Any]:
+        idle = self._idle_s + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)
+        return {**self._counts, "idle_s": idle, "uptime_s": time.monotonic() - self._started,
+                "served_version": self._gen.served_version(),
+                "interpreter_faults": self._interp.faults, "scorer_faults": self._scorer.faults}
+
+    def step_times(self) -> dict[str, float]:
+        """Seconds spent since the previous call (the driver calls it once per step, so these are
+        per-step): `wall_s`, `idle_s` (no trajectory running), `weight_load_s` (wall), and the
+        trajectory-seconds (summed over concurrent trajectories) of generation, tool wait, scoring."""
+        now, idle = time.monotonic(), self.stats()["idle_s"]
+        since, idle_then = self._times_since
+        out = {"wall_s": now - since, "idle_s": idle - idle_then, **self._times}
+        self._times_since = (now, idle)
+        self._times = dict.fromkeys(self._times, 0.0)
+        return out
+
+    async def run(self) -> dict[str, Any]:
+        """The loop: runs until the scheduler stops admitting and every group in flight is done."""
+        from cir_actors.ops import metrics
+
+        self._metrics = metrics.GeneratorMetrics(self._name)
+        if self._initial_update is not None:
+            await self.update_weights(self._initial_update)
+        while True:
+            if self._consecutive_failures >= 3:  # not a passing fault: stop and surface it to the driver
+                raise RuntimeError(f"{self._name}: 3 groups in a row failed") from self._last_error
+            if len(self._inflight) >= self._max_groups:
+                await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            req = await self._scheduler.admit.remote(self._name, self._gen.served_version())
+            if req is None:
+                if await self._scheduler.stopped.remote():
+                    break
+                continue
+            task = asyncio.create_task(self._run_group(req))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        if self._inflight:
+            await asyncio.wait(self._inflight)
+        return self.stats()
+
+    # ---- one group --------------------------------------------------------------------------
+    async def _run_group(self, req: GroupRequest) -> None:
+        results = await asyncio.gather(*(self._run_one(req, i) for i in range(req.n)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        infra = [e for e in errors if isinstance(e, InfraFault)]
+        if errors or not all(results):
+            self._counts["failed_groups"] += 1
+            reason = DropReason.INFRA if infra else DropReason.ABORTED
+            if infra:
+                self._counts["infra_groups"] += 1
+                log.warning("%s: group %d dropped (infra): %s", self._name, req.group_id, infra[0])
+            elif errors:  # not the infrastructure's: a bug or a broken engine; 3 in a row end the run
+                self._consecutive_failures += 1
+                self._last_error = errors[0]
+                log.error("%s: group %d failed: %r", self._name, req.group_id, errors[0])
+            # Ledger first (it stops the buffer from completing the group), then the buffer forgets it.
+            await self._scheduler.group_failed.remote(req.group_id, reason)
+            await self._buffer.discard_partial.remote(req.group_id, reason)
+            return
+        self._counts["groups"] += 1
+        self._consecutive_failures = 0
+
+    def _busy(self, delta: int) -> None:
+        now = time.monotonic()
+        if self._active_trajectories == 0 and delta > 0 and self._idle_since is not None:
+            self._idle_s += now - self._idle_since
+            self._idle_since = None
+        self._active_trajectories += delta
+        if self._active_trajectories == 0:
+            self._idle_since = now
+
+    def _self_handle(self) -> Any:
+        import ray
+
+        return ray.get_runtime_context().current_actor
+
+    async def _run_one(self, req: GroupRequest, index: int) -> bool:
+        self._busy(+1)
+        try:
+            traj = await self._gen.rollout(req.task, index, req.budget)
+        finally:
+            self._busy(-1)
+        if traj.finish_reason == FinishReason.ABORTED:
+            return False
+        t_score = time.monotonic()
+        verdict = await self._scorer.score(traj.sampled_text, req.task.gold)
+        self._times["scoring_s"] += time.monotonic() - t_score
+        self._times["generation_s"] += traj.gen_time_s
+        self._times["tool_wait_s"] += traj.interp_wait_s
+        reward = self._cfg.scorer.reward_correct if verdict.correct else self._cfg.scorer.reward_wrong
+        scored = ScoredTrajectory(trajectory=traj, verdict=verdict, reward=reward)
+        key = f"{req.group_id}/{index}"
+        self._outbox[key] = scored
+        meta = {
+            "correct": float(verdict.correct),
+            "response_len": float(traj.response_len),
+            "sampled_tokens": float(traj.num_sampled),
+            "code_blocks": float(traj.num_code_blocks),
+            "executed": float(traj.num_executed),
+            "interp_errors": float(traj.num_interp_errors),
+            "interp_timeouts": float(traj.num_interp_timeouts),
+            "verdict_timeout": float(verdict.reason == VerdictReason.TIMEOUT),  # a genuine deadline (a crash is retried)
+            "finish_" + str(traj.finish_reason): 1.0,
+            "gen_time_s": traj.gen_time_s,
+            "interp_wait_s": traj.interp_wait_s,
+            "budget": float(traj.budget),
+        }
+        try:
+            await self._buffer.pull.remote(
+                req.group_id, req.n, req.admitted_version, index, self._self_handle(), key, reward,
+                traj.min_version(), meta,
+            )
+        finally:
+            self._outbox.pop(key, None)
+        self._counts["trajectories"] += 1
+        self._counts["sampled_tokens"] += traj.num_sampled
+        if self._metrics is not None:
+            self._metrics.trajectory(str(traj.finish_reason), traj.num_sampled, traj.gen_time_s + traj.interp_wait_s)
+            self._metrics.inflight(self._active_trajectories)
+        return True
+
+    def shutdown(self) -> None:
+        self._gen.shutdown()

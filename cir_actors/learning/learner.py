@@ -1,0 +1,295 @@
+"""The learner: DeepSpeed data-parallel ranks, one Ray actor each, and the driver-side facade.
+
+`LearnerRank` (in `learning/learner_rank.py`, re-exported here) is plain Python (Ray is applied in
+`Learner.__init__`): it holds one DeepSpeed engine (ZeRO 2 by default, 0/1/3 by config; a client
+torch AdamW, because DeepSpeed's own CPU Adam takes minutes to compile) in one torch.distributed
+world (gloo on CPU, nccl on GPU). Ranks are placed by Ray's scheduler as ordinary actors (no
+placement group), which is right for one node; a multi-node GPU learner wants them packed.
+
+A training step, for a batch of complete GRPO groups:
+1. The driver shards groups over ranks (whole groups; round-robin inside each optimizer
+   mini-batch) and passes *references*: each rank `ray.get`s only its own trajectories.
+2. Advantages: every rank all-gathers the rewards of the whole batch (a few floats per sample)
+   and runs the same `compute_advantages` on them, so GRPO's group statistics and the batch
+   whitening of REINFORCE++-baseline are those of the full batch whatever the sharding. (Groups
+   go to ranks round-robin, not by token count: the driver never sees the trajectories.)
+3. Samples with advantage exactly 0 (their groups' rewards were all equal) are not run when no
+   KL or entropy term is configured: their policy-gradient term is exactly zero. They are not in
+   the token-mean denominator either (as if the buffer had dropped those groups, DAPO-style).
+4. Proximal log-probs (the weights at the start of the step) are computed once per step, no grad.
+   With a single optimizer update per step they are the first forward's own values, detached
+   (same weights, same numbers), which saves a forward pass.
+5. Per mini-batch: micro-batches by token count (padded length x rows <= micro_batch_tokens);
+   every rank runs the same number of micro-batches (an empty one pads a short rank; ZeRO-2/3
+   communicate inside each backward); the loss is normalised by the mini-batch's masked tokens
+   summed over all ranks, times the world size (DeepSpeed averages gradients over ranks), so
+   sharding and micro-batching do not change the update. Then one optimizer step.
+Token alignment: the logits at position t predict token t+1, so `loss.token_logprobs` shifts them;
+its column t lines up with a trajectory's `logprobs_T[t]` and `loss_mask_T[t]`.
+
+Publishing (`Learner.publish`) takes full weights under every ZeRO stage (ZeRO-3 parameters are
+gathered one at a time) under their Hugging Face names, in the configured model dtype, either into
+the object store (rank 0 puts one state dict) or through `weight_sync.BroadcastSender` on rank 0.
+Checkpoints (`save_checkpoint`): an HF model directory (loads in transformers and vLLM), DeepSpeed's
+module + optimizer state per rank, each rank's RNG states, step and version; resume needs the same
+number of ranks and ZeRO stage. The learning rate is constant, so there is no scheduler state.
+What this module does not do: decide when to train or publish (the training loop and scheduler).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cir_actors.config import Config
+from cir_actors.learning.dumps import merge_turn_sums, turn_metrics
+from cir_actors.learning.learner_rank import MAX_SUMS, MEAN_DIAGS, LearnerRank, plan_micro_batches
+from cir_actors.ops.cluster import Role, actor_options
+from cir_actors.types import PolicyUpdate, Trajectory
+
+__all__ = ["Learner", "LearnerRank", "plan_micro_batches"]
+
+log = logging.getLogger(__name__)
+
+
+def _merge_rank_sums(parts: list[dict], extra_keys: tuple[str, ...] = ()) -> dict:
+    """Token-weighted means and maxima over ranks (each rank sent sums)."""
+    tokens = sum(p.get("tokens", 0.0) for p in parts)
+    out: dict[str, Any] = {"loss": sum(p["loss"] for p in parts), "tokens": tokens}
+    for key in MEAN_DIAGS + ("entropy", "kl_ref") + extra_keys:
+        if any(key in p for p in parts):
+            out[key] = sum(p.get(key, 0.0) for p in parts) / max(tokens, 1.0)
+    for key in MAX_SUMS:
+        if any(key in p for p in parts):
+            out[key] = max(p.get(key, 0.0) for p in parts)
+    out["seq_tokens"] = sum(p.get("seq_tokens", 0.0) for p in parts)
+    return out
+
+
+class Learner:
+    """Driver-side facade: creates the rank actors (`learner-rank-{i}`, or `{name}-rank-{i}`) and
+    drives them. `num_receivers`: generators in the weight broadcast group (default
+    generator.num_generators). Prometheus figures are the caller's to record (`LearnerMetrics`);
+    `last_publish` holds the latest publication's timings (gather, fingerprint, put or send)."""
+
+    def __init__(
+        self, cfg: Config, model_path: str | Path, *, name: str = "learner", num_receivers: int | None = None
+    ):
+        import ray
+
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model path '{path}' has no config.json (expected a Hugging Face model directory)"
+            )
+        self.cfg, self.model_path = cfg, str(path)
+        self.num_receivers = num_receivers or cfg.generator.num_generators
+        lcfg = cfg.learner
+        env = {
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(max(1, int(lcfg.num_cpus))),
+            # published tensors go into the store as raw bytes and come out as zero-copy (read-only) views
+            "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+        }
+        if cfg.model.device == "cpu":
+            env["DS_ACCELERATOR"] = "cpu"
+        self.last_publish: dict[str, Any] = {}
+        self._pending_t0 = 0.0
+        # The rendezvous port is picked free by rank 0 and bound a moment later by torch.distributed;
+        # another process can take it in between (EADDRINUSE): then start the ranks again.
+        for attempt in range(3):
+            self.ranks = []
+            for i in range(lcfg.num_ranks):
+                opts = actor_options(Role.LEARNER, cfg, i)  # learner-rank-i, resources, concurrency 1
+                if name != "learner":
+                    opts["name"] = f"{name}-rank-{i}"
+                if attempt:  # the killed ranks may still hold their names for a moment
+                    opts["name"] += f"-retry{attempt}"
+                self.ranks.append(
+                    ray.remote(LearnerRank)
+                    .options(**opts, runtime_env={"env_vars": env})
+                    .remote(cfg, self.model_path, i, lcfg.num_ranks)
+                )
+            try:
+                addr, port = ray.get(self.ranks[0].address.remote())
+                info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
+                break
+            except BaseException as e:
+                self.shutdown()
+                if attempt == 2 or "EADDRINUSE" not in str(e):
+                    raise
+                log.warning("learner rendezvous port %d was taken; starting the ranks again", port)
+        self.num_params = info[0]["num_params"]
+        self._step = 0
+        self._pending: list[Any] = []  # an unfinished broadcast publication
+
+    @property
+    def version(self) -> int:
+        """The version of the current weights: optimizer steps (train or SFT) taken so far."""
+        return self._step
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def _wait_pending(self) -> None:
+        import ray
+
+        if self._pending:
+            pending, self._pending = self._pending, []
+            send_s = ray.get(pending)[0]
+            self.last_publish.update(send_s=send_s, total_s=time.perf_counter() - self._pending_t0)
+
+    def train_step(self, groups: list[list[Any]], record: int = 0) -> dict:
+        """One RL step on complete groups (each a list of ScoredTrajectory or ObjectRefs to them).
+
+        `record` > 0: also return `records`, up to that many trajectories (stratified on each rank,
+        `record` shared out over ranks) as `dumps.build_record` dicts with the learner's per-token
+        proximal and current log-probs of this step, for `dumps.write_step`.
+        The turn-indexed diagnostics are returned as `turn/<bucket>/<figure>` (`dumps.turn_metrics`).
+
+        Returns metrics: loss (token mean, averaged over optimizer updates; `update_losses` lists
+        each update's, before its step, over its mini-batch's masked tokens), the loss diagnostics
+        (token-weighted over ranks), entropy, grad_norm, tokens and trajectories trained,
+        zero-advantage groups, tokens/s, time, step and version."""
+        import ray
+
+        self._wait_pending()
+        mbp = self.cfg.learner.mini_batch_prompts
+        world = len(self.ranks)
+        shards: list[list[tuple[int, int, list[Any]]]] = [[] for _ in range(world)]
+        for g, group in enumerate(groups):
+            shards[(g % mbp) % world].append((g, g // mbp, list(group)))
+        t0 = time.perf_counter()
+        quota = [record // world + (i < record % world) for i in range(world)]
+        parts = ray.get([r.train_step.remote(s, q) for r, s, q in zip(self.ranks, shards, quota)])
+        elapsed = time.perf_counter() - t0
+        self._step += 1
+        out = _merge_rank_sums(parts)
+        updates = max(parts[0]["updates"], 1)
+        out["loss"] /= updates
+        grad_norms = parts[0].get("grad_norms", [])
+        out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else None  # None: no update (no signal)
+        if out.get("is_weight_sq_mean"):  # effective sample size of the correction weights, in (0, 1]
+            out["is_ess"] = out["is_weight_mean"] ** 2 / out["is_weight_sq_mean"]
+        out["update_losses"] = [float(sum(x)) for x in zip(*[p.get("update_losses", []) for p in parts])]
+        out.update(
+            lost_groups=sorted(g for p in parts for g in p.get("lost_groups", [])),
+            updates=parts[0]["updates"],
+            trajectories=sum(p["trajectories"] for p in parts),
+            trained_trajectories=sum(p["trained_trajectories"] for p in parts),
+            **{k: sum(p.get(k, 0.0) for p in parts) for k in parts[0] if k.startswith(("void_", "roc_"))},
+            zero_adv_groups=parts[0]["adv_stats"]["zero_adv_groups"],
+            groups=len(groups),
+            adv_abs_mean=parts[0]["adv_stats"]["adv_abs_mean"],
+            # the slowest rank's time in each phase (ranks run in step)
+            phases={k: max(p.get("phases", {}).get(k, 0.0) for p in parts) for k in parts[0].get("phases", {})},
+            time_s=elapsed,
+            tokens_per_s=out["seq_tokens"] / elapsed if elapsed > 0 else 0.0,
+            step=self._step,
+            version=self.version,
+        )
+        out.update(turn_metrics(merge_turn_sums([p.get("turn_sums", {}) for p in parts])))
+        if record:
+            out["records"] = [r for p in parts for r in p.get("records", [])]
+        return out
+
+    def sft_step(self, trajectories: list[Trajectory]) -> dict:
+        """One optimizer update of cross-entropy on loss-masked tokens; returns loss and tokens/s."""
+        import ray
+
+        self._wait_pending()
+        world = len(self.ranks)
+        t0 = time.perf_counter()
+        parts = ray.get([r.sft_step.remote(trajectories[i::world]) for i, r in enumerate(self.ranks)])
+        elapsed = time.perf_counter() - t0
+        self._step += 1
+        out = _merge_rank_sums(parts)
+        out.update(time_s=elapsed, tokens_per_s=out["seq_tokens"] / elapsed if elapsed > 0 else 0.0,
+                   step=self._step, version=self.version)  # fmt: skip
+        return out
+
+    def compute_logprobs(self, token_ids_B: list[np.ndarray], temperature: float = 1.0) -> list[np.ndarray]:
+        """The learner's log-prob of every token given its prefix (entry 0 is 0), current weights,
+        of the logits divided by `temperature`."""
+        import ray
+
+        self._wait_pending()
+        involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
+        return ray.get([r.compute_logprobs.remote(list(token_ids_B), temperature) for r in involved])[0]
+
+    def publish(self, via: str | None = None) -> PolicyUpdate:
+        """Publish the current weights as version `self.version` (`via`: "object_store" or
+        "broadcast", default from the config). The object-store path returns once the state dict
+        is in the store. The broadcast path returns at once with the group address: rank 0 sends
+        when the generators call `weight_sync.receive_broadcast`; the next learner call waits for
+        that to finish. `budget` is the schedule's value at this version (the scheduler owns it)."""
+        import ray
+
+        self._wait_pending()
+        via = via or self.cfg.learner.publish
+        budget = self.cfg.scheduler.budget_at(self.version)
+        involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
+        t0 = time.perf_counter()
+        if via == "object_store":
+            (ref,), checksum, timings = ray.get([r.publish_object_store.remote() for r in involved])[0]
+            self.last_publish = {"via": via, "total_s": time.perf_counter() - t0, **timings}
+            return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum)
+        if via != "broadcast":
+            raise ValueError(f"publish via '{via}': expected 'object_store' or 'broadcast'")
+        address, checksum, timings = ray.get(
+            [r.prepare_broadcast.remote(self.num_receivers) for r in involved]
+        )[0]
+        self.last_publish = {"via": via, "prepare_s": time.perf_counter() - t0, **timings}
+        self._pending = [r.publish_broadcast.remote(self.version) for r in involved]
+        self._pending_t0 = t0
+        return PolicyUpdate(version=self.version, budget=budget, checksum=checksum, broadcast_group=address)
+
+    def reset_broadcast(self) -> None:
+        """Dissolve the broadcast group; the next broadcast publication opens a new one (a new
+        address) that every generator joins afresh. Call it when a generator was replaced: a group's
+        membership is fixed when it forms."""
+        import ray
+
+        self._wait_pending()
+        ray.get(self.ranks[0].close_broadcast.remote())
+
+    def wait_published(self) -> None:
+        """Block until a broadcast publication has been received by every generator."""
+        self._wait_pending()
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        self._wait_pending()
+        Path(path).mkdir(parents=True, exist_ok=True)
+        import ray
+
+        ray.get([r.save_checkpoint.remote(str(path), self._step, self.version) for r in self.ranks])
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        self._wait_pending()
+        meta_file = Path(path) / "learner_state.json"
+        if not meta_file.is_file():
+            raise ValueError(f"checkpoint '{path}' has no learner_state.json (not a learner checkpoint)")
+        meta = json.loads(meta_file.read_text())
+        want = (len(self.ranks), self.cfg.learner.zero_stage)
+        if (meta["num_ranks"], meta["zero_stage"]) != want:
+            raise ValueError(
+                f"checkpoint '{path}' was saved with {meta['num_ranks']} ranks and ZeRO {meta['zero_stage']}; "
+                f"learner.num_ranks and learner.zero_stage must match ({want[0]}, {want[1]} now)"
+            )
+        import ray
+
+        states = ray.get([r.load_checkpoint.remote(str(path)) for r in self.ranks])
+        self._step = states[0]["step"]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for r in self.ranks:
+            ray.kill(r)
+        self.ranks = []

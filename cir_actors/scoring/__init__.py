@@ -1,0 +1,1 @@
+"""Scoring: the math-verify scorer and evaluation on benchmark files."""

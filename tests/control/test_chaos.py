@@ -1,0 +1,198 @@
+"""Chaos: short real runs (two generators, two interpreter pools, two scorers, the DeepSpeed learner,
+every actor real) during which actors are killed. Each run must finish all its steps with both
+conservation identities holding at every step, no group trained twice, a recovery recorded for each
+death, and no process left behind (vLLM engine cores, interpreter zygotes, math-verify workers).
+
+- heal in place: a generator (restarted by the driver), an interpreter pool and a scorer (restarted
+  by Ray) killed in turn;
+- stateful roles: a learner rank and then the buffer killed: the driver resumes by itself;
+- the driver SIGKILLed (`entrypoints/train.py` in a subprocess) and the same command run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cir_actors.config import load_config
+
+pytestmark = pytest.mark.slow
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "cir-chaos-test"
+LEFTOVER_PATTERNS = ("EngineCore", "zygote", "_worker_main")
+
+
+def _overrides(run_dir, steps, namespace=NAMESPACE):
+    return [
+        f"logging.run_dir={run_dir}", "logging.wandb_mode=disabled", "logging.progress=false",
+        f"scheduler.total_steps={steps}", "scheduler.max_staleness=1", "scheduler.budget_schedule=[[0,1]]",
+        "learner.prompts_per_step=2", "learner.mini_batch_prompts=2", "generator.samples_per_prompt=2",
+        "generator.max_response_tokens=40", "generator.num_generators=2", "generator.num_cpus=0.25",
+        "generator.max_inflight_trajectories=8", "interpreter.num_pools=2", "interpreter.max_workers=2",
+        "scorer.num_scorers=2", "scorer.num_workers=1", "learner.num_cpus=0.5", "learner.save_every=2",
+        f"cluster.namespace={namespace}", "data.num_train=64",
+    ]
+
+
+def _raylet_pid() -> str:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def pid() -> str:
+        return os.environ.get("RAY_RAYLET_PID", "")
+
+    return ray.get(pid.remote(), timeout=60)
+
+
+def _our_processes() -> dict[int, str]:
+    """Engine cores, zygotes and math-verify workers of this checkout's runs on this Ray node (other
+    checkouts' runs on the same machine are not ours to judge)."""
+    raylet = _raylet_pid()
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not any(p in cmd for p in LEFTOVER_PATTERNS):
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = f"RAY_RAYLET_PID={raylet}".encode() in env or str(PROJECT_ROOT) + "'" in cmd  # zygotes: clean env
+        if ours:
+            out[int(d.name)] = cmd[:120]
+    return out
+
+
+def _assert_no_leftovers(before: dict[int, str], grace_s: float = 30.0) -> None:
+    deadline = time.monotonic() + grace_s
+    while True:
+        new = {pid: cmd for pid, cmd in _our_processes().items() if pid not in before}
+        if not new or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert not new, f"processes left behind: {new}"
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+
+
+def _check_run(run_dir: Path, steps: int) -> list[dict]:
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for r in rows:
+        assert r["conservation/groups_ok"] and r["conservation/trajectories_ok"], r
+        assert r["conservation/groups_admitted"] == (
+            r["conservation/groups_trained"] + r["conservation/groups_dropped"]
+            + r["conservation/groups_inflight"] + r["conservation/groups_buffered"])
+    ids = [g for r in rows for g in r["group_ids"]]
+    assert len(ids) == len(set(ids)) == 2 * steps, "a group was trained twice"
+    assert rows[-1]["conservation/groups_trained"] == 2 * steps  # counters carried across resumes
+    return rows
+
+
+def _recoveries(run_dir: Path) -> list[dict]:
+    f = run_dir / "recoveries.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+
+
+class _Killer(threading.Thread):
+    """Kills named actors when the run reaches given steps (read from metrics.jsonl)."""
+
+    def __init__(self, run_dir: Path, plan: list[tuple[int, str, bool]]):
+        super().__init__(daemon=True)
+        self.run_dir, self.plan, self.done, self.log = run_dir, list(plan), threading.Event(), []
+
+    def run(self) -> None:
+        import ray
+
+        while self.plan and not self.done.is_set():
+            step, name, restart = self.plan[0]
+            rows = _rows(self.run_dir)
+            if rows and rows[-1]["step"] >= step:
+                try:
+                    ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=not restart)
+                    self.log.append((step, name))
+                    self.plan.pop(0)
+                except ValueError:
+                    pass  # not (yet) there: an earlier recovery is still starting it
+            time.sleep(0.3)
+
+
+def _train_with(run_dir, steps, plan):
+    from cir_actors.control.trainer import train
+
+    killer = _Killer(run_dir, plan)
+    killer.start()
+    try:
+        summary = train(load_config(None, _overrides(run_dir, steps)))
+    finally:
+        killer.done.set()
+        killer.join(timeout=5)
+    assert not killer.plan, f"kills not done: {killer.plan} (done: {killer.log})"
+    return summary
+
+
+def test_stateless_roles_and_generators_heal_in_place(ray_session, tmp_path):
+    before = _our_processes()
+    run_dir = tmp_path / "run"
+    summary = _train_with(run_dir, 6, [(1, "generator-1", False), (2, "interpreter-0", True), (3, "scorer-1", True),
+                                       (4, "generator-0", False)])
+    rows = _check_run(run_dir, 6)
+    roles = [r["role"] for r in _recoveries(run_dir)]
+    assert roles.count("generator") == 2, roles
+    assert "interpreter" in roles and "scorer" in roles, roles
+    assert rows[-1]["conservation/groups_dropped_by_reason"].get("generator_lost", 0) >= 0
+    assert all(rep["error"] is None for rep in summary["served"].values()), summary["served"]
+    assert {rep["version"] for rep in summary["served"].values()} == {6}
+    _assert_no_leftovers(before)
+
+
+def test_stateful_roles_resume_automatically(ray_session, tmp_path):
+    before = _our_processes()
+    run_dir = tmp_path / "run"
+    _train_with(run_dir, 6, [(2, "learner-rank-0", False), (4, "buffer", False)])
+    _check_run(run_dir, 6)
+    rec = _recoveries(run_dir)
+    assert [r["role"] for r in rec] == ["learner", "buffer"], rec
+    assert all(r["resumed_after_s"] > 0 and r["resumed_from"].startswith("step-") for r in rec), rec
+    _assert_no_leftovers(before)
+
+
+def test_driver_sigkill_then_same_command_resumes(ray_session, tmp_path):
+    import ray
+
+    before = _our_processes()
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(PROJECT_ROOT / "entrypoints" / "train.py"),
+           *_overrides(run_dir, 5, namespace="cir-chaos-driver")]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "checkpoints" / "latest").is_file() and len(_rows(run_dir)) >= 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    trained_before = len(_rows(run_dir))
+    again = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    rows = _check_run(run_dir, 5)
+    assert trained_before >= 3 and rows[-1]["step"] == 5
+    _assert_no_leftovers(before, grace_s=60.0)

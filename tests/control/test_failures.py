@@ -1,0 +1,349 @@
+"""The failure policy in plain pytest: the scheduler's ledger with the buffer reporting to it, a
+generator declared dead mid-run, checkpoint cuts taken while generators run, weight pushes that
+fail, and the retrying adapters (fake actor handles that die). The same paths with real actors
+are in tests/control/test_chaos.py."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+import pytest
+import ray.exceptions as rex
+
+from cir_actors.config import load_config
+from cir_actors.control.budget_scheduler import BudgetScheduler
+from cir_actors.control.failures import ReplicatedInterpreter, ReplicatedScorer, restart_options
+from cir_actors.control.replay_buffer import ReplayBuffer
+from cir_actors.types import (
+    DropReason,
+    ExecResult,
+    InfraFault,
+    PolicyUpdate,
+    ServedPolicy,
+    Task,
+    Verdict,
+    VerdictReason,
+)
+
+
+def _cfg(**kv):
+    base = {"learner.prompts_per_step": 2, "learner.mini_batch_prompts": 2, "generator.samples_per_prompt": 2,
+            "scheduler.total_steps": 12, "recovery.push_retries": 2}
+    base.update(kv)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def _tasks(n):
+    return [Task(f"t{i}", f"p{i}", str(i), f"p{i}", (1, 2, 3)) for i in range(n)]
+
+
+class _Run:
+    """Generators, buffer (reporting to the scheduler's ledger) and a learner in one event loop.
+    `kill(name)` makes a generator die the way the driver sees it: mid-group, samples half added."""
+
+    def __init__(self, cfg, tasks, sched=None, buf=None, seed=0):
+        self.cfg = cfg
+        self.sched = sched or BudgetScheduler(cfg, tasks)
+        self.buf = buf or ReplayBuffer(cfg.scheduler.max_staleness, ledger=self.sched)
+        self.served = {}
+        self.dead: set[str] = set()
+        self.trained_ids: list[int] = []
+        self.trained_tasks: list[str] = []
+        self.rng = random.Random(seed)
+        self.done = asyncio.Event()
+        self.checks = 0
+
+    async def generator(self, name):
+        self.served[name] = self.sched.current_update().version
+        while not self.done.is_set():
+            if name in self.dead:
+                await asyncio.sleep(0.001)
+                continue
+            req = await self.sched.admit(name, self.served[name], timeout_s=0.01)
+            if req is None:
+                self.served[name] = self.sched.current_update().version
+                continue
+            for i in range(req.n):
+                await asyncio.sleep(self.rng.random() * 0.002)
+                if name in self.dead:
+                    break  # died mid-group: the rest never arrives
+                try:
+                    await self.buf.add(req.group_id, req.n, req.admitted_version, i, [req.task.task_id], float(i % 2),
+                                       self.served[name])
+                except ValueError:
+                    break  # the group was closed (its generator declared dead)
+
+    async def heal(self, name):
+        """What the driver does when a generator died."""
+        self.dead.add(name)
+        lost = await self.sched.fail_generator(name)
+        self.buf.discard_groups(lost, DropReason.GENERATOR_LOST)
+        await asyncio.sleep(0.005)
+        await self.sched.register_generator(name, None)
+        self.sched._verified[name] = True
+        self.served[name] = self.sched.current_update().version
+        self.dead.discard(name)
+
+    async def check(self):
+        snap = await self.buf.snapshot()
+        assert snap["groups"]["ok"], snap["groups"]
+        assert snap["trajectories"]["ok"], snap["trajectories"]
+        self.checks += 1
+
+    async def learner(self, steps, kill_at=None, stop_after=None):
+        version = self.sched.current_update().version
+        while version < steps:
+            batch = await self.buf.get_batch(self.cfg.learner.prompts_per_step, version, timeout_s=0.02)
+            await self.check()
+            if batch is None or not batch.groups:
+                continue
+            self.sched.groups_trained(batch.group_ids)
+            self.trained_ids += batch.group_ids
+            self.trained_tasks += [g[0] for g in batch.groups]
+            version += 1
+            await self.sched.advance(PolicyUpdate(version=version, budget=0))
+            await self.check()
+            if kill_at is not None and version in kill_at:
+                await self.heal(kill_at[version])
+                await self.check()
+            if stop_after is not None and version == stop_after:
+                break
+        self.done.set()
+
+    async def go(self, steps, **kw):
+        await asyncio.gather(self.generator("g0"), self.generator("g1"), self.learner(steps, **kw))
+
+
+def test_ledger_holds_at_every_step_through_generator_deaths():
+    cfg = _cfg(**{"scheduler.max_staleness": 1})
+    run = _Run(cfg, _tasks(30))
+    asyncio.run(run.go(12, kill_at={3: "g0", 5: "g1", 8: "g0"}))
+    assert len(run.trained_ids) == len(set(run.trained_ids)) == 24  # no group trained twice
+    c = run.sched.conservation()
+    assert c["ok"] and c["trained"] == 24
+    assert c["dropped_by_reason"].get(DropReason.GENERATOR_LOST, 0) >= 1  # the deaths did cost groups
+    assert run.checks > 24
+
+
+def test_checkpoint_cut_under_live_generation_loses_and_repeats_nothing():
+    """Cuts taken at random instants while both generators add samples; each resumed run trains
+    exactly the prompts the first run did not, and the counters carry over."""
+    cfg = _cfg(**{"scheduler.max_staleness": 1, "data.shuffle": "false", "scheduler.total_steps": 10})
+    tasks = _tasks(20)  # 10 steps x 2 groups = 20 prompts: each exactly once
+
+    async def first():
+        run = _Run(cfg, tasks, seed=1)
+        cuts = []
+
+        async def cutter():
+            while not run.done.is_set():
+                await asyncio.sleep(run.rng.random() * 0.003)
+                cut = await run.buf.checkpoint_cut()
+                cuts.append((list(run.trained_tasks), run.sched.current_update().version, cut))
+
+        await asyncio.gather(run.go(10, stop_after=4), cutter())
+        return cuts
+
+    cuts = asyncio.run(first())
+    assert len(cuts) > 3
+    # A cut belongs to the learner's state of the same instant: only cuts taken between steps are resumable.
+    # Here the learner trains instantly (no await), so every cut is between steps.
+    for trained_before, version, cut in cuts[:: max(1, len(cuts) // 4)]:
+        async def resume(cut=cut, version=version):
+            sched = BudgetScheduler(cfg, tasks)
+            sched.restore(cut["scheduler"], PolicyUpdate(version=version, budget=0))
+            buf = ReplayBuffer(1, ledger=sched)
+            from cir_actors.control.replay_buffer import _Group
+
+            for d in cut["groups"]:
+                g = _Group(d["group_id"], d["n"], d["admitted_version"])
+                g.refs = dict(enumerate(d["samples"]))
+                g.rewards = dict(enumerate(d["rewards"]))
+                g.min_versions = dict(enumerate(d["min_versions"]))
+                buf._ready[g.group_id] = g
+            buf.restore_counters(cut["counters"])
+            run = _Run(cfg, tasks, sched=sched, buf=buf, seed=2)
+            await run.check()  # the identities hold right after a resume
+            await run.go(10)
+            return run
+
+        run2 = asyncio.run(resume())
+        every = Counter(trained_before + run2.trained_tasks)
+        assert sorted(every) == sorted(t.task_id for t in tasks), every
+        assert set(every.values()) == {1}, every
+        assert run2.sched.conservation()["ok"]
+
+
+def test_resume_with_other_data_is_refused():
+    cfg = _cfg()
+    s = BudgetScheduler(cfg, _tasks(5))
+    state = s.checkpoint_state()
+    other = _cfg(**{"data.seed": 7})
+    with pytest.raises(ValueError, match="different data config.*data.seed"):
+        BudgetScheduler(other, _tasks(5)).restore(state, PolicyUpdate(version=0, budget=0))
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class _FlakyGenerator:
+    """A generator handle whose update_weights fails `fail` times, or answers a wrong fingerprint."""
+
+    def __init__(self, fail=0, wrong=False, dies=False):
+        self.calls = 0
+        self.fail, self.wrong, self.dies = fail, wrong, dies
+        self.update_weights = _Remote(self._update)
+
+    async def _update(self, update):
+        self.calls += 1
+        if self.dies:
+            raise rex.ActorDiedError()
+        if self.calls <= self.fail:
+            raise RuntimeError("connection reset")
+        return ServedPolicy("g0", update.version, update.budget, "bad" if self.wrong else update.checksum)
+
+
+def _push(gen, cfg=None):
+    async def go():
+        s = BudgetScheduler(cfg or _cfg(), _tasks(4))
+        await s.register_generator("g0", gen)
+        await s.advance(PolicyUpdate(version=1, budget=0, checksum="abc"))
+        await asyncio.gather(*s._pushes)
+        return s
+
+    return asyncio.run(go())
+
+
+def test_weight_push_fails_once_then_succeeds():
+    gen = _FlakyGenerator(fail=1)
+    s = _push(gen)
+    assert gen.calls == 2 and s.push_failures() == {}
+    assert s.state()["served"]["g0"]["checksum"] == "abc" and s.try_admit("g0", 1) is not None
+
+
+def test_weight_push_that_keeps_failing_names_generator_version_and_fingerprints():
+    s = _push(_FlakyGenerator(wrong=True))
+    (msg,) = s.push_failures().values()
+    assert msg == ("weight push to g0 failed after 3 attempts: version 1, expected fingerprint abc, "
+                   "fingerprint mismatch: received bad")
+    assert s.try_admit("g0", 1) is None  # never admitted with weights it could not prove
+    (msg,) = _push(_FlakyGenerator(fail=99)).push_failures().values()
+    assert "g0" in msg and "version 1" in msg and "expected fingerprint abc" in msg and "connection reset" in msg
+
+
+def test_push_to_a_dead_generator_is_left_to_the_driver():
+    s = _push(_FlakyGenerator(dies=True))
+    assert s.push_failures() == {} and s.dead_generators() == ["g0"]
+    assert s.try_admit("g0", 1) is None
+
+
+class _Pool:
+    def __init__(self, behaviour):
+        self.behaviour = behaviour  # list of "ok" | "crash" | "dead", consumed per call
+        self.run_async = _Remote(self._run)
+        self.score_async = _Remote(self._score)
+
+    def _next(self):
+        b = self.behaviour.pop(0) if self.behaviour else "ok"
+        if b == "dead":
+            raise rex.ActorDiedError()
+        return b
+
+    async def _run(self, code, timeout_s=None, session=None):
+        if self._next() == "crash":
+            return ExecResult(False, "", "InterpreterCrashed")
+        return ExecResult(True, "2\n")
+
+    async def _score(self, response, gold):
+        if self._next() == "crash":
+            raise InfraFault("checker died")
+        return Verdict(True, "2", VerdictReason.CORRECT)
+
+
+def test_interpreter_faults_are_retried_on_another_pool_then_raised():
+    a, b = _Pool(["crash"]), _Pool(["dead"])
+    interp = ReplicatedInterpreter([a, b], retries=2)
+    r = asyncio.run(interp.run_async("print(1+1)"))
+    assert r.ok and r.stdout == "2\n" and interp.faults == 2  # a crashed, b dead, a again: ok
+    always = ReplicatedInterpreter([_Pool(["crash"] * 9)], retries=2)
+    with pytest.raises(InfraFault, match="3 times"):
+        asyncio.run(always.run_async("print(1)"))
+    # a session's state died with its pool: never retried elsewhere
+    with pytest.raises(InfraFault, match="session"):
+        asyncio.run(ReplicatedInterpreter([_Pool(["crash"]), _Pool([])]).run_async("x", session="s1"))
+    # what the code did is never an infrastructure fault
+    class _Bug(_Pool):
+        async def _run(self, *a, **k):
+            raise ZeroDivisionError
+
+    bug = _Bug([])
+    bug.run_async = _Remote(bug._run)
+    with pytest.raises(ZeroDivisionError):
+        asyncio.run(ReplicatedInterpreter([bug]).run_async("x"))
+
+
+def test_scorer_faults_are_retried_then_raised():
+    s = ReplicatedScorer([_Pool(["dead"]), _Pool(["crash"]), _Pool([])], retries=2)
+    assert asyncio.run(s.score("\\boxed{2}", "2")).correct and s.faults == 2
+    with pytest.raises(InfraFault):
+        asyncio.run(ReplicatedScorer([_Pool(["crash"] * 5)], retries=1).score("x", "2"))
+
+
+def test_restart_policy_per_role():
+    cfg = _cfg()
+    assert restart_options("scorer", cfg)["max_restarts"] > 0 and restart_options("scorer", cfg)["max_task_retries"] > 0
+    assert restart_options("interpreter", cfg)["max_task_retries"] > 0
+    assert restart_options("interpreter", _cfg(**{"interpreter.sessions": "true"}))["max_task_retries"] == 0
+    for role in ("generator", "learner", "buffer", "scheduler"):
+        assert restart_options(role, cfg) == {"max_restarts": 0, "max_task_retries": 0}
+
+
+class _Local:
+    """An InterpreterPool or Scorer object behind the `.method.remote(...)` call shape of an actor handle."""
+
+    def __init__(self, obj, method):
+        setattr(self, method, _Remote(getattr(obj, method)))
+
+
+def test_real_zygote_crash_mid_call_is_retried_not_shown_to_the_model():
+    import os
+    import signal
+
+    from cir_actors.sandbox.pool import InterpreterPool
+
+    with InterpreterPool(max_workers=2, timeout_s=20) as pool:
+        assert pool.run("print(1)").ok  # warm
+
+        async def go():
+            interp = ReplicatedInterpreter([_Local(pool, "run_async")], retries=2)
+            call = asyncio.create_task(interp.run_async("import time; time.sleep(1.5); print('done')"))
+            await asyncio.sleep(0.5)
+            os.kill(pool._zygote.proc.pid, signal.SIGKILL)  # the zygote dies under the running call
+            return await call, interp.faults
+
+        result, faults = asyncio.run(go())
+        assert result.ok and result.stdout == "done\n", result  # the retry ran it on a new zygote
+        assert faults == 1 and pool.zygote_restarts == 1
+
+
+def test_real_checker_crash_is_retried_and_a_deadline_is_a_verdict():
+    import os
+    import signal
+
+    from cir_actors.config import ScorerConfig
+    from cir_actors.scoring.scorer import Scorer
+
+    scorer = Scorer(ScorerConfig(num_workers=1, timeout_s=5.0))
+    try:
+        scorer.warmup()
+        (pid,) = scorer.worker_pids()
+        os.kill(pid, signal.SIGKILL)  # the math-verify worker is dead before the check
+        verdict = scorer.score("so \\boxed{\\frac{1}{2}}", "0.5")
+        assert verdict.correct and verdict.reason == VerdictReason.CORRECT  # re-checked, not PARSE_FAILURE
+        assert scorer.stats()["workers_replaced"] == 1
+    finally:
+        scorer.close()

@@ -1,0 +1,57 @@
+"""The weight fingerprint: what it catches, what it does not depend on (pure CPU, no actors)."""
+
+from __future__ import annotations
+
+import torch
+
+from cir_actors.learning.weight_sync import FINGERPRINT_SAMPLES, StreamingFingerprint, fingerprint
+
+
+def _state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(512, 300, generator=g),  # > FINGERPRINT_SAMPLES: sampled
+        "layer.bias": torch.randn(300, generator=g),  # small: hashed whole
+        "norm.weight": torch.ones(300),
+    }
+
+
+def test_fingerprint_is_order_free_streamable_and_layout_free():
+    sd = _state()
+    fp = fingerprint(sd.items())
+    assert fingerprint(reversed(list(sd.items()))) == fp
+    stream = StreamingFingerprint()
+    for name, t in sd.items():
+        stream.add(name, t)
+    assert stream.digest() == fp
+    # the same values in a non-contiguous tensor (a transposed copy transposed back)
+    odd = dict(sd, **{"embed.weight": sd["embed.weight"].t().contiguous().t()})
+    assert not odd["embed.weight"].is_contiguous() and fingerprint(odd.items()) == fp
+    # independent of the thread count (no floating-point reductions)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fingerprint(sd.items()) == fp
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fingerprint_catches_versions_names_shapes_dtypes_and_corrupted_stretches():
+    sd = _state()
+    fp = fingerprint(sd.items())
+    stepped = {k: v - 1e-4 * torch.sign(v + 0.5) for k, v in sd.items()}  # an optimizer-like step
+    assert fingerprint(stepped.items()) != fp
+    assert fingerprint({("x." + k): v for k, v in sd.items()}.items()) != fp
+    assert fingerprint(dict(sd, **{"layer.bias": sd["layer.bias"].reshape(3, 100)}).items()) != fp
+    assert fingerprint(dict(sd, **{"norm.weight": sd["norm.weight"].bfloat16()}).items()) != fp
+    swapped = dict(sd, **{"layer.bias": sd["norm.weight"], "norm.weight": sd["layer.bias"]})
+    assert fingerprint(swapped.items()) != fp
+    # any single element of a small tensor; any stretch of a large one longer than the stride
+    small = {k: v.clone() for k, v in sd.items()}
+    small["layer.bias"][123] += 1e-6
+    assert fingerprint(small.items()) != fp
+    stride = -(-sd["embed.weight"].numel() // FINGERPRINT_SAMPLES)
+    for start in (0, 777, sd["embed.weight"].numel() - stride):
+        big = {k: v.clone() for k, v in sd.items()}
+        big["embed.weight"].view(-1)[start : start + stride] = 0.0
+        assert fingerprint(big.items()) != fp, start

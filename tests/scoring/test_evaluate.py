@@ -1,0 +1,276 @@
+"""Evaluation: pass@k and the aggregation (pure), the entrypoint's bad-input sentences, and the tiny
+model evaluated end to end on a benchmark slice with and without tools (real vLLM, real sandbox)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from cir_actors.config import load_config
+from cir_actors.scoring.evaluation import (
+    EvalRunner,
+    SampleRecord,
+    aggregate,
+    benchmark_tasks_for,
+    ks_for,
+    load_tokenizer,
+    pass_at_k,
+    results_markdown,
+    summarize,
+)
+from cir_actors.types import Task
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ROOT.parent / "shared" / "data" / "benchmarks"
+
+
+# ------------------------------------------------------------------------------------------- pure
+
+
+def _brute_pass_at_k(n: int, c: int, k: int) -> float:
+    """Fraction of k-subsets of n samples (c of them correct) holding at least one correct."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_pass_at_k_matches_enumeration(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert math.isclose(pass_at_k(n, c, k), _brute_pass_at_k(n, c, k), abs_tol=1e-12), (n, c, k)
+
+
+def test_pass_at_k_edges():
+    assert pass_at_k(16, 0, 16) == 0.0
+    assert pass_at_k(16, 1, 16) == 1.0
+    assert pass_at_k(16, 4, 1) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_ks_for():
+    assert ks_for(1) == [1]
+    assert ks_for(2) == [1, 2]
+    assert ks_for(6) == [1, 2, 4, 6]
+    assert ks_for(16) == [1, 2, 4, 8, 16]
+
+
+def _rec(task, correct, tokens=10, blocks=0, executed=0, failures=0, subject=None, reason=None):
+    return SampleRecord(
+        task,
+        correct,
+        tokens,
+        blocks,
+        executed,
+        failures,
+        reason or ("correct" if correct else "wrong"),
+        "stop",
+        subject,
+    )
+
+
+def test_aggregate_hand_computed():
+    records = [
+        _rec("a", True, tokens=10, blocks=2, executed=2, failures=1),
+        _rec("a", False, tokens=20, blocks=1, executed=1),
+        _rec("b", False, tokens=30, reason="no_box"),
+        _rec("b", False, tokens=40, blocks=3, executed=2, failures=2),
+    ]
+    m = aggregate(records)
+    assert (m["problems"], m["samples"], m["n"]) == (2, 4, 2)
+    assert m["avg_at_n"] == pytest.approx(0.25)
+    assert m["pass_at_k"] == {"1": pytest.approx(0.25), "2": pytest.approx(0.5)}
+    assert m["mean_response_tokens"] == pytest.approx(25.0)
+    assert m["mean_code_blocks"] == pytest.approx(1.5)
+    assert m["mean_executed_calls"] == pytest.approx(1.25)
+    assert m["interp_error_rate"] == pytest.approx(3 / 5)
+    assert m["verdicts"] == {"correct": 1, "no_box": 1, "wrong": 2}
+    assert aggregate([_rec("a", True)])["interp_error_rate"] is None  # nothing executed: no rate
+
+
+def test_summarize_subjects_mean_and_markdown():
+    math_recs = [
+        _rec("p1", True, subject="Algebra"),
+        _rec("p1", True, subject="Algebra"),
+        _rec("p2", False, subject="Geometry"),
+        _rec("p2", True, subject="Geometry"),
+    ]
+    aime_recs = [_rec("q1", False), _rec("q1", False)]
+    s = summarize({"MATH": math_recs, "AIME": aime_recs})
+    assert s["benchmarks"]["MATH"]["avg_at_n"] == pytest.approx(0.75)
+    assert s["benchmarks"]["MATH"]["subjects"]["Algebra"]["avg_at_n"] == 1.0
+    assert s["benchmarks"]["MATH"]["subjects"]["Geometry"]["pass_at_k"]["2"] == 1.0
+    assert "subjects" not in s["benchmarks"]["AIME"]
+    assert s["mean"]["avg_at_n"] == pytest.approx((0.75 + 0.0) / 2)
+    settings = {
+        "model": "m",
+        "tools": True,
+        "max_tool_calls": 3,
+        "n": 2,
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "max_response_tokens": 64,
+    }
+    md = results_markdown({"settings": settings, **s, "elapsed_s": 1.0})
+    assert "| MATH | 2 | 2 | 75.0 | 75.0 | 100.0 |" in md
+    assert "## MATH by subject" in md and "| Geometry | 1 | 2 | 50.0 |" in md
+    assert "at most 3 calls" in md
+
+
+# ---------------------------------------------------------------------------------- bad input, CLI
+
+
+def _entrypoint():
+    spec = importlib.util.spec_from_file_location("evaluate_entry", ROOT / "entrypoints" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--data", "/nonexistent/bench.jsonl"], "does not exist"),
+        (["--data", str(BENCHMARKS), "generator.no_such_field=1"], "unknown key 'generator.no_such_field'"),
+        (
+            ["--data", str(BENCHMARKS), "--model", "/nonexistent/model"],
+            "model '/nonexistent/model' does not exist",
+        ),
+        (["--data", str(BENCHMARKS), "--model", str(BENCHMARKS)], "no config.json"),
+        (["--data", str(BENCHMARKS / "amc23.jsonl"), "data.answer_field=final"], "field 'final'"),
+    ],
+)
+def test_entrypoint_bad_input_is_one_sentence(argv, expected, capsys, tiny_model_dir):
+    code = _entrypoint().main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert (
+        err.startswith("error: ")
+        and expected in err
+        and "Traceback" not in err
+        and len(err.splitlines()) == 1
+    )
+
+
+def test_entrypoint_rejects_a_broken_tokenizer(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    code = _entrypoint().main(["--data", str(BENCHMARKS), "--model", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "tokenizer cannot be loaded" in err
+
+
+# -------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def eval_cfg():
+    return load_config(
+        None,
+        [
+            "generator.max_prompt_tokens=512",
+            "generator.max_response_tokens=48",
+            "generator.max_inflight_trajectories=16",
+            "generator.temperature=1.0",
+            "generator.top_p=0.95",
+            "scorer.num_workers=1",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def runner(eval_cfg, tiny_model_dir):
+    """Engine and sandbox as local objects (the CLI with no Ray session). The Ray-actor setting
+    (use_ray=True: `ray job submit`, the demo) differs only in where the two live: it gets one
+    short test of its own below (a second engine start, ~30 s)."""
+    r = EvalRunner(eval_cfg, tiny_model_dir, use_ray=False)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def benchmarks(eval_cfg, tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    tasks = benchmark_tasks_for(eval_cfg, tok, BENCHMARKS / "amc23.jsonl", limit=3)
+    # A probe whose prompt ends with a closed code block: the rollout runs it before the model goes
+    # on, so with tools every sample executes it, whatever the (random) model then writes.
+    text = (
+        tok.apply_chat_template(
+            [{"role": "user", "content": "What is 6 * 7?"}], tokenize=False, add_generation_prompt=True
+        )
+        + "```python\nprint(6 * 7)\n```"
+    )
+    ids = tuple(tok.encode(text, add_special_tokens=False))
+    tasks["probe"] = [Task("probe-0", "What is 6 * 7?", "42", text, ids, subject="arithmetic")]
+    return tasks
+
+
+def _samples(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_evaluate_tiny_model_with_tools(runner, benchmarks, tmp_path):
+    out = tmp_path / "tools"
+    results = runner.run(benchmarks, n=2, tools=True, out_dir=out, max_tool_calls=2)
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "samples.jsonl", "config.yaml"}
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["settings"]["ray"] is runner.use_ray
+    amc = results["benchmarks"]["amc23"]
+    assert (amc["problems"], amc["samples"], amc["n"]) == (3, 6, 2)
+    assert set(amc["pass_at_k"]) == {"1", "2"}
+    assert 0 < amc["mean_response_tokens"] <= 48
+    samples = _samples(out)
+    assert len(samples) == 8
+    for s in samples:
+        assert (
+            s["budget"] == 2
+            and s["num_executed"] <= 2
+            and s["reason"] in {"correct", "wrong", "no_box", "parse_failure", "timeout"}
+        )
+        assert s["correct"] == (s["reason"] == "correct")
+    probe = [s for s in samples if s["benchmark"] == "probe"]
+    assert all(s["num_executed"] >= 1 and s["tool_calls"][0]["ok"] for s in probe)
+    assert all("42" in s["tool_calls"][0]["output"] and "42" in s["response"] for s in probe)
+    assert results["benchmarks"]["probe"]["mean_executed_calls"] >= 1
+    assert results["benchmarks"]["probe"]["interp_error_rate"] is not None
+    assert "arithmetic" in results["benchmarks"]["probe"]["subjects"]
+    md = (out / "results.md").read_text()
+    assert "| amc23 | 3 | 2 |" in md and "| probe | 1 | 2 |" in md and "## probe by subject" in md
+
+
+def test_evaluate_tiny_model_without_tools(runner, benchmarks, tmp_path):
+    out = tmp_path / "text"
+    results = runner.run(benchmarks, n=2, tools=False, out_dir=out, max_tool_calls=2)
+    assert results["settings"]["tools"] is False and results["settings"]["max_tool_calls"] == 0
+    samples = _samples(out)
+    assert len(samples) == 8 and all(s["num_executed"] == 0 and s["tool_calls"] == [] for s in samples)
+    probe = [s for s in samples if s["benchmark"] == "probe"]
+    assert all(s["num_code_blocks"] >= 1 for s in probe)  # written, counted, not run
+    assert results["benchmarks"]["probe"]["interp_error_rate"] is None
+    assert "tools off" in (out / "results.md").read_text()
+
+
+def test_evaluate_through_ray_actors(ray_session, eval_cfg, tiny_model_dir, benchmarks, tmp_path):
+    """The setting of `ray job submit` and of the demo: the engine and the sandbox as Ray actors
+    (anonymous, so a training run's named actors can live beside them), gone after close()."""
+    import ray
+
+    with EvalRunner(eval_cfg, tiny_model_dir, use_ray=True) as runner:
+        results = runner.run({"probe": benchmarks["probe"]}, n=2, tools=True, out_dir=tmp_path, max_tool_calls=2)
+        actors = runner._gen_actors + runner._pool_actors
+        assert len(runner._gen_actors) == 1 and len(runner._pool_actors) == 1
+        assert ray.get(runner._gen_actors[0].served_version.remote()) == 0
+    assert results["settings"]["ray"] is True
+    samples = _samples(tmp_path)
+    assert len(samples) == 2 and all(s["tool_calls"][0]["ok"] and "42" in s["tool_calls"][0]["output"] for s in samples)
+    for actor in actors:  # close() killed them
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=60)
