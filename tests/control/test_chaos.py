@@ -3,9 +3,8 @@ every actor real) during which actors are killed. Each run must finish all its s
 conservation identities holding at every step, no group trained twice, a recovery recorded for each
 death, and no process left behind (vLLM engine cores, interpreter zygotes, math-verify workers).
 
-- heal in place: a generator (restarted by the driver), an interpreter pool and a scorer (restarted
-  by Ray) killed in turn;
-- stateful roles: a learner rank and then the buffer killed: the driver resumes by itself;
+- one run in which a generator (restarted by the driver), an interpreter pool and a scorer (restarted
+  by Ray) are killed, then a learner rank and the buffer (the driver resumes by itself, twice);
 - the driver SIGKILLed (`entrypoints/train.py` in a subprocess) and the same command run again.
 """
 
@@ -145,29 +144,22 @@ def _train_with(run_dir, steps, plan):
     return summary
 
 
-def test_stateless_roles_and_generators_heal_in_place(ray_session, tmp_path):
+def test_every_role_killed_in_one_run(ray_session, tmp_path):
+    """Stateless roles and generators heal in place (a generator, an interpreter pool, a scorer);
+    then a learner rank and the buffer die and the run resumes by itself, twice."""
     before = _our_processes()
     run_dir = tmp_path / "run"
-    summary = _train_with(run_dir, 6, [(1, "generator-1", False), (2, "interpreter-0", True), (3, "scorer-1", True),
-                                       (4, "generator-0", False)])
-    rows = _check_run(run_dir, 6)
-    roles = [r["role"] for r in _recoveries(run_dir)]
-    assert roles.count("generator") == 2, roles
-    assert "interpreter" in roles and "scorer" in roles, roles
-    assert rows[-1]["conservation/groups_dropped_by_reason"].get("generator_lost", 0) >= 0
-    assert all(rep["error"] is None for rep in summary["served"].values()), summary["served"]
-    assert {rep["version"] for rep in summary["served"].values()} == {6}
-    _assert_no_leftovers(before)
-
-
-def test_stateful_roles_resume_automatically(ray_session, tmp_path):
-    before = _our_processes()
-    run_dir = tmp_path / "run"
-    _train_with(run_dir, 6, [(2, "learner-rank-0", False), (4, "buffer", False)])
-    _check_run(run_dir, 6)
+    summary = _train_with(run_dir, 7, [(1, "generator-1", False), (2, "interpreter-0", True), (3, "scorer-1", True),
+                                       (4, "learner-rank-0", False), (6, "buffer", False)])
+    _check_run(run_dir, 7)
     rec = _recoveries(run_dir)
-    assert [r["role"] for r in rec] == ["learner", "buffer"], rec
-    assert all(r["resumed_after_s"] > 0 and r["resumed_from"].startswith("step-") for r in rec), rec
+    roles = [r["role"] for r in rec]
+    assert roles.count("generator") >= 1 and "interpreter" in roles and "scorer" in roles, roles
+    resumes = [r for r in rec if "resumed_after_s" in r]
+    assert [r["role"] for r in resumes] == ["learner", "buffer"], rec
+    assert all(r["resumed_after_s"] > 0 and r["resumed_from"].startswith("step-") for r in resumes), rec
+    assert all(rep["error"] is None for rep in summary["served"].values()), summary["served"]
+    assert {rep["version"] for rep in summary["served"].values()} == {7}
     _assert_no_leftovers(before)
 
 
@@ -176,13 +168,14 @@ def test_driver_sigkill_then_same_command_resumes(ray_session, tmp_path):
 
     before = _our_processes()
     run_dir = tmp_path / "run"
+    small = ["generator.num_generators=1", "interpreter.num_pools=1", "scorer.num_scorers=1", "learner.save_every=1"]
     cmd = [sys.executable, str(PROJECT_ROOT / "entrypoints" / "train.py"),
-           *_overrides(run_dir, 5, namespace="cir-chaos-driver")]
+           *_overrides(run_dir, 4, namespace="cir-chaos-driver"), *small]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run_dir / "checkpoints" / "latest").is_file() and len(_rows(run_dir)) >= 3:
+        if (run_dir / "checkpoints" / "latest").is_file() and len(_rows(run_dir)) >= 2:
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -193,6 +186,6 @@ def test_driver_sigkill_then_same_command_resumes(ray_session, tmp_path):
     again = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
-    rows = _check_run(run_dir, 5)
-    assert trained_before >= 3 and rows[-1]["step"] == 5
+    rows = _check_run(run_dir, 4)
+    assert trained_before >= 2 and rows[-1]["step"] == 4
     _assert_no_leftovers(before, grace_s=60.0)

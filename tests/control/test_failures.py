@@ -92,9 +92,15 @@ class _Run:
         assert snap["trajectories"]["ok"], snap["trajectories"]
         self.checks += 1
 
-    async def learner(self, steps, kill_at=None, stop_after=None):
+    async def learner(self, steps, kill_at=None, stop_after=None, cuts=None):
+        """`cuts`: a list to which a checkpoint cut is appended after every step, as the driver takes
+        them (between steps, the generators running on while the cut is taken)."""
         version = self.sched.current_update().version
+        deadline = asyncio.get_running_loop().time() + 60.0
         while version < steps:
+            if asyncio.get_running_loop().time() > deadline:
+                self.done.set()
+                raise TimeoutError(f"no progress past version {version}: {self.sched.state()}")
             batch = await self.buf.get_batch(self.cfg.learner.prompts_per_step, version, timeout_s=0.02)
             await self.check()
             if batch is None or not batch.groups:
@@ -108,6 +114,9 @@ class _Run:
             if kill_at is not None and version in kill_at:
                 await self.heal(kill_at[version])
                 await self.check()
+            if cuts is not None:
+                await asyncio.sleep(self.rng.random() * 0.004)  # generators add and complete meanwhile
+                cuts.append((list(self.trained_tasks), version, await self.buf.checkpoint_cut()))
             if stop_after is not None and version == stop_after:
                 break
         self.done.set()
@@ -128,29 +137,22 @@ def test_ledger_holds_at_every_step_through_generator_deaths():
 
 
 def test_checkpoint_cut_under_live_generation_loses_and_repeats_nothing():
-    """Cuts taken at random instants while both generators add samples; each resumed run trains
-    exactly the prompts the first run did not, and the counters carry over."""
+    """Cuts taken after every step, as the driver takes them, while both generators go on adding
+    samples; each cut resumed and run to the end trains exactly the prompts the first run did not,
+    and the counters carry over."""
     cfg = _cfg(**{"scheduler.max_staleness": 1, "data.shuffle": "false", "scheduler.total_steps": 10})
     tasks = _tasks(20)  # 10 steps x 2 groups = 20 prompts: each exactly once
 
     async def first():
         run = _Run(cfg, tasks, seed=1)
         cuts = []
-
-        async def cutter():
-            while not run.done.is_set():
-                await asyncio.sleep(run.rng.random() * 0.003)
-                cut = await run.buf.checkpoint_cut()
-                cuts.append((list(run.trained_tasks), run.sched.current_update().version, cut))
-
-        await asyncio.gather(run.go(10, stop_after=4), cutter())
+        await run.go(10, stop_after=6, cuts=cuts)
         return cuts
 
     cuts = asyncio.run(first())
-    assert len(cuts) > 3
-    # A cut belongs to the learner's state of the same instant: only cuts taken between steps are resumable.
-    # Here the learner trains instantly (no await), so every cut is between steps.
-    for trained_before, version, cut in cuts[:: max(1, len(cuts) // 4)]:
+    assert len(cuts) == 6
+    assert any(c["scheduler"]["dropped"].get("resumed", 0) for _, _, c in cuts)  # groups were in flight at a cut
+    for trained_before, version, cut in cuts:
         async def resume(cut=cut, version=version):
             sched = BudgetScheduler(cfg, tasks)
             sched.restore(cut["scheduler"], PolicyUpdate(version=version, budget=0))

@@ -7,6 +7,8 @@ process, checkpoint round trip (exact resume, HF directory loads in transformers
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -432,3 +434,24 @@ def test_icepop_masks_the_tokens_outside_the_band_and_void_turns_are_filtered(
     assert out["tokens"] == total and 0.2 < outside / total < 0.8
     assert out["is_masked_frac"] == pytest.approx(outside / total, abs=0.5 / total)
     assert out["is_cap_frac"] == 0.0 and 0.0 < out["is_ess"] < 1.0
+
+
+def test_a_lost_object_is_a_counted_drop_not_a_crash(ray_session, learner1, hf_init):
+    """A served group whose objects are gone (their owner died, as when a node leaves) is left out
+    by every rank and reported in `lost_groups`; the other groups are trained."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def put(self, items):
+            return [ray.put(x) for x in items]
+
+    groups = make_groups(hf_init, seed=7)
+    owner = Owner.remote()
+    orphaned = ray.get(owner.put.remote(groups[1]))  # refs owned by `owner`
+    ray.kill(owner)
+    time.sleep(1.0)
+    kept = [ray.put(x) for x in groups[0]]
+    metrics = learner1.train_step([kept, orphaned])
+    assert metrics["lost_groups"] == [1]
+    assert metrics["trajectories"] == len(groups[0])  # the kept group was trained on
