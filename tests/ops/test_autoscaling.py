@@ -39,7 +39,7 @@ def fake_cluster():
 
 def test_roles_bring_up_their_node_types_which_go_away_when_idle(fake_cluster):
     out = subprocess.run(
-        [sys.executable, "-m", "tests.test_autoscaling", fake_cluster.address],
+        [sys.executable, "-m", "tests.ops.test_autoscaling", fake_cluster.address],
         check=False, cwd=PROJECT_ROOT, env=fake_cluster.env(), capture_output=True, text=True, timeout=420,
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -69,6 +69,12 @@ def record(role: str, name: str) -> None:
         sm.state(version=4, budget=2, groups_in_flight=3, waiting_generators=1)
         sm.admitted(3)
         sm.sampling(zero_variance_rate=0.25, oversample_factor=4 / 3)
+        run = metrics.RunMetrics(name)  # the driver's series (recorded here under an actor's name)
+        run.conservation({"admitted": 5, "trained": 2, "dropped": 1, "inflight": 1, "buffered": 1, "ok": True,
+                          "dropped_by_reason": {"stale": 1}},
+                         {"added": 8, "trained": 4, "dropped": 2, "partial": 1, "ready": 1, "ok": True})
+        run.restarts({"generator": 1}, {"generator": 2.5})
+        run.step_time({"learner_train_s": 1.0})
     elif role == "buffer":
         b = metrics.BufferMetrics(name)
         b.depth(ready_groups=2, partial_groups=1)
@@ -151,6 +157,8 @@ def test_role_actors_export_their_metrics(ray_session):
     assert value("ray_cir_weight_sync_seconds_count", actor="learner-rank-0", side="publish") == 1
     assert value("ray_cir_weight_sync_seconds_count", actor="generator-0", side="load") == 1
     assert value("ray_cir_scheduler_groups_in_flight", actor="scheduler") == 3
+    assert value("ray_cir_run_groups", actor="scheduler", state="admitted") == 5
+    assert value("ray_cir_run_restarts", actor="scheduler", role="generator") == 1
     assert value("ray_cir_buffer_trajectories_dropped_total", actor="buffer", reason="stale") == 2
     # Staleness histogram: two trajectories at 0 versions (le=0.5), all four within 1 (le=1.5).
     assert value("ray_cir_buffer_trained_staleness_versions_bucket", actor="buffer", le="0.5") == 2
