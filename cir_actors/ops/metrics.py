@@ -3,8 +3,9 @@
     GeneratorMetrics("generator-0").served_version(3)
     InterpreterMetrics("interpreter-0").call(latency_s=0.012, ok=True, timed_out=False)
 
-Every series carries the tag `actor` (the actor's name from cir_actors/ops/cluster.py) on top of the tags
-Ray adds (node address, worker id, session). Ray exports them from each node's metrics export port
+Every series carries the tags `actor` (the actor's name from cir_actors/ops/cluster.py) and `run` (the
+Ray namespace the driver joined, `cluster.namespace`, so two runs on one cluster never share a
+series) on top of the tags Ray adds (node address, worker id, session). Ray exports them from each node's metrics export port
 (`MetricsExportPort` in `ray.nodes()`, or `--metrics-export-port` of `ray start`) with the prefix
 `ray_`: `cir_generator_policy_version` is scraped as `ray_cir_generator_policy_version`. Series show
 up 5-11 s after the first record (Ray's export interval).
@@ -44,7 +45,7 @@ class MetricSpec:
 
 
 def _spec(name: str, kind: Kind, description: str, tags: tuple[str, ...] = (), boundaries=()) -> MetricSpec:
-    spec = MetricSpec(name, kind, description, ("actor", *tags), tuple(boundaries))
+    spec = MetricSpec(name, kind, description, ("actor", "run", *tags), tuple(boundaries))
     SPECS[name] = spec
     return spec
 
@@ -153,13 +154,16 @@ def _metric(spec: MetricSpec) -> Any | None:
 
 
 class _RoleMetrics:
-    """Records with the actor's name as the `actor` tag."""
+    """Records with the actor's name as the `actor` tag and the Ray namespace as the `run` tag."""
 
     def __init__(self, name: str):
         self.name = name
+        self._run: str | None = None
 
     def _tags(self, extra: dict[str, str]) -> dict[str, str]:
-        return {"actor": self.name, **{k: str(v) for k, v in extra.items()}}
+        if self._run is None:
+            self._run = ray.get_runtime_context().namespace or ""
+        return {"actor": self.name, "run": self._run, **{k: str(v) for k, v in extra.items()}}
 
     def _set(self, spec: MetricSpec, value: float, **tags: str) -> None:
         m = _metric(spec)

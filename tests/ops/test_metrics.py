@@ -89,11 +89,12 @@ class Recorder:
     def __init__(self, role: str, name: str):
         self.role, self.name = role, name
 
-    def run(self) -> str:
+    def run(self) -> tuple[str, str]:
         import ray
 
         record(self.role, self.name)
-        return ray.get_runtime_context().get_node_id()
+        ctx = ray.get_runtime_context()
+        return ctx.get_node_id(), ctx.get_worker_id()
 
 
 def test_calls_are_no_ops_outside_ray(monkeypatch):
@@ -107,7 +108,7 @@ def test_calls_are_no_ops_outside_ray(monkeypatch):
 def test_every_series_is_named_for_its_role():
     assert len(metrics.SPECS) >= 25
     for name, spec in metrics.SPECS.items():
-        assert name.startswith("cir_") and "actor" in spec.tags
+        assert name.startswith("cir_") and "actor" in spec.tags and "run" in spec.tags
         assert (spec.kind == "histogram") == bool(spec.boundaries)
         assert all(b > 0 for b in spec.boundaries) and list(spec.boundaries) == sorted(spec.boundaries)
 
@@ -123,7 +124,7 @@ def test_role_actors_export_their_metrics(ray_session):
         opts = actor_options(role, cfg, 0 if role in INDEXED_ROLES else None)
         opts.update(num_cpus=0.01, max_concurrency=1)  # tiny: only recording happens here
         actors[opts["name"]] = (role, ray.remote(Recorder).options(**opts).remote(str(role), opts["name"]))
-    node_ids = set(ray.get([a.run.remote() for _, a in actors.values()], timeout=120))
+    node_ids, worker_ids = map(set, zip(*ray.get([a.run.remote() for _, a in actors.values()], timeout=120)))
     nodes = [n for n in ray.nodes() if n["NodeID"] in node_ids]
     urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in nodes]
 
@@ -132,12 +133,15 @@ def test_role_actors_export_their_metrics(ray_session):
     deadline = time.monotonic() + 45
     while True:
         samples = [s for url in urls for s in parse_prometheus(urllib.request.urlopen(url, timeout=10).read().decode())]
-        ours = [s for s in samples if s[1].get("actor") in names]
+        # Earlier tests in this Ray session ran actors with the same names (and the same job namespace,
+        # hence the same `run` tag): keep this test's workers' series.
+        ours = [s for s in samples if s[1].get("actor") in names and s[1].get("WorkerId") in worker_ids]
         seen = {name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for name, _, _ in ours}
         if expected <= seen or time.monotonic() > deadline:
             break
         time.sleep(2)
     assert expected <= seen, f"missing after 45 s: {sorted(expected - seen)}"
+    assert {lab.get("run") for _, lab, _ in ours} == {ray.get_runtime_context().namespace}
 
     def value(name: str, **labels: str) -> float:
         hits = [v for n, lab, v in ours if n == name and all(lab.get(k) == w for k, w in labels.items())]

@@ -224,5 +224,7 @@ def test_grafana_dashboard_names_only_series_the_run_exported(run):
         for target in panel["targets"]:
             names = re.findall(r"\b(ray_cir_[a-z0-9_]+?)(?:_bucket)?\b", target["expr"])
             assert names, (panel["title"], target["expr"])
+            # Every series is filtered by the dashboard's run (Ray namespace) variable.
+            assert len(re.findall(r'ray_cir_[a-z0-9_]+\{run=~"\$run"', target["expr"])) == len(names), target["expr"]
             missing.update({n: panel["title"] for n in names if n not in scraped})
     assert not missing, f"panels name series the run never exported: {missing} (scraped: {sorted(scraped)})"
