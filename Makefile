@@ -37,7 +37,7 @@ browser:
 	  "tests/ops/test_viewer.py will fail saying so"; fi
 
 test: venv browser
-	$(PY) -m pytest tests
+	$(PY) -m pytest --durations=30 tests
 
 bench: venv
 	$(PY) entrypoints/bench.py all

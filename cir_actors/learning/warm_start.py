@@ -82,7 +82,7 @@ def warm_start(cfg: Config, base_model: str | Path, out_dir: str | Path, *, step
                 log.info("sft step %d: estimated sampled accuracy %.3f (target %.2f), by kind %s (floor %.2f)", step,
                          checks[-1]["accuracy"], target_accuracy, {k: round(v, 3) for k, v in by_kind.items()},
                          kind_floor)
-                if checks[-1]["accuracy"] >= target_accuracy and min(by_kind.values()) >= kind_floor:
+                if reached_target(checks[-1], target_accuracy, kind_floor):
                     break
         out = Path(out_dir)
         learner.save_checkpoint(out)
@@ -90,6 +90,11 @@ def warm_start(cfg: Config, base_model: str | Path, out_dir: str | Path, *, step
         learner.shutdown()
     return out / "hf", {"steps": len(losses), "batch_size": batch_size, "first_loss": losses[0],
                         "last_loss": losses[-1], "checks": checks, "time_s": time.monotonic() - t0}
+
+
+def reached_target(check: dict[str, Any], target_accuracy: float, kind_floor: float) -> bool:
+    """The warm start's stopping rule: the estimate reaches the target and every kind's the floor."""
+    return check["accuracy"] >= target_accuracy and min(check["by_kind"].values()) >= kind_floor
 
 
 def reproduction_probabilities(learner: Any, demos: list[Any]) -> np.ndarray:

@@ -4,10 +4,11 @@ math-verify scorer, buffer, scheduler, DeepSpeed learner), then a resume from it
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from conftest import short_run_config
 
-from cir_actors.config import load_config
 from cir_actors.control.trainer import Trainer, step_metrics
 
 pytestmark = pytest.mark.slow
@@ -22,28 +23,16 @@ def test_step_metrics_adds_up():
     assert m["tool_calls_per_response"] == 0.5
 
 
-def _cfg(run_dir, steps):
-    return load_config(None, [
-        f"logging.run_dir={run_dir}", "logging.wandb_mode=disabled", "logging.progress=false",
-        f"scheduler.total_steps={steps}", "scheduler.max_staleness=1", "scheduler.budget_schedule=[[0,1],[1,2]]",
-        "learner.prompts_per_step=2", "learner.mini_batch_prompts=2", "generator.samples_per_prompt=2",
-        "generator.max_response_tokens=48", "generator.num_cpus=0.5", "learner.num_cpus=0.5",
-        "cluster.namespace=cir-train-test", "data.num_train=64",
-    ])
-
-
-def test_short_training_run_and_resume(ray_session, tmp_path):
+def test_short_training_run_and_resume(short_run, tmp_path):
+    """The shared 2-step run (tests/conftest.py), then a resume of a copy of it to 3 steps."""
+    shared_dir, summary, _ = short_run
     run_dir = tmp_path / "run"
-    trainer = Trainer(_cfg(run_dir, 2))
-    try:
-        summary = trainer.run()
-    finally:
-        trainer.shutdown()
+    shutil.copytree(shared_dir, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert [r["budget"] for r in rows] == [2, 2]  # budget of the version each step published
     for r in rows:
-        assert r["trajectories"] == 4 and max(int(k) for k in r["staleness_hist"]) <= 1
+        assert r["trajectories"] == 8 and max(int(k) for k in r["staleness_hist"]) <= 1
         # where the step went (cir_actors/ops/step_time.py): the learner's phases fit in its train time,
         # the generator did generate, and the ideal steps bracket each other
         phases = r["time/learner_fetch_s"] + r["time/learner_proximal_s"] + r["time/learner_update_s"]
@@ -65,7 +54,7 @@ def test_short_training_run_and_resume(ray_session, tmp_path):
     assert (run_dir / "curves.png").stat().st_size > 0
 
     # Resume: the same run dir with more steps continues from version 2 and trains only new groups.
-    trainer = Trainer(_cfg(run_dir, 3))
+    trainer = Trainer(short_run_config(run_dir, 3))
     try:
         summary2 = trainer.run()
     finally:

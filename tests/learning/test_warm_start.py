@@ -120,18 +120,24 @@ def test_warm_start_stops_at_the_target_and_reports_its_checks(ray_session, tiny
                              kind_floor=1e-300, check_every=2, check_size=16)
     assert summary["steps"] == 2 and [c["step"] for c in summary["checks"]] == [2]
     assert AutoModelForCausalLM.from_pretrained(str(hf)) is not None
-    # an unreachable target: every step runs, a check every 2 and at the end
-    _, summary = warm_start(cfg, tiny_model_dir, tmp_path / "full", steps=5, batch_size=4, target_accuracy=1.0,
-                            check_every=2, check_size=16)
+    # the target is met but the floor is not, for some kind: every step runs, a check every 2 and at the end
+    _, summary = warm_start(cfg, tiny_model_dir, tmp_path / "floor", steps=5, batch_size=4, target_accuracy=1e-300,
+                            kind_floor=1.0, check_every=2, check_size=16)
     assert summary["steps"] == 5 and [c["step"] for c in summary["checks"]] == [2, 4, 5]
     assert all(0 <= c["accuracy"] < 1 for c in summary["checks"]) and summary["last_loss"] < summary["first_loss"]
-    # the target is met but the floor is not, for some kind: every step runs too
-    _, summary = warm_start(cfg, tiny_model_dir, tmp_path / "floor", steps=3, batch_size=4, target_accuracy=1e-300,
-                            kind_floor=1.0, check_every=2, check_size=16)
-    assert summary["steps"] == 3 and [c["step"] for c in summary["checks"]] == [2, 3]
     check = summary["checks"][-1]
     kinds = check["by_kind"]
     assert len(kinds) > 1 and min(kinds.values()) <= check["accuracy"] <= max(kinds.values())
+
+
+def test_stopping_rule_needs_the_target_and_every_kinds_floor():
+    from cir_actors.learning.warm_start import reached_target
+
+    check = {"accuracy": 0.6, "by_kind": {"add": 0.9, "mul": 0.3}}
+    assert reached_target(check, 0.5, 0.0) and reached_target(check, 0.6, 0.3)
+    assert not reached_target(check, 0.61, 0.0)  # below the target
+    assert not reached_target(check, 0.5, 0.31)  # one kind below the floor
+    assert not reached_target(check, 1.0, 0.0)  # an unreachable target
 
 
 def test_warm_start_needs_enough_problems_for_its_check(ray_session, tiny_model_dir, tmp_path):
