@@ -118,6 +118,13 @@ class GeneratorConfig(Section):
     update_policy: Literal["finish", "interrupt"] = "finish"
     """On a weight update: finish in-flight trajectories on the old weights, or interrupt them at a
     token boundary and continue on the new weights."""
+    continue_partials: bool = True
+    """Stream each unfinished trajectory to the buffer at its segment boundaries (after an interpreter
+    call, at an interruption, every `partial_every_tokens`), so that when its generator dies or the run
+    resumes from a checkpoint another generator continues it instead of starting over."""
+    partial_every_tokens: int = Field(0, ge=0)
+    """Also cut a model segment (and stream the partial) every this many sampled tokens; 0: only at
+    interpreter calls and interruptions. Each cut costs one more engine request (a prefix-cached prefill)."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """vLLM GPU memory share (GPU only)."""
     cpu_kv_cache_gb: float = Field(1.0, gt=0)

@@ -1,4 +1,4 @@
-"""msgpack encoding of scored trajectories, for checkpointed buffers and trajectory dump files.
+"""msgpack encoding of scored and partial trajectories, for checkpointed buffers and trajectory dump files.
 
 Length-prefixed frames (4-byte big-endian length, then one msgpack map), numpy arrays as
 {dtype, data}. No pickle: a dump can be read back without trusting whoever wrote it.
@@ -14,28 +14,49 @@ from typing import Any, BinaryIO
 import msgpack
 import numpy as np
 
-from cir_actors.types import FinishReason, ScoredTrajectory, Trajectory, Verdict, VerdictReason
+from cir_actors.types import (
+    FinishReason,
+    PartialTrajectory,
+    ScoredTrajectory,
+    Trajectory,
+    Verdict,
+    VerdictReason,
+)
 
 _ARRAYS = ("token_ids_T", "loss_mask_T", "logprobs_T", "versions_T")
 
 
-def _encode_traj(t: Trajectory) -> dict[str, Any]:
+def _encode_traj(t: Trajectory | PartialTrajectory) -> dict[str, Any]:
     d = {f.name: getattr(t, f.name) for f in dataclasses.fields(t)}
     for k in _ARRAYS:
         arr = np.ascontiguousarray(d[k])
         d[k] = {"dtype": arr.dtype.str, "data": arr.tobytes()}
-    d["finish_reason"] = str(t.finish_reason)
+    if "finish_reason" in d:
+        d["finish_reason"] = str(t.finish_reason)
     d["tool_calls"] = [dict(c) for c in t.tool_calls]
     return d
 
 
-def _decode_traj(d: dict[str, Any]) -> Trajectory:
+def _decode_arrays(d: dict[str, Any]) -> dict[str, Any]:
     d = dict(d)
     for k in _ARRAYS:
         d[k] = np.frombuffer(d[k]["data"], dtype=np.dtype(d[k]["dtype"])).copy()
-    d["finish_reason"] = FinishReason(d["finish_reason"])
     d["tool_calls"] = tuple(d["tool_calls"])
+    return d
+
+
+def _decode_traj(d: dict[str, Any]) -> Trajectory:
+    d = _decode_arrays(d)
+    d["finish_reason"] = FinishReason(d["finish_reason"])
     return Trajectory(**d)
+
+
+def encode_partial(p: PartialTrajectory) -> dict[str, Any]:
+    return _encode_traj(p)
+
+
+def decode_partial(d: dict[str, Any]) -> PartialTrajectory:
+    return PartialTrajectory(**_decode_arrays(d))
 
 
 def encode_scored(s: ScoredTrajectory) -> dict[str, Any]:

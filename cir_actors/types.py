@@ -44,6 +44,7 @@ class DropReason(StrEnum):
     GENERATOR_LOST = "generator_lost"  # its generator died while the group was in flight (prompt re-admitted)
     LOST = "lost"  # a served sample's object was gone when the learner fetched it (node lost)
     RESUMED = "resumed"  # in flight at the checkpoint a run resumed from (prompt re-admitted)
+    DUPLICATE = "duplicate"  # a continued sample arrived after the dead generator's own copy (one is kept)
 
 
 class InfraFault(RuntimeError):
@@ -140,6 +141,7 @@ class Trajectory:
     # by "\n"): the scorer reads the answer from this, so interpreter output can never be the answer.
     sampled_text: str = ""
     tool_calls: tuple[dict[str, Any], ...] = ()  # per executed block: code, ok, error, output (truncated)
+    continued_tokens: int = 0  # response tokens inherited from a partial another process streamed
 
     def __post_init__(self) -> None:
         n = len(self.token_ids_T)
@@ -164,6 +166,53 @@ class Trajectory:
 
 
 @dataclass(frozen=True)
+class PartialTrajectory:
+    """An unfinished trajectory as its generator streamed it at a segment boundary (after an
+    interpreter call, at an interruption for a weight update, every `generator.partial_every_tokens`),
+    so that any generator can continue it (`rollout.run_rollout(resume=...)`).
+
+    Invariant: the arrays mean what a Trajectory's mean (same length T, the prompt first, versions
+    per sampled token). `context_start` is where the text that may still hold an unclosed ```python
+    block starts (just past the last interpreter output; 0 before any). `tool_calls` are the blocks
+    run so far, in order: their code is the interpreter session's replay log. No block is pending.
+    """
+
+    task_id: str
+    sample_index: int
+    token_ids_T: np.ndarray  # int32
+    loss_mask_T: np.ndarray  # int8
+    logprobs_T: np.ndarray  # float32
+    versions_T: np.ndarray  # int32
+    prompt_len: int
+    budget: int
+    context_start: int
+    num_code_blocks: int = 0
+    num_executed: int = 0
+    num_interp_errors: int = 0
+    num_interp_timeouts: int = 0
+    gen_time_s: float = 0.0
+    interp_wait_s: float = 0.0
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    continued_tokens: int = 0  # of the response, tokens that came from an earlier partial
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids_T)
+        if any(len(a) != n for a in (self.loss_mask_T, self.logprobs_T, self.versions_T)):
+            raise ValueError("partial trajectory arrays differ in length")
+        if not 0 < self.prompt_len <= n or not 0 <= self.context_start <= n:
+            raise ValueError(f"prompt_len {self.prompt_len} / context_start {self.context_start} outside [0, {n}]")
+
+    @property
+    def response_len(self) -> int:
+        return len(self.token_ids_T) - self.prompt_len
+
+    def min_version(self) -> int:
+        """Oldest policy version among sampled tokens (-1 if none was sampled)."""
+        sampled = self.versions_T[self.loss_mask_T.astype(bool)]
+        return int(sampled.min()) if len(sampled) else -1
+
+
+@dataclass(frozen=True)
 class ScoredTrajectory:
     """A trajectory with its verdict and the reward the training config derives from it."""
 
@@ -177,6 +226,9 @@ class GroupRequest:
     """The scheduler's admission of one prompt group: n samples of `task` under `budget`.
 
     `admitted_version` is the learner version when admitted; staleness is measured from it.
+    `continued`: the group was in flight on a generator that died, or at the checkpoint a run resumed
+    from; the buffer holds its finished samples and streamed partials, which the generator continues
+    (`buffer.continuation(group_id)`) instead of starting over.
     """
 
     group_id: int
@@ -184,6 +236,7 @@ class GroupRequest:
     n: int
     budget: int
     admitted_version: int
+    continued: bool = False
 
 
 @dataclass(frozen=True)

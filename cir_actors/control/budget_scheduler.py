@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cir_actors.config import Config
-from cir_actors.types import DropReason, GroupRequest, PolicyUpdate, Task
+from cir_actors.types import DropReason, GroupRequest, PolicyUpdate, Task, replace
 
 
 class TaskStream:
@@ -68,6 +68,9 @@ class TaskStream:
         task = self._tasks[self._order[self._index]]
         self._index += 1
         return task
+
+    def task(self, task_id: str) -> Task:
+        return self._tasks[self._by_id[task_id]]
 
     def requeue(self, task: Task) -> None:
         self._requeued.append(self._by_id[task.task_id])
@@ -135,7 +138,10 @@ class BudgetScheduler:
         self._update = PolicyUpdate(**{**self._update.__dict__, "budget": cfg.scheduler.budget_at(self._update.version)})
         self._version = self._update.version
         self._counts = _Counts()
-        self._inflight: dict[int, tuple[GroupRequest, str]] = {}
+        self._inflight: dict[int, tuple[GroupRequest, str]] = {}  # group -> (request, generator or "")
+        self._continue = cfg.generator.continue_partials
+        self._orphans: list[int] = []  # in-flight groups without a generator: the next one admitted continues them
+        self._continued_groups = 0
         self._buffered: set[int] = set()
         self._next_group_id = 0
         self._generators: dict[str, Any] = {}  # name -> handle with update_weights(update)
@@ -178,9 +184,18 @@ class BudgetScheduler:
     def try_admit(self, generator: str, served_version: int) -> GroupRequest | None:
         """A new group for `generator`, or None (at capacity, generator behind or not yet verified,
         stopped, or all steps' data admitted)."""
-        if self._stopped or served_version < self._version or self.capacity() <= 0:
+        if self._stopped or served_version < self._version:
             return None
         if not self._verified.get(generator, True) or generator in self._dead:
+            return None
+        if self._orphans:  # already admitted and counted: continued first, outside the capacity
+            gid = self._orphans.pop(0)
+            req, _ = self._inflight[gid]
+            self._inflight[gid] = (req, generator)
+            self._continued_groups += 1
+            self._export()
+            return req
+        if self.capacity() <= 0:
             return None
         if self._counts.admitted - self._counts.released >= self._total_steps * self._batch + self._oversample():
             return None  # every group the run will train on has been admitted
@@ -225,7 +240,8 @@ class BudgetScheduler:
             self._wait_s[generator] = self._wait_s.get(generator, 0.0) + self._clock() - self._waiting.pop(generator)
 
     def _admissible(self, generator: str, served_version: int) -> bool:
-        return served_version >= self._version and self.capacity() > 0 and self._verified.get(generator, True)
+        return (served_version >= self._version and (self.capacity() > 0 or bool(self._orphans))
+                and self._verified.get(generator, True) and generator not in self._dead)
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -244,6 +260,8 @@ class BudgetScheduler:
         entry = self._inflight.pop(group_id, None)
         if entry is None:
             return False
+        if group_id in self._orphans:  # the dead generator's last sample completed it
+            self._orphans.remove(group_id)
         self._buffered.add(group_id)
         self._counts.completed += 1
         self._export()
@@ -270,6 +288,8 @@ class BudgetScheduler:
                 self._buffered.discard(gid)
             elif gid in self._inflight:
                 req, _ = self._inflight.pop(gid)
+                if gid in self._orphans:
+                    self._orphans.remove(gid)
                 if requeue:
                     self._stream.requeue(req.task)
             else:
@@ -294,12 +314,22 @@ class BudgetScheduler:
         return [gid for gid, (_, g) in self._inflight.items() if g == generator]
 
     async def fail_generator(self, generator: str) -> list[int]:
-        """The generator died: drop its in-flight groups (reason generator_lost), re-queue their
-        prompts, and admit it again only once it is registered anew and verified. Returns the ids."""
+        """The generator died: its in-flight groups are handed to the next generators that ask
+        (`generator.continue_partials`: they continue the buffer's samples and partials) or dropped
+        (reason generator_lost) with their prompts re-queued; the generator is admitted again only
+        once registered anew and verified. Returns the group ids."""
         self._dead.add(generator)
         self._verified[generator] = False
         lost = self.inflight_of(generator)
-        await self.groups_dropped(lost, DropReason.GENERATOR_LOST, requeue=True)
+        if self._continue:
+            for gid in lost:
+                req, _ = self._inflight[gid]
+                self._inflight[gid] = (replace(req, continued=True), "")
+                self._orphans.append(gid)
+            self._export()
+            await self._notify()
+        else:
+            await self.groups_dropped(lost, DropReason.GENERATOR_LOST, requeue=True)
         return lost
 
     def conservation(self) -> dict[str, Any]:
@@ -413,6 +443,8 @@ class BudgetScheduler:
             "budget": self._update.budget,
             "epoch": self._stream.epoch,
             "inflight_groups": len(self._inflight),
+            "orphan_groups": len(self._orphans),
+            "continued_groups": self._continued_groups,
             "buffered_groups": len(self._buffered),
             "capacity": self.capacity(),
             "waiting_generators": len(self._waiting),
@@ -454,11 +486,16 @@ class BudgetScheduler:
         still): loader position with in-flight groups re-queued (they are regenerated after a resume
         and counted as dropped `resumed`), the ledger's counts and the buffered group ids."""
         pos = self._stream.position()
-        inflight_ids = [self._stream._by_id[req.task.task_id] for req, _ in self._inflight.values()]
-        pos["requeued"] = inflight_ids + pos["requeued"]
         c = self._counts
         dropped = Counter(c.dropped)
-        dropped[DropReason.RESUMED] += len(self._inflight)
+        inflight = []
+        if self._continue:  # continued after the resume (the buffer saves their samples and partials)
+            inflight = [{"group_id": r.group_id, "task_id": r.task.task_id, "n": r.n, "budget": r.budget,
+                         "admitted_version": r.admitted_version} for r, _ in self._inflight.values()]
+        else:  # regenerated after the resume
+            inflight_ids = [self._stream._by_id[req.task.task_id] for req, _ in self._inflight.values()]
+            pos["requeued"] = inflight_ids + pos["requeued"]
+            dropped[DropReason.RESUMED] += len(self._inflight)
         return {
             "version": self._version,
             "stream": pos,
@@ -468,6 +505,7 @@ class BudgetScheduler:
             "trained": c.trained,
             "dropped": dict(dropped),
             "buffered": sorted(self._buffered),
+            "inflight": inflight,
             "by_generator": dict(c.by_generator),
             "data": data_key(self._cfg),
         }
@@ -491,6 +529,13 @@ class BudgetScheduler:
         )
         self._buffered = {int(g) for g in state.get("buffered", [])}
         self._inflight.clear()
+        self._orphans.clear()
+        for r in state.get("inflight", []):
+            task = self._stream.task(r["task_id"])
+            req = GroupRequest(int(r["group_id"]), task, int(r["n"]), int(r["budget"]), int(r["admitted_version"]),
+                               continued=True)
+            self._inflight[req.group_id] = (req, "")
+            self._orphans.append(req.group_id)
         self._version = update.version
         self._update = PolicyUpdate(**{**update.__dict__, "budget": self._cfg.scheduler.budget_at(update.version)})
 

@@ -21,9 +21,16 @@ before it takes effect here (completion, drops), all under one lock, so that `sn
 identity can be checked exactly while generators run, and a checkpoint is a true cut (no group both
 saved and re-queued, none in neither).
 
+Partial trajectories: a generator also streams each unfinished sample at its segment boundaries
+(`pull_partial`, owned here the same way). When a group goes on elsewhere — its generator died, or
+the run resumed — the generator that takes it asks `continuation(group_id)`: which samples are
+already in and the latest partial of each other one. A continued group may see a sample twice (the
+dead generator's copy landed after the hand-over): one is kept, the other counted `duplicate`.
+
 Checkpoints: `checkpoint_cut()` returns the ready groups' data (fetched from the object store only
-then) with the scheduler's state of the same instant; `restore()` puts both back; partial groups
-are not saved — the scheduler re-queues their tasks.
+then) with the scheduler's state of the same instant; `restore()` puts both back. With
+`continue_partials`, the in-flight groups' finished samples and partials are part of the cut
+(`inflight`) and continue after the resume; without, they are not saved and their tasks re-queued.
 """
 
 from __future__ import annotations
@@ -56,13 +63,27 @@ class _Group:
         return min(versions) if versions else self.admitted_version
 
 
+@dataclass
+class _Partial:
+    """The latest streamed state of one unfinished sample."""
+
+    ref: Any  # ObjectRef of a PartialTrajectory (or the object itself, restored from a checkpoint)
+    response_len: int
+    min_version: int
+
+
 class ReplayBuffer:
     """Plain Python; the system runs it as the async Ray actor named `buffer`."""
 
     def __init__(
-        self, max_staleness: int, *, drop_zero_advantage: bool = False, max_groups: int = 1024, ledger: Any = None
+        self, max_staleness: int, *, drop_zero_advantage: bool = False, max_groups: int = 1024, ledger: Any = None,
+        continue_partials: bool = False,
     ):
         self._ledger_handle = ledger  # the scheduler (an actor handle or, in tests, the object)
+        self._continue_partials = continue_partials
+        self._partials: dict[int, dict[int, _Partial]] = {}  # group -> sample index -> latest partial
+        self._continued: set[int] = set()  # groups handed to another generator (duplicates possible)
+        self._partials_streamed = 0
         self._max_staleness = max_staleness
         self._drop_zero_adv = drop_zero_advantage
         self._max_groups = max_groups
@@ -111,13 +132,20 @@ class ReplayBuffer:
         Returns True when this sample completed the group."""
         cond = self._condition()
         async with cond:
-            if group_id in self._ready or group_id in self._closed:
-                raise ValueError(f"group {group_id} is already complete or closed; sample {sample_index} would duplicate it")
             if not 0 <= sample_index < n:
                 raise ValueError(f"sample_index {sample_index} outside [0, {n})")
-            group = self._partial.setdefault(group_id, _Group(group_id, n, admitted_version))
-            if sample_index in group.refs:
+            closed = group_id in self._ready or group_id in self._closed
+            twice = not closed and sample_index in getattr(self._partial.get(group_id), "refs", {})
+            if (closed or twice) and group_id in self._continued:
+                self._added_trajectories += 1  # the other copy of a continued sample: counted, not kept
+                self._dropped_trajectories[DropReason.DUPLICATE] += 1
+                return False
+            if closed:
+                raise ValueError(f"group {group_id} is already complete or closed; sample {sample_index} would duplicate it")
+            if twice:
                 raise ValueError(f"group {group_id} sample {sample_index} added twice")
+            group = self._partial.setdefault(group_id, _Group(group_id, n, admitted_version))
+            self._partials.get(group_id, {}).pop(sample_index, None)
             group.refs[sample_index] = ref[0]
             group.rewards[sample_index] = float(reward)
             group.min_versions[sample_index] = int(min_version)
@@ -127,6 +155,7 @@ class ReplayBuffer:
                 self._metrics.depth(len(self._ready), len(self._partial))
                 return False
             del self._partial[group_id]
+            self._partials.pop(group_id, None)
             if await self._ledger("group_buffered", group_id) is False:
                 # The scheduler had already given the group up (its generator was declared dead).
                 self._closed.add(group_id)
@@ -157,10 +186,49 @@ class ReplayBuffer:
         await asyncio.to_thread(ray.wait, [ref], num_returns=1, fetch_local=False)
         return await self.add(group_id, n, admitted_version, sample_index, [ref], reward, min_version, meta)
 
+    async def pull_partial(
+        self, group_id: int, sample_index: int, source: Any, key: str, response_len: int, min_version: int
+    ) -> bool:
+        """Take ownership of an unfinished sample's latest state held by `source` (an actor with
+        `take_partial(key)`), then `add_partial` it. Returns whether it was kept."""
+        import ray
+
+        if group_id in self._closed or group_id in self._ready:
+            return False
+        ref = source.take_partial.remote(key)
+        await asyncio.to_thread(ray.wait, [ref], num_returns=1, fetch_local=False)
+        return await self.add_partial(group_id, sample_index, [ref], response_len, min_version)
+
+    async def add_partial(self, group_id: int, sample_index: int, ref: list[Any], response_len: int,
+                          min_version: int) -> bool:
+        """Keep `ref[0]` as the sample's latest partial, unless the sample or its group is already
+        done or a longer state of it is here. Returns whether it was kept."""
+        async with self._condition():
+            group = self._partial.get(group_id)
+            if group_id in self._closed or group_id in self._ready or (group and sample_index in group.refs):
+                return False
+            held = self._partials.setdefault(group_id, {})
+            if sample_index in held and held[sample_index].response_len > response_len:
+                return False
+            held[sample_index] = _Partial(ref[0], int(response_len), int(min_version))
+            self._partials_streamed += 1
+        return True
+
+    async def continuation(self, group_id: int) -> dict[str, Any]:
+        """What a generator taking over an in-flight group needs: `have` (sample indices already
+        here) and `partials` ({sample index: [ref to its latest PartialTrajectory]})."""
+        async with self._condition():
+            self._continued.add(group_id)
+            group = self._partial.get(group_id)
+            have = sorted(group.refs) if group is not None else []
+            held = self._partials.get(group_id, {})
+            return {"have": have, "partials": {i: [p.ref] for i, p in sorted(held.items()) if i not in have}}
+
     def discard_partial(self, group_id: int, reason: str = DropReason.ABORTED) -> int:
         """Forget an incomplete group (its generator failed; the scheduler already dropped it from
         its ledger); returns how many samples it held (counted as dropped trajectories)."""
         self._closed.add(group_id)
+        self._partials.pop(group_id, None)
         group = self._partial.pop(group_id, None)
         if group is None:
             return 0
@@ -252,6 +320,8 @@ class ReplayBuffer:
             "partial_trajectories": sum(len(g.refs) for g in self._partial.values()),
             "ready_trajectories": sum(len(g.refs) for g in self._ready.values()),
             "served_staleness": {str(k): v for k, v in sorted(self._served_staleness.items())},
+            "partials_held": sum(len(h) for h in self._partials.values()),
+            "partials_streamed": self._partials_streamed,
         }
 
     def trajectory_conservation(self) -> dict[str, Any]:
@@ -275,33 +345,80 @@ class ReplayBuffer:
             return {"groups": ledger, "trajectories": self.trajectory_conservation(), "buffer": self.stats()}
 
     async def checkpoint_cut(self) -> dict[str, Any]:
-        """A consistent cut: the scheduler's checkpoint state and the ready groups' data at one
-        instant (nothing completes or drops in between)."""
-        import ray
-
+        """A consistent cut: the scheduler's checkpoint state, the ready groups' data and (with
+        `continue_partials`) the in-flight groups' finished samples and partials, at one instant
+        (nothing completes or drops in between)."""
         async with self._condition():
             scheduler = await self._ledger("checkpoint_state")
             groups = self.checkpoint_groups_refs()
-            refs = [r for g in groups for r in g.pop("refs")]
-            fetch = [r for r in refs if isinstance(r, ray.ObjectRef)]  # (plain objects in in-process tests)
-            got = iter(await asyncio.to_thread(ray.get, fetch) if fetch else [])
-            data = [next(got) if isinstance(r, ray.ObjectRef) else r for r in refs]
-            it = iter(data)
+            inflight = self._inflight_refs(scheduler.get("inflight", [])) if self._continue_partials else []
+            refs = [r for g in groups for r in g["refs"]]
+            refs += [s["ref"] for g in inflight for s in g["finished"]] + [p["ref"] for g in inflight for p in g["partials"]]
+            data = iter(await self._fetch(refs))
             for g in groups:
-                g["samples"] = [next(it) for _ in range(g["n"])]
+                g["samples"] = [next(data) for _ in g.pop("refs")]
+            for g in inflight:
+                for item in g["finished"] + g["partials"]:
+                    item["data"] = next(data)
+                    del item["ref"]
+            lost_partials = 0 if self._continue_partials else sum(len(g.refs) for g in self._partial.values())
             counters = {
                 "served_groups": self._served_groups,
                 "served_trajectories": self._served_trajectories,
                 "added_trajectories": self._added_trajectories,
                 "dropped": dict(self._dropped),
-                # partial groups are not saved: their samples are regenerated after a resume
-                "dropped_trajectories": dict(
-                    self._dropped_trajectories
-                    + Counter({DropReason.RESUMED: sum(len(g.refs) for g in self._partial.values())})
-                ),
+                # without continuation, partial groups are not saved: their samples are regenerated
+                "dropped_trajectories": dict(self._dropped_trajectories + Counter({DropReason.RESUMED: lost_partials})),
                 "served_staleness": {str(k): v for k, v in self._served_staleness.items()},
             }
-            return {"scheduler": scheduler, "groups": groups, "counters": counters}
+            return {"scheduler": scheduler, "groups": groups, "inflight": inflight, "counters": counters}
+
+    @staticmethod
+    async def _fetch(refs: list[Any]) -> list[Any]:
+        """Resolve object refs (plain objects, as in-process tests and restored partials hold, pass through)."""
+        import ray
+
+        fetch = [r for r in refs if isinstance(r, ray.ObjectRef)]
+        got = iter(await asyncio.to_thread(ray.get, fetch, timeout=300) if fetch else [])
+        return [next(got) if isinstance(r, ray.ObjectRef) else r for r in refs]
+
+    def _inflight_refs(self, inflight: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The scheduler's in-flight groups with references to what this buffer holds of each."""
+        out = []
+        for req in inflight:
+            gid = int(req["group_id"])
+            group = self._partial.get(gid)
+            finished = [] if group is None else [
+                {"index": i, "ref": group.refs[i], "reward": group.rewards[i], "min_version": group.min_versions[i],
+                 "meta": group.metas.get(i, {})} for i in sorted(group.refs)]
+            partials = [{"index": i, "ref": p.ref} for i, p in sorted(self._partials.get(gid, {}).items())]
+            out.append({"group_id": gid, "n": int(req["n"]), "admitted_version": int(req["admitted_version"]),
+                        "finished": finished, "partials": partials})
+        return out
+
+    @staticmethod
+    def _put(obj: Any) -> Any:
+        """Into the object store, owned by this actor (a seam for in-process tests)."""
+        import ray
+
+        return ray.put(obj)
+
+    def restore_inflight(self, groups: list[dict[str, Any]]) -> None:
+        """Put back in-flight groups saved by `checkpoint_cut` (data decoded): their finished samples
+        and partials, for the generators that continue them."""
+        for d in groups:
+            gid = int(d["group_id"])
+            if d["finished"]:
+                g = self._partial.setdefault(gid, _Group(gid, int(d["n"]), int(d["admitted_version"])))
+                for s in d["finished"]:
+                    i = int(s["index"])
+                    g.refs[i] = self._put(s["data"])
+                    g.rewards[i], g.min_versions[i], g.metas[i] = float(s["reward"]), int(s["min_version"]), s["meta"]
+            for p in d["partials"]:
+                part = p["data"]
+                self._partials.setdefault(gid, {})[int(p["index"])] = _Partial(
+                    self._put(part), part.response_len, part.min_version())
+            self._continued.add(gid)
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
         """Counters of the run before a resume, so the conservation identities hold across resumes."""

@@ -59,6 +59,8 @@ def step_metrics(metas: list[list[dict[str, float]]]) -> dict[str, Any]:
 
     staleness = Counter(int(m.get("staleness", 0)) for m in flat)
     finish = Counter(k.removeprefix("finish_") for m in flat for k in m if k.startswith("finish_"))
+    continued = [m for m in flat if m.get("continued_tokens", 0) > 0]
+    fresh = [m for m in flat if m.get("continued_tokens", 0) <= 0]
     return {
         "reward_mean": mean("reward"),
         "accuracy": mean("correct"),
@@ -73,6 +75,12 @@ def step_metrics(metas: list[list[dict[str, float]]]) -> dict[str, Any]:
         "staleness_mean": float(np.mean([m.get("staleness", 0) for m in flat])),
         "finish_reasons": dict(finish),
         "trajectories": len(flat),
+        # partial trajectories continued by another generator (after a death or a resume): how many,
+        # the response tokens they inherited, and their length beside the others'
+        "partial/continued_trajectories": len(continued),
+        "partial/continued_tokens": float(sum(m["continued_tokens"] for m in continued)),
+        "response_len_continued": float(np.mean([m["response_len"] for m in continued])) if continued else None,
+        "response_len_fresh": float(np.mean([m.get("response_len", 0.0) for m in fresh])) if fresh else None,
     }
 
 
@@ -134,6 +142,7 @@ class Trainer:
             drop_zero_advantage=cfg.buffer.drops_zero_variance,
             max_groups=cfg.buffer.max_buffered_groups,
             ledger=self.scheduler,
+            continue_partials=cfg.generator.continue_partials,
         )
         self.interpreters = [
             ray.remote(InterpreterPool).options(**actor_options("interpreter", cfg, i)).remote(cfg.interpreter)
@@ -188,7 +197,7 @@ class Trainer:
 
     def _maybe_resume(self) -> int | None:
         """Restore learner, buffer, scheduler and counters from the latest checkpoint, if any."""
-        from cir_actors.serialization import decode_scored, read_frames
+        from cir_actors.serialization import decode_partial, decode_scored, read_frames
         from cir_actors.types import PolicyUpdate
 
         self._initial_update = None
@@ -207,6 +216,16 @@ class Trainer:
         self._get(self.scheduler.restore.remote(cut["scheduler"], PolicyUpdate(version=self.learner.version, budget=0)),
                   "scheduler")
         self._get(self.buffer.restore_groups.remote(groups), "buffer")
+        inflight_file = step_dir / "inflight.msgpack"
+        if inflight_file.is_file():  # in-flight groups' samples and partials (generator.continue_partials)
+            with open(inflight_file, "rb") as f:
+                inflight = list(read_frames(f))
+            for g in inflight:
+                for item in g["finished"]:
+                    item["data"] = decode_scored(item["data"])
+                for item in g["partials"]:
+                    item["data"] = decode_partial(item["data"])
+            self._get(self.buffer.restore_inflight.remote(inflight), "buffer")
         self._get(self.buffer.restore_counters.remote(cut["counters"]), "buffer")
         # Generators start from the base model: hand them the restored weights with the first admission.
         self._initial_update = self.learner.publish()
@@ -411,9 +430,14 @@ class Trainer:
                                f"({self.cfg.recovery.max_generator_restarts}) is spent: {err}") from err
         self._generator_restarts += 1
         lost = self._get(self.scheduler.fail_generator.remote(name), "scheduler")
-        samples = self._get(self.buffer.discard_groups.remote(lost, DropReason.GENERATOR_LOST), "buffer")
-        log.warning("recovery: %s died (%s); %d groups in flight released (%d samples dropped), restarting it",
-                    name, type(err).__name__, len(lost), samples)
+        if self.cfg.generator.continue_partials:  # the others continue them from the buffer's samples and partials
+            samples = 0
+            log.warning("recovery: %s died (%s); %d groups in flight handed to the other generators, restarting it",
+                        name, type(err).__name__, len(lost))
+        else:
+            samples = self._get(self.buffer.discard_groups.remote(lost, DropReason.GENERATOR_LOST), "buffer")
+            log.warning("recovery: %s died (%s); %d groups in flight released (%d samples dropped), restarting it",
+                        name, type(err).__name__, len(lost), samples)
         ray.kill(self.workers[i], no_restart=True)
         update = self._get(self.scheduler.current_update.remote(), "scheduler")
         if self.cfg.learner.publish == "broadcast":
@@ -424,7 +448,9 @@ class Trainer:
         self._get(self.scheduler.register_generator.remote(name, self.workers[i], update), "scheduler")
         self.runs[i] = self.workers[i].run.remote()
         self._pending_recovery[name] = {"role": "generator", "name": name, "at_version": update.version,
-                                        "groups_released": len(lost), "samples_dropped": samples, "_t0": t0}
+                                        "groups_released": len(lost), "samples_dropped": samples,
+                                        "groups_continued": len(lost) if self.cfg.generator.continue_partials else 0,
+                                        "_t0": t0}
 
     def _record_recovery(self, rec: dict[str, Any]) -> None:
         rec = {k: v for k, v in rec.items() if not k.startswith("_")}
@@ -549,7 +575,7 @@ class Trainer:
         saving leaves the previous checkpoint as the latest."""
         import shutil
 
-        from cir_actors.serialization import encode_scored, write_frames
+        from cir_actors.serialization import encode_partial, encode_scored, write_frames
 
         step_dir = self.ckpt_dir / f"step-{version:06d}"
         tmp_dir = self.ckpt_dir / f".step-{version:06d}.tmp"
@@ -568,6 +594,13 @@ class Trainer:
             g["samples"] = [encode_scored(s) for s in g["samples"]]
         with open(tmp_dir / "buffer.msgpack", "wb") as f:
             write_frames(f, cut["groups"])
+        for g in cut["inflight"]:
+            for item in g["finished"]:
+                item["data"] = encode_scored(item["data"])
+            for item in g["partials"]:
+                item["data"] = encode_partial(item["data"])
+        with open(tmp_dir / "inflight.msgpack", "wb") as f:
+            write_frames(f, cut["inflight"])
         (tmp_dir / "cut.json").write_text(json.dumps({"version": version, "scheduler": cut["scheduler"],
                                                       "counters": cut["counters"]}))
         shutil.rmtree(step_dir, ignore_errors=True)

@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,15 @@ from cir_actors.config import Config, ConfigError
 from cir_actors.generation.engine_weights import EXTENSION, WeightMismatchError, pack_tensor
 from cir_actors.generation.rollout import Delta, RolloutLimits, SegmentEnd, run_rollout
 from cir_actors.learning.weight_sync import fingerprint
-from cir_actors.types import GroupRequest, Interpreter, PolicyUpdate, ServedPolicy, Task, Trajectory
+from cir_actors.types import (
+    GroupRequest,
+    Interpreter,
+    PartialTrajectory,
+    PolicyUpdate,
+    ServedPolicy,
+    Task,
+    Trajectory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +165,7 @@ class Generator:
             max_response_tokens=gcfg.max_response_tokens,
             output_max_chars=cfg.interpreter.output_max_chars,
             use_sessions=cfg.interpreter.sessions,
+            partial_every_tokens=gcfg.partial_every_tokens,
         )
         from cir_actors.sandbox.pool import format_output
 
@@ -210,10 +219,14 @@ class Generator:
 
     # ----------------------------------------------------------------------------- rollouts
     async def rollout(
-        self, task: Task, sample_index: int, budget: int, *, sampling: dict[str, Any] | None = None
+        self, task: Task, sample_index: int, budget: int, *, sampling: dict[str, Any] | None = None,
+        resume: PartialTrajectory | None = None,
+        on_partial: Callable[[PartialTrajectory], Awaitable[None]] | None = None,
     ) -> Trajectory:
         """One multi-turn trajectory of `task` with `budget` interpreter calls. `sampling`: vLLM
-        SamplingParams fields for this trajectory only (e.g. an evaluation's temperature)."""
+        SamplingParams fields for this trajectory only (e.g. an evaluation's temperature).
+        `resume` / `on_partial`: continue a partial trajectory / receive this one's at each segment
+        boundary (`rollout.run_rollout`)."""
         if len(task.prompt_token_ids) > self.cfg.generator.max_prompt_tokens:
             raise ValueError(
                 f"task '{task.task_id}': the prompt is {len(task.prompt_token_ids)} tokens, over "
@@ -230,7 +243,7 @@ class Generator:
         try:
             return await run_rollout(
                 task, sample_index, budget, sampler=sampler, interpreter=self._interpreter, codec=self._codec,
-                format_output=self._format_output, limits=self._limits,
+                format_output=self._format_output, limits=self._limits, resume=resume, on_partial=on_partial,
             )
         finally:
             self._trajectories -= 1

@@ -16,6 +16,11 @@ limit counts interpreter tokens (as CIR's did); an interpreter segment that woul
 
 What this module does not do: talk to an engine, decide *when* weights change (generation/generator.py), or
 format interpreter output (the generator passes interpreter.format_output in).
+
+Partial trajectories: with `on_partial`, the state is handed out as a `PartialTrajectory` at each
+segment boundary (after an interpreter output, at an interruption, every `partial_every_tokens`
+sampled tokens); `resume=` continues one: the same ids, the new tokens tagged with the sampler's
+version, and a session (when sessions are on) rebuilt by running the partial's blocks again first.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ from __future__ import annotations
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
 
-from cir_actors.types import ExecResult, FinishReason, Interpreter, Task, Trajectory
+from cir_actors.types import ExecResult, FinishReason, Interpreter, PartialTrajectory, Task, Trajectory
 
 CODE_OPEN = "```python"
 FENCE = "```"
@@ -90,6 +95,7 @@ class RolloutLimits:
     output_max_chars: int = 400
     interpreter_timeout_s: float | None = None  # None: the interpreter's own default
     use_sessions: bool = False
+    partial_every_tokens: int = 0  # also end a model segment (a partial boundary) every this many tokens
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,11 @@ class _Builder:
         n = len(prompt_ids)
         return cls(list(prompt_ids), [0] * n, [0.0] * n, [-1] * n, n)
 
+    @classmethod
+    def from_partial(cls, p: PartialTrajectory) -> _Builder:
+        return cls(p.token_ids_T.tolist(), p.loss_mask_T.tolist(), p.logprobs_T.tolist(), p.versions_T.tolist(),
+                   p.prompt_len, [dict(c) for c in p.tool_calls])
+
     @property
     def response_len(self) -> int:
         return len(self.token_ids) - self.prompt_len
@@ -232,23 +243,58 @@ async def run_rollout(
     codec: TokenCodec,
     format_output: Callable[[ExecResult, int], str],
     limits: RolloutLimits,
+    resume: PartialTrajectory | None = None,
+    on_partial: Callable[[PartialTrajectory], Awaitable[None]] | None = None,
 ) -> Trajectory:
-    """Sample one trajectory for `task` under a tool-call `budget` (see the module docstring)."""
-    traj = _Builder.from_prompt(task.prompt_token_ids)
-    prompt_text = codec.decode(task.prompt_token_ids)
-    scanner = BlockScanner(open_block_tail(prompt_text))
-    num_blocks = num_executed = num_errors = num_timeouts = 0
-    gen_time = interp_time = 0.0
+    """Sample one trajectory for `task` under a tool-call `budget`, or continue `resume` (see the
+    module docstring); `on_partial` receives the state at each segment boundary."""
     session = f"{task.task_id}/{sample_index}/{uuid.uuid4().hex[:8]}" if limits.use_sessions else None
     finish: FinishReason | None = None
-    # A prompt that ends with a closed, not yet executed block has it run before the model goes on.
-    block: CodeBlock | None = trailing_block(prompt_text)
-    if block is not None:
-        num_blocks += 1
-        if budget <= 0:
-            block = None
+    block: CodeBlock | None = None
+    if resume is None:
+        traj = _Builder.from_prompt(task.prompt_token_ids)
+        prompt_text = codec.decode(task.prompt_token_ids)
+        scanner = BlockScanner(open_block_tail(prompt_text))
+        num_blocks = num_executed = num_errors = num_timeouts = 0
+        gen_time = interp_time = 0.0
+        context_start = continued = 0
+        # A prompt that ends with a closed, not yet executed block has it run before the model goes on.
+        block = trailing_block(prompt_text)
+        if block is not None:
+            num_blocks += 1
+            if budget <= 0:
+                block = None
+    else:
+        if (resume.task_id, resume.sample_index, resume.budget) != (task.task_id, sample_index, budget):
+            raise ValueError(f"partial of {resume.task_id}/{resume.sample_index} (budget {resume.budget}) "
+                             f"cannot continue {task.task_id}/{sample_index} (budget {budget})")
+        traj = _Builder.from_partial(resume)
+        context_start, continued = resume.context_start, resume.response_len
+        scanner = BlockScanner(open_block_tail(codec.decode(traj.token_ids[context_start:])))
+        num_blocks, num_executed = resume.num_code_blocks, resume.num_executed
+        num_errors, num_timeouts = resume.num_interp_errors, resume.num_interp_timeouts
+        gen_time, interp_time = resume.gen_time_s, resume.interp_wait_s
+
+    async def boundary() -> None:
+        if on_partial is not None:
+            await on_partial(PartialTrajectory(
+                task_id=task.task_id, sample_index=sample_index,
+                token_ids_T=np.asarray(traj.token_ids, dtype=np.int32),
+                loss_mask_T=np.asarray(traj.loss_mask, dtype=np.int8),
+                logprobs_T=np.asarray(traj.logprobs, dtype=np.float32),
+                versions_T=np.asarray(traj.versions, dtype=np.int32),
+                prompt_len=traj.prompt_len, budget=budget, context_start=context_start,
+                num_code_blocks=num_blocks, num_executed=num_executed, num_interp_errors=num_errors,
+                num_interp_timeouts=num_timeouts, gen_time_s=gen_time, interp_wait_s=interp_time,
+                tool_calls=tuple(traj.tool_calls), continued_tokens=continued,
+            ))
 
     try:
+        if resume is not None and session is not None:  # rebuild the session: its blocks again, outputs dropped
+            t1 = time.perf_counter()
+            for call in resume.tool_calls:
+                await interpreter.run_async(call["code"], timeout_s=limits.interpreter_timeout_s, session=session)
+            interp_time += time.perf_counter() - t1
         while finish is None:
             if block is not None:
                 if traj.response_len >= limits.max_response_tokens:
@@ -269,9 +315,12 @@ async def run_rollout(
                      "output": output, "duration_s": result.duration_s}
                 )
                 scanner.reset()
+                context_start = len(traj.token_ids)
                 block = None
                 if len(out_ids) >= room:
                     finish = FinishReason.LENGTH
+                else:
+                    await boundary()
                 continue
 
             remaining = limits.max_response_tokens - traj.response_len
@@ -279,7 +328,9 @@ async def run_rollout(
                 finish = FinishReason.LENGTH
                 break
             t0 = time.perf_counter()
-            stream = await sampler.open(traj.token_ids, remaining)
+            every = limits.partial_every_tokens
+            max_tokens = min(remaining, every) if every > 0 and on_partial is not None else remaining
+            stream = await sampler.open(traj.token_ids, max_tokens)
             seg_ids: list[int] = []
             seg_base = len(scanner.text)  # scanner offset where this segment's text starts
             end: SegmentEnd | None = None
@@ -312,9 +363,12 @@ async def run_rollout(
                 finish = FinishReason.ABORTED
             elif end == SegmentEnd.STOP:
                 finish = FinishReason.BUDGET if num_blocks > num_executed else FinishReason.STOP
+            elif end == SegmentEnd.LENGTH and max_tokens < remaining and len(seg_ids) >= max_tokens:
+                await boundary()  # the cut every partial_every_tokens: go on from here
             elif end == SegmentEnd.LENGTH:
                 finish = FinishReason.LENGTH
-            # INTERRUPTED: loop; the next request continues from the tokens kept so far.
+            else:  # INTERRUPTED: the next request continues from the tokens kept so far
+                await boundary()
     finally:
         if session is not None:
             await interpreter.close_session_async(session)
@@ -339,4 +393,5 @@ async def run_rollout(
         response_text=codec.decode(response_ids),
         sampled_text=sampled_text(codec, traj.token_ids, traj.loss_mask, traj.prompt_len),
         tool_calls=tuple(traj.tool_calls),
+        continued_tokens=continued,
     )

@@ -15,6 +15,12 @@ is dropped with reason `infra` and its prompt re-admitted — an infrastructure 
 to the model as an observation nor scored. A group's completion is reported to the scheduler's
 ledger by the buffer, not by this actor, so a group is complete or not whether or not this actor
 lives to say so.
+
+Partial trajectories (`generator.continue_partials`): at each segment boundary an unfinished sample
+is streamed to the buffer the same way (`pull_partial` / `take_partial`). A group handed over from
+a dead generator or a resumed checkpoint (`GroupRequest.continued`) runs only its missing samples,
+each continued from its latest partial unless that partial's oldest token is beyond the staleness
+bound (then it starts over, counted).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from cir_actors.types import (
     FinishReason,
     GroupRequest,
     InfraFault,
+    PartialTrajectory,
     PolicyUpdate,
     ScoredTrajectory,
     ServedPolicy,
@@ -72,9 +79,12 @@ class RolloutWorker:
         self._started = time.monotonic()
         self._consecutive_failures = 0
         self._last_error: BaseException | None = None
-        self._counts = {"trajectories": 0, "groups": 0, "failed_groups": 0, "infra_groups": 0, "sampled_tokens": 0}
+        self._counts = {"trajectories": 0, "groups": 0, "failed_groups": 0, "infra_groups": 0, "sampled_tokens": 0,
+                        "partials_streamed": 0, "continued_groups": 0, "partials_continued": 0,
+                        "partials_stale": 0, "partials_unreadable": 0}
         self._metrics = None
         self._outbox: dict[str, ScoredTrajectory] = {}  # finished samples until the buffer takes them
+        self._partial_outbox: dict[str, PartialTrajectory] = {}  # streamed partials until the buffer takes them
         # Where this generator's time went since the driver last asked (`step_times`): wall seconds
         # loading weights; trajectory-seconds generating, waiting for tools, waiting for a verdict.
         self._times = {"weight_load_s": 0.0, "generation_s": 0.0, "tool_wait_s": 0.0, "scoring_s": 0.0}
@@ -93,6 +103,10 @@ class RolloutWorker:
     def take(self, key: str) -> ScoredTrajectory:
         """The buffer takes a finished sample; the returned object is owned by the buffer."""
         return self._outbox.pop(key)
+
+    def take_partial(self, key: str) -> PartialTrajectory:
+        """The buffer takes an unfinished sample's latest state (owned by the buffer from then on)."""
+        return self._partial_outbox.pop(key)
 
     def served_policy(self) -> ServedPolicy:
         return self._gen.served_policy()
@@ -141,7 +155,16 @@ class RolloutWorker:
 
     # ---- one group --------------------------------------------------------------------------
     async def _run_group(self, req: GroupRequest) -> None:
-        results = await asyncio.gather(*(self._run_one(req, i) for i in range(req.n)), return_exceptions=True)
+        indices, partials = list(range(req.n)), {}
+        if req.continued:  # handed over: run the samples the buffer does not have, from their partials
+            cont = await self._buffer.continuation.remote(req.group_id)
+            indices = [i for i in indices if i not in set(cont["have"])]
+            partials = cont["partials"]
+            self._counts["continued_groups"] += 1
+            log.info("%s: continuing group %d: %d samples in, %d partials", self._name, req.group_id,
+                     len(cont["have"]), len(partials))
+        results = await asyncio.gather(*(self._run_one(req, i, partials.get(i)) for i in indices),
+                                       return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         infra = [e for e in errors if isinstance(e, InfraFault)]
         if errors or not all(results):
@@ -175,10 +198,46 @@ class RolloutWorker:
 
         return ray.get_runtime_context().current_actor
 
-    async def _run_one(self, req: GroupRequest, index: int) -> bool:
+    async def _resume_from(self, partial_ref: list[Any] | None) -> PartialTrajectory | None:
+        """The partial to continue, or None to start over (none streamed, unreadable, or stale)."""
+        if partial_ref is None:
+            return None
+        try:
+            partial = await partial_ref[0]
+        except Exception as e:  # noqa: BLE001 - its object is gone (e.g. its node left): start over, counted
+            self._counts["partials_unreadable"] += 1
+            log.warning("%s: a partial could not be read (%s); starting that sample over", self._name, type(e).__name__)
+            return None
+        oldest = partial.min_version()
+        if 0 <= oldest < self._gen.served_version() - self._cfg.scheduler.max_staleness:
+            self._counts["partials_stale"] += 1
+            return None
+        self._counts["partials_continued"] += 1
+        return partial
+
+    def _streamer(self, req: GroupRequest, index: int) -> Any:
+        """The rollout's `on_partial`: hand each boundary's state to the buffer (None when off)."""
+        if not self._cfg.generator.continue_partials:
+            return None
+        key = f"{req.group_id}/{index}/partial"
+
+        async def stream(partial: PartialTrajectory) -> None:
+            self._partial_outbox[key] = partial
+            try:
+                await self._buffer.pull_partial.remote(req.group_id, index, self._self_handle(), key,
+                                                       partial.response_len, partial.min_version())
+            finally:
+                self._partial_outbox.pop(key, None)
+            self._counts["partials_streamed"] += 1
+
+        return stream
+
+    async def _run_one(self, req: GroupRequest, index: int, partial_ref: list[Any] | None = None) -> bool:
+        resume = await self._resume_from(partial_ref)
         self._busy(+1)
         try:
-            traj = await self._gen.rollout(req.task, index, req.budget)
+            traj = await self._gen.rollout(req.task, index, req.budget, resume=resume,
+                                           on_partial=self._streamer(req, index))
         finally:
             self._busy(-1)
         if traj.finish_reason == FinishReason.ABORTED:
@@ -205,6 +264,7 @@ class RolloutWorker:
             "gen_time_s": traj.gen_time_s,
             "interp_wait_s": traj.interp_wait_s,
             "budget": float(traj.budget),
+            "continued_tokens": float(traj.continued_tokens),
         }
         try:
             await self._buffer.pull.remote(

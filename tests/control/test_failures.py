@@ -9,6 +9,7 @@ import asyncio
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import ray.exceptions as rex
 
@@ -20,6 +21,7 @@ from cir_actors.types import (
     DropReason,
     ExecResult,
     InfraFault,
+    PartialTrajectory,
     PolicyUpdate,
     ServedPolicy,
     Task,
@@ -39,6 +41,12 @@ def _tasks(n):
     return [Task(f"t{i}", f"p{i}", str(i), f"p{i}", (1, 2, 3)) for i in range(n)]
 
 
+def _partial(task_id: str, index: int, version: int) -> PartialTrajectory:
+    return PartialTrajectory(task_id, index, np.array([1, 2, 3, 9], np.int32), np.array([0, 0, 0, 1], np.int8),
+                             np.array([0, 0, 0, -0.5], np.float32), np.array([-1, -1, -1, version], np.int32),
+                             prompt_len=3, budget=0, context_start=0)
+
+
 class _Run:
     """Generators, buffer (reporting to the scheduler's ledger) and a learner in one event loop.
     `kill(name)` makes a generator die the way the driver sees it: mid-group, samples half added."""
@@ -46,7 +54,8 @@ class _Run:
     def __init__(self, cfg, tasks, sched=None, buf=None, seed=0):
         self.cfg = cfg
         self.sched = sched or BudgetScheduler(cfg, tasks)
-        self.buf = buf or ReplayBuffer(cfg.scheduler.max_staleness, ledger=self.sched)
+        self.buf = buf or ReplayBuffer(cfg.scheduler.max_staleness, ledger=self.sched,
+                                       continue_partials=cfg.generator.continue_partials)
         self.served = {}
         self.dead: set[str] = set()
         self.trained_ids: list[int] = []
@@ -54,6 +63,9 @@ class _Run:
         self.rng = random.Random(seed)
         self.done = asyncio.Event()
         self.checks = 0
+        self.streamed: set[tuple[int, int]] = set()  # (group, sample) with a partial in the buffer
+        self.continued: list[tuple[int, int]] = []  # samples continued from a partial
+        self.restarted: list[tuple[int, int]] = []  # samples of a continued group started over despite a partial
 
     async def generator(self, name):
         self.served[name] = self.sched.current_update().version
@@ -65,7 +77,20 @@ class _Run:
             if req is None:
                 self.served[name] = self.sched.current_update().version
                 continue
-            for i in range(req.n):
+            indices, partials = range(req.n), {}
+            if req.continued:  # what the rollout worker does with a handed-over group
+                cont = await self.buf.continuation(req.group_id)
+                indices = [i for i in range(req.n) if i not in cont["have"]]
+                partials = cont["partials"]
+            for i in indices:
+                if i in partials:
+                    self.continued.append((req.group_id, i))
+                elif (req.group_id, i) in self.streamed and req.continued:
+                    self.restarted.append((req.group_id, i))
+                elif self.cfg.generator.continue_partials and await self.buf.add_partial(
+                    req.group_id, i, [_partial(req.task.task_id, i, self.served[name])], 1, self.served[name]
+                ):  # a segment boundary: the partial went to the buffer
+                    self.streamed.add((req.group_id, i))
                 await asyncio.sleep(self.rng.random() * 0.002)
                 if name in self.dead:
                     break  # died mid-group: the rest never arrives
@@ -79,7 +104,8 @@ class _Run:
         """What the driver does when a generator died."""
         self.dead.add(name)
         lost = await self.sched.fail_generator(name)
-        self.buf.discard_groups(lost, DropReason.GENERATOR_LOST)
+        if not self.cfg.generator.continue_partials:
+            self.buf.discard_groups(lost, DropReason.GENERATOR_LOST)
         await asyncio.sleep(0.005)
         await self.sched.register_generator(name, None)
         self.sched._verified[name] = True
@@ -125,22 +151,31 @@ class _Run:
         await asyncio.gather(self.generator("g0"), self.generator("g1"), self.learner(steps, **kw))
 
 
-def test_ledger_holds_at_every_step_through_generator_deaths():
-    cfg = _cfg(**{"scheduler.max_staleness": 1})
+@pytest.mark.parametrize("continue_partials", [False, True])
+def test_ledger_holds_at_every_step_through_generator_deaths(continue_partials):
+    cfg = _cfg(**{"scheduler.max_staleness": 1, "generator.continue_partials": continue_partials})
     run = _Run(cfg, _tasks(30))
     asyncio.run(run.go(12, kill_at={3: "g0", 5: "g1", 8: "g0"}))
     assert len(run.trained_ids) == len(set(run.trained_ids)) == 24  # no group trained twice
     c = run.sched.conservation()
     assert c["ok"] and c["trained"] == 24
-    assert c["dropped_by_reason"].get(DropReason.GENERATOR_LOST, 0) >= 1  # the deaths did cost groups
     assert run.checks > 24
+    lost = c["dropped_by_reason"].get(DropReason.GENERATOR_LOST, 0)
+    if not continue_partials:
+        assert lost >= 1  # the deaths did cost groups
+    else:  # nothing dropped: the dead generators' groups went on elsewhere from their samples and partials
+        assert lost == 0 and run.sched.state()["continued_groups"] >= 1
+        assert run.continued and not run.restarted, (run.continued, run.restarted)
 
 
-def test_checkpoint_cut_under_live_generation_loses_and_repeats_nothing():
+@pytest.mark.parametrize("continue_partials", [False, True])
+def test_checkpoint_cut_under_live_generation_loses_and_repeats_nothing(continue_partials):
     """Cuts taken after every step, as the driver takes them, while both generators go on adding
     samples; each cut resumed and run to the end trains exactly the prompts the first run did not,
-    and the counters carry over."""
-    cfg = _cfg(**{"scheduler.max_staleness": 1, "data.shuffle": "false", "scheduler.total_steps": 10})
+    and the counters carry over. With continue_partials, the groups in flight at a cut are part of
+    it (finished samples and partials) and are continued after the resume, not regenerated."""
+    cfg = _cfg(**{"scheduler.max_staleness": 1, "data.shuffle": "false", "scheduler.total_steps": 10,
+                  "generator.continue_partials": continue_partials})
     tasks = _tasks(20)  # 10 steps x 2 groups = 20 prompts: each exactly once
 
     async def first():
@@ -151,12 +186,19 @@ def test_checkpoint_cut_under_live_generation_loses_and_repeats_nothing():
 
     cuts = asyncio.run(first())
     assert len(cuts) == 6
-    assert any(c["scheduler"]["dropped"].get("resumed", 0) for _, _, c in cuts)  # groups were in flight at a cut
+    if continue_partials:  # groups were in flight at a cut, saved with what the buffer held of them
+        assert not any(c["scheduler"]["dropped"].get("resumed", 0) for _, _, c in cuts)
+        assert any(g["finished"] for _, _, c in cuts for g in c["inflight"])
+        assert any(g["partials"] for _, _, c in cuts for g in c["inflight"])
+    else:
+        assert any(c["scheduler"]["dropped"].get("resumed", 0) for _, _, c in cuts)
+    continued = 0
     for trained_before, version, cut in cuts:
         async def resume(cut=cut, version=version):
             sched = BudgetScheduler(cfg, tasks)
             sched.restore(cut["scheduler"], PolicyUpdate(version=version, budget=0))
-            buf = ReplayBuffer(1, ledger=sched)
+            buf = ReplayBuffer(1, ledger=sched, continue_partials=continue_partials)
+            buf._put = lambda obj: obj  # no Ray here: "refs" are the objects themselves
             from cir_actors.control.replay_buffer import _Group
 
             for d in cut["groups"]:
@@ -165,8 +207,10 @@ def test_checkpoint_cut_under_live_generation_loses_and_repeats_nothing():
                 g.rewards = dict(enumerate(d["rewards"]))
                 g.min_versions = dict(enumerate(d["min_versions"]))
                 buf._ready[g.group_id] = g
+            buf.restore_inflight(cut["inflight"])
             buf.restore_counters(cut["counters"])
             run = _Run(cfg, tasks, sched=sched, buf=buf, seed=2)
+            run.streamed = {(g["group_id"], p["index"]) for g in cut["inflight"] for p in g["partials"]}
             await run.check()  # the identities hold right after a resume
             await run.go(10)
             return run
@@ -176,6 +220,9 @@ def test_checkpoint_cut_under_live_generation_loses_and_repeats_nothing():
         assert sorted(every) == sorted(t.task_id for t in tasks), every
         assert set(every.values()) == {1}, every
         assert run2.sched.conservation()["ok"]
+        assert not run2.restarted  # no sample with a saved partial started over
+        continued += len(run2.continued)
+    assert (continued > 0) == continue_partials
 
 
 def test_resume_with_other_data_is_refused():
