@@ -214,6 +214,10 @@ class ReplayBuffer:
             self._partials_streamed += 1
         return True
 
+    def partials_held(self, group_ids: list[int]) -> int:
+        """How many streamed partials this buffer holds for these groups."""
+        return sum(len(self._partials.get(g, {})) for g in group_ids)
+
     async def continuation(self, group_id: int) -> dict[str, Any]:
         """What a generator taking over an in-flight group needs: `have` (sample indices already
         here) and `partials` ({sample index: [ref to its latest PartialTrajectory]})."""

@@ -111,6 +111,13 @@ class RolloutWorker:
     def served_policy(self) -> ServedPolicy:
         return self._gen.served_policy()
 
+    def health(self) -> dict[str, Any]:
+        """This actor's process id, the version it serves and its trajectories in flight."""
+        import os
+
+        return {"pid": os.getpid(), "served_version": self._gen.served_version(),
+                "inflight_trajectories": self._active_trajectories}
+
     def stats(self) -> dict[str, Any]:
         idle = self._idle_s + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)
         return {**self._counts, "idle_s": idle, "uptime_s": time.monotonic() - self._started,

@@ -3,9 +3,15 @@ every actor real) during which actors are killed. Each run must finish all its s
 conservation identities holding at every step, no group trained twice, a recovery recorded for each
 death, and no process left behind (vLLM engine cores, interpreter zygotes, math-verify workers).
 
-- one run in which a generator (restarted by the driver), an interpreter pool and a scorer (restarted
-  by Ray) are killed, then a learner rank and the buffer (the driver resumes by itself, twice);
-- the driver SIGKILLed (`entrypoints/train.py` in a subprocess) and the same command run again.
+- one run in which a generator (restarted by the driver) is killed while the buffer holds partials of
+  its groups — the other generator continues them (nothing of them regenerated) —, an interpreter
+  pool and a scorer (restarted by Ray), then a learner rank and the buffer (the driver resumes by
+  itself, twice);
+- the driver SIGKILLed (`entrypoints/train.py` in a subprocess) and the same command run again: the
+  partials in the checkpoint are continued.
+
+Partials are streamed every 8 sampled tokens (`generator.partial_every_tokens`): the untrained tiny
+model seldom calls the interpreter, whose calls are the other boundaries.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def _overrides(run_dir, steps, namespace=NAMESPACE):
         "generator.max_response_tokens=40", "generator.num_generators=2", "generator.num_cpus=0.25",
         "generator.max_inflight_trajectories=8", "interpreter.num_pools=2", "interpreter.max_workers=2",
         "scorer.num_scorers=2", "scorer.num_workers=1", "learner.num_cpus=0.5", "learner.save_every=2",
+        "generator.partial_every_tokens=8",
         f"cluster.namespace={namespace}", "data.num_train=64",
     ]
 
@@ -102,13 +109,75 @@ def _check_run(run_dir: Path, steps: int) -> list[dict]:
     return rows
 
 
+def _saved_partials(run_dir: Path) -> int:
+    """Partials in the latest checkpoint's in-flight groups."""
+    from cir_actors.serialization import read_frames
+
+    step_dir = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    with open(step_dir / "inflight.msgpack", "rb") as f:
+        return sum(len(g["partials"]) for g in read_frames(f))
+
+
 def _recoveries(run_dir: Path) -> list[dict]:
     f = run_dir / "recoveries.jsonl"
     return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
 
 
+def _holds_partials_of(name: str) -> bool:
+    """The buffer holds streamed partials of groups that generator `name` has in flight."""
+    import ray
+
+    sched, buf = (ray.get_actor(n, namespace=NAMESPACE) for n in ("scheduler", "buffer"))
+    groups = ray.get(sched.inflight_of.remote(name), timeout=30)
+    return bool(groups) and ray.get(buf.partials_held.remote(groups), timeout=30) > 0
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _crash_generator_mid_trajectory(name: str) -> bool:
+    """Freeze generator `name`'s engine (SIGSTOP); if the buffer then holds partials of its groups,
+    crash it (the actor killed, its engine processes SIGKILLed) and say True; else thaw it and say
+    False (try again). On this tiny model a trajectory lives ~0.1 s, too short to hit by polling."""
+    import ray
+
+    actor = ray.get_actor(name, namespace=NAMESPACE)
+    engine = _descendants(ray.get(actor.health.remote(), timeout=30)["pid"])
+    for pid in engine:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        if not _holds_partials_of(name):
+            return False
+        ray.kill(actor, no_restart=True)
+        for pid in engine:
+            os.kill(pid, signal.SIGKILL)
+        return True
+    finally:
+        for pid in engine:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
 class _Killer(threading.Thread):
-    """Kills named actors when the run reaches given steps (read from metrics.jsonl)."""
+    """Kills named actors when the run reaches given steps (read from metrics.jsonl), each at least
+    one step after the previous kill; `generator-*`: whichever generator is mid-trajectory with
+    partials of its groups in the buffer."""
 
     def __init__(self, run_dir: Path, plan: list[tuple[int, str, bool]]):
         super().__init__(daemon=True)
@@ -117,13 +186,23 @@ class _Killer(threading.Thread):
     def run(self) -> None:
         import ray
 
+        last = 0
         while self.plan and not self.done.is_set():
             step, name, restart = self.plan[0]
             rows = _rows(self.run_dir)
-            if rows and rows[-1]["step"] >= step:
+            if rows and rows[-1]["step"] >= max(step, last + 1):
                 try:
-                    ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=not restart)
-                    self.log.append((step, name))
+                    if name == "generator-*":  # whichever generator is mid-trajectory
+                        crashed = next((g for g in ("generator-0", "generator-1")
+                                        if _crash_generator_mid_trajectory(g)), None)  # lazy: at most one
+                        if crashed is None:
+                            time.sleep(0.02)
+                            continue
+                        name = crashed
+                    else:
+                        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=not restart)
+                    self.log.append((rows[-1]["step"], name))
+                    last = rows[-1]["step"]
                     self.plan.pop(0)
                 except ValueError:
                     pass  # not (yet) there: an earlier recovery is still starting it
@@ -149,7 +228,7 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     then a learner rank and the buffer die and the run resumes by itself, twice."""
     before = _our_processes()
     run_dir = tmp_path / "run"
-    summary = _train_with(run_dir, 7, [(1, "generator-1", False), (2, "interpreter-0", True), (3, "scorer-1", True),
+    summary = _train_with(run_dir, 7, [(1, "generator-*", False), (2, "interpreter-0", True), (3, "scorer-1", True),
                                        (4, "learner-rank-0", False), (6, "buffer", False)])
     _check_run(run_dir, 7)
     rec = _recoveries(run_dir)
@@ -158,6 +237,12 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     resumes = [r for r in rec if "resumed_after_s" in r]
     assert [r["role"] for r in resumes] == ["learner", "buffer"], rec
     assert all(r["resumed_after_s"] > 0 and r["resumed_from"].startswith("step-") for r in resumes), rec
+    # The generator's groups went on elsewhere: none dropped, its partials continued.
+    (gen,) = [r for r in rec if r["role"] == "generator"][:1]
+    assert gen["groups_continued"] == gen["groups_released"] >= 1 and gen["samples_dropped"] == 0, gen
+    rows = _rows(run_dir)
+    assert rows[-1]["conservation/groups_dropped_by_reason"].get("generator_lost", 0) == 0, rows[-1]
+    assert sum(r["partial/continued_trajectories"] for r in rows) >= 1
     assert all(rep["error"] is None for rep in summary["served"].values()), summary["served"]
     assert {rep["version"] for rep in summary["served"].values()} == {7}
     _assert_no_leftovers(before)
@@ -183,9 +268,14 @@ def test_driver_sigkill_then_same_command_resumes(ray_session, tmp_path):
     proc.wait(timeout=30)
     proc.stderr.close()
     trained_before = len(_rows(run_dir))
+    saved = _saved_partials(run_dir)
     again = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
     rows = _check_run(run_dir, 4)
     assert trained_before >= 2 and rows[-1]["step"] == 4
+    # The checkpoint held partials of the groups in flight; the resumed run continued them.
+    assert saved >= 1
+    assert sum(r["partial/continued_trajectories"] for r in rows[trained_before:]) >= 1, rows[trained_before:]
+    assert all(r["conservation/groups_dropped_by_reason"].get("resumed", 0) == 0 for r in rows)
     _assert_no_leftovers(before, grace_s=60.0)
