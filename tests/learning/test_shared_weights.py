@@ -143,10 +143,9 @@ def test_a_slot_that_changes_under_a_reader_is_reported_torn(writer):
     import struct
 
     where, _ = writer.write(1, _state(1).values())
-    with pytest.raises(TornRead):
-        with read_slot(where, timeout_s=0.3):
-            seq, version = struct.unpack_from("<Qq", writer._mm, 16)
-            struct.pack_into("<Qq", writer._mm, 16, seq + 2, version)
+    with pytest.raises(TornRead), read_slot(where, timeout_s=0.3):
+        seq, version = struct.unpack_from("<Qq", writer._mm, 16)
+        struct.pack_into("<Qq", writer._mm, 16, seq + 2, version)
 
 
 def test_close_frees_the_region_and_orphans_of_dead_processes_are_swept():
@@ -157,7 +156,8 @@ def test_close_frees_the_region_and_orphans_of_dead_processes_are_swept():
     w.close()
     assert not Path(w.path).exists()
     # a region left by a process that died (a killed learner rank) is unlinked by the next writer
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     orphan = SHM_DIR / f"{PREFIX}{int(dead.stdout)}-test"
     orphan.write_bytes(b"x")
     live = SHM_DIR / f"{PREFIX}{os.getpid()}-test"
