@@ -1,7 +1,7 @@
 """Learner benchmark: training throughput and weight publication against a plain memcpy.
 
 `python entrypoints/bench.py learner [--ranks 1,2] [--steps 3] [--groups 8] [--samples 4]
- [--pub-hidden 768] [--pub-layers 6] [--reps 3]`
+ [--pub-hidden 768] [--pub-layers 6] [--reps 3] [--receiver-threads N]`
 
 Side by side in one run, on real Ray actors and real DeepSpeed (CPU, ZeRO-2):
   (a) training tokens/s of the learner on the tiny model with 1 and 2 ranks: non-padding tokens of
@@ -9,11 +9,12 @@ Side by side in one run, on real Ray actors and real DeepSpeed (CPU, ZeRO-2):
   (b) weight publication on a mid-sized model of the same architecture (default ~60M parameters,
       so that bandwidth rather than call latency is measured), end to end into a receiver actor
       standing in for a generator (it copies every tensor into preallocated parameters, as an
-      engine's weight loader does): object store (publish = gather + fingerprint + put; receiver
-      reads the ref), collective broadcast (gloo group, learner rank 0 -> receiver) and shared
-      memory (publish = gather + write into the region's free slot + fingerprint; the receiver
-      copies out of views of the slot); each against a plain in-process memcpy of the same bytes.
-      Best of `--reps` (the first shared-memory publication, which creates the region, included).
+      engine's weight loader does, with as many threads as the memcpy): object store (publish =
+      gather + fingerprint + put; receiver reads the ref), collective broadcast (gloo group,
+      learner rank 0 -> receiver) and shared memory (publish = write into the region's free slot,
+      fingerprint hashed beside the copy; the receiver fingerprints the slot's views, then copies
+      out of them); each against a plain in-process memcpy of the same bytes. Best of `--reps`;
+      the first shared-memory publication, which creates and pre-faults the region, is printed apart.
 On this 2-core machine two ranks share the cores with each other (and with any other load), so
 (a) shows the cost of data-parallel communication more than any speed-up.
 """
@@ -34,8 +35,9 @@ class PublicationReceiver:
     """A generator stand-in (a Ray actor): receives one publication and copies it into its own
     preallocated parameters. Returns the seconds spent and the fingerprint of what it loaded."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int) -> None:
         self.params: dict[str, torch.Tensor] = {}
+        torch.set_num_threads(threads)  # as many as the memcpy baseline (an engine uses all of its own)
 
     def _copy(self, name: str, t: torch.Tensor) -> None:
         dst = self.params.get(name)
@@ -63,15 +65,17 @@ class PublicationReceiver:
         return self._verify(t0)
 
     def load_shared(self, update: Any) -> tuple[float, float, str]:
-        """From the shared-memory region, as the engine does: copies out of views of the slot
-        (the fingerprint is taken here of the copies, after the slot is released)."""
-        from cir_actors.learning.shared_weights import read_slot
+        """From the shared-memory region, as the engine's `cir_load_shared` does: fingerprint the
+        slot's views (two threads), then copy out of them; (copy s, fingerprint s, fingerprint)."""
+        from cir_actors.learning.shared_weights import fingerprint_views, read_slot
 
         t0 = time.perf_counter()
         with read_slot(update.shared_memory) as views:
+            fp = fingerprint_views(views)
+            t1 = time.perf_counter()
             for name, t in views:
                 self._copy(name, t)
-        return self._verify(t0)
+        return time.perf_counter() - t1, t1 - t0, fp
 
     def load_broadcast(self, update: Any, rank: int) -> tuple[float, float, str]:
         from cir_actors.learning.weight_sync import receive_broadcast
@@ -127,6 +131,8 @@ def run(argv: list[str]) -> dict:
     ap.add_argument("--pub-hidden", type=int, default=768, help="hidden size of the publication model")
     ap.add_argument("--pub-layers", type=int, default=6, help="layers of the publication model")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each publication (best kept)")
+    ap.add_argument("--receiver-threads", type=int, default=0,
+                    help="torch threads of the receiver actor (0: as many as the memcpy baseline uses)")
     args = ap.parse_args(argv)
 
     import ray
@@ -175,7 +181,8 @@ def run(argv: list[str]) -> dict:
         )
         cfg = load_config(None, ["learner.num_ranks=1", "generator.num_generators=1"])
         learner = Learner(cfg, mid, name="bench-learner-pub", num_receivers=1)
-        receiver = ray.remote(PublicationReceiver).options(num_cpus=0.5, name="bench-receiver").remote()
+        receiver = ray.remote(PublicationReceiver).options(num_cpus=0.5, name="bench-receiver").remote(
+            args.receiver_threads or torch.get_num_threads())
         try:
             first = learner.publish(via="object_store")
             state = ray.get(first.weights)
@@ -226,7 +233,9 @@ def run(argv: list[str]) -> dict:
                 for via in PATHS))  # fmt: skip
             print(f"first shared-memory publication (creates and pre-faults the region): "
                   f"{results['publish']['shared_memory']['first_end_to_end_s']:.3f} s end to end")
-            print("without the two fingerprints (learner's and receiver's):", ", ".join(
+            # shared memory: the learner's fingerprint overlaps its copy (inside write_s): only the
+            # receiver's is taken out of its figure.
+            print("without the two fingerprints (learner's and receiver's; shared memory: the receiver's only):", ", ".join(
                 f"{via} {results['publish'][via]['without_checksums_s']:.4f} s = "
                 f"{results['publish'][via]['x_memcpy_without_checksums']:.3f} x memcpy"
                 for via in PATHS))  # fmt: skip

@@ -77,13 +77,13 @@ class WeightLoader:
         ["ok", fingerprint], or ["refused", why] when nothing was loaded (the slot no longer holds
         that version, or its fingerprint is not `expected`), or ["torn", why] when the slot changed
         during the load. A result rather than an exception: it reaches the generator with its kind."""
-        from cir_actors.learning.shared_weights import SlotRefused, TornRead, read_slot
+        from cir_actors.learning.shared_weights import SlotRefused, TornRead, fingerprint_views, read_slot
         from cir_actors.types import SharedWeights
 
         where = SharedWeights(path, "", slot, version, tuple((n, d, tuple(s), o) for n, d, s, o in layout))
         try:
             with read_slot(where) as views:
-                got = fingerprint(views)  # before the load: the slot cannot change while we hold it
+                got = fingerprint_views(views)  # before the load: the slot cannot change while we hold it
                 if expected and got != expected:
                     return ["refused", f"shared weights have fingerprint {got}, the publication says {expected}"]
                 self._cir_reload(views)

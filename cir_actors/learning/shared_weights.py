@@ -35,6 +35,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -64,6 +65,25 @@ class SlotRefused(RuntimeError):
 class TornRead(RuntimeError):
     """The slot changed while it was being read (the lock protocol was broken): what was loaded
     from it is a mix and must not be served."""
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """Two threads for fingerprinting beside a copy (two cores here; more would only contend)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cir-fingerprint")
+    return _POOL
+
+
+def fingerprint_views(views: list[tuple[str, torch.Tensor]]) -> str:
+    """`weight_sync.fingerprint` of a slot's views, hashed on two threads."""
+    fp = StreamingFingerprint(_hash_pool())
+    for name, t in views:
+        fp.add(name, t)
+    return fp.digest()
 
 
 def plan_layout(specs: list[TensorSpec]) -> tuple[tuple[tuple[str, str, tuple[int, ...], int], ...], int]:
@@ -191,7 +211,9 @@ class SharedWeightsWriter:
         try:
             seq, _ = _SLOT_FIELDS.unpack_from(self._mm, 16 + 16 * slot)
             _SLOT_FIELDS.pack_into(self._mm, 16 + 16 * slot, seq + 1, -1)  # odd: a write is under way
-            fp = StreamingFingerprint()
+            # The slot's copy of tensor i is hashed on another thread while tensor i+1 is copied
+            # (the copy, not the source: a gathered ZeRO-3 tensor is freed once the next one comes).
+            fp = StreamingFingerprint(_hash_pool())
             it = iter(tensors)
             for spec, (_, dst) in zip(self.specs, self._dst[slot], strict=True):
                 t = next(it)
@@ -199,13 +221,14 @@ class SharedWeightsWriter:
                     raise ValueError(f"tensor '{spec.name}' is {t.dtype}{tuple(t.shape)}, its spec says {spec}")
                 dst.copy_(t)
                 if checksum:
-                    fp.add(spec.name, t)
+                    fp.add(spec.name, dst)
+            digest = fp.digest() if checksum else ""
             _SLOT_FIELDS.pack_into(self._mm, 16 + 16 * slot, seq + 2, version)
         finally:
             _lock(self._fd, slot, fcntl.F_UNLCK, 1.0, "release")
         self._last_slot = slot
         where = SharedWeights(path=self.path, node_id=self.node_id, slot=slot, version=version, layout=self.layout)
-        return where, fp.digest() if checksum else ""
+        return where, digest
 
     def close(self) -> None:
         """Unlink the region (memory is returned once every reader has unmapped it too)."""
