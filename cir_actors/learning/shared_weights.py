@@ -185,10 +185,13 @@ class SharedWeightsWriter:
         try:
             os.posix_fallocate(self._fd, 0, size)  # tmpfs pages allocated now, not at the first write
             self._mm = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-        except BaseException:
+        except OSError as e:
             os.close(self._fd)
             os.unlink(self.path)
-            raise
+            raise RuntimeError(
+                f"cannot create a {size / 1e9:.2f} GB weight region in {SHM_DIR} ({e.strerror}): "
+                "learner.publish 'shared_memory' needs twice the published model's size free there; "
+                "enlarge it or use learner.publish 'object_store'") from e
         # Touch one byte of every page for writing, so that no later write takes a page fault.
         torch.frombuffer(self._mm, dtype=torch.uint8)[::_PAGE].zero_()
         self._mm[: len(_MAGIC)] = _MAGIC
