@@ -46,7 +46,7 @@ from cir_actors.types import SharedWeights
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
-PREFIX = "cir-weights-"  # then the creating process's pid and a random part
+PREFIX = "cir-weights-"  # then the creating process's pid, its pid namespace and a random part
 _MAGIC = b"CIRWTS01"
 _HEADER = 4096  # magic, slot size, then per slot (sequence number, version); the slots follow
 _SLOT_FIELDS = struct.Struct("<Qq")  # sequence number (odd: being written), version (-1: none)
@@ -153,14 +153,29 @@ def _views(buf: mmap.mmap, base: int, layout: Iterable[tuple[str, str, tuple[int
     return out
 
 
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def region_prefix(pid: int | None = None) -> str:
+    """The start of the name of every region created by `pid` (default: this process)."""
+    return f"{PREFIX}{os.getpid() if pid is None else pid}-{_pid_namespace()}-"
+
+
 def sweep_orphans() -> list[str]:
     """Unlink regions whose creating process is gone (a learner rank killed before it could clean
-    up); returns their paths. Regions of live processes are left alone."""
+    up); returns their paths. Regions of live processes, and of processes in another pid namespace
+    (another container sharing /dev/shm: their pids mean nothing here), are left alone."""
     removed = []
     for p in SHM_DIR.glob(PREFIX + "*"):
         try:
-            pid = int(p.name[len(PREFIX):].split("-")[0])
-            os.kill(pid, 0)
+            pid, ns = p.name[len(PREFIX):].split("-")[:2]
+            if ns != _pid_namespace():
+                continue
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             p.unlink(missing_ok=True)
             removed.append(str(p))
@@ -177,7 +192,7 @@ class SharedWeightsWriter:
             log.info("removed a shared-memory weight region left by a dead process: %s", p)
         self.specs = list(specs)
         self.layout, self.slot_bytes = plan_layout(self.specs)
-        self.path = str(SHM_DIR / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.path = str(SHM_DIR / f"{region_prefix()}{uuid.uuid4().hex[:8]}")
         self.node_id = local_node_id()
         self.lock_timeout_s = lock_timeout_s
         size = _HEADER + 2 * self.slot_bytes

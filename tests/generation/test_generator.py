@@ -316,12 +316,11 @@ def test_update_through_shared_memory(tiny_generator, tiny_model_dir, task):
     written into the other slot; fingerprints verified, log-probs those of transformers; a late
     reader (its slot rewritten) and a wrong checksum are refused with the old weights still served;
     nothing is left under /dev/shm once the writer is closed."""
-    import os
     import threading
     from pathlib import Path
 
     from cir_actors.generation.engine_weights import WeightMismatchError
-    from cir_actors.learning.shared_weights import PREFIX, SHM_DIR, SharedWeightsWriter
+    from cir_actors.learning.shared_weights import SHM_DIR, SharedWeightsWriter, region_prefix
     from cir_actors.learning.weight_sync import TensorSpec
 
     gen = tiny_generator.gen
@@ -368,7 +367,7 @@ def test_update_through_shared_memory(tiny_generator, tiny_model_dir, task):
         np.testing.assert_array_equal(lp_before, lp_after)  # nothing was loaded
     finally:
         writer.close()
-    assert not Path(writer.path).exists() and not list(SHM_DIR.glob(f"{PREFIX}{os.getpid()}-*"))
+    assert not Path(writer.path).exists() and not list(SHM_DIR.glob(f"{region_prefix()}*"))
     with torch.no_grad():
         ref = model2(torch.tensor([prompt])).logits[0].log_softmax(-1)
     ref_lp = np.array([0.0] + [float(ref[t - 1, prompt[t]]) for t in range(1, len(prompt))])

@@ -3,7 +3,6 @@ reads refused, memory freed, and the cross-node fallback rule (plain CPU, no act
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from cir_actors.learning.shared_weights import (
     TornRead,
     plan_shared_publication,
     read_slot,
+    region_prefix,
     sweep_orphans,
 )
 from cir_actors.learning.weight_sync import TensorSpec, fingerprint
@@ -158,16 +158,17 @@ def test_close_frees_the_region_and_orphans_of_dead_processes_are_swept():
     # a region left by a process that died (a killed learner rank) is unlinked by the next writer
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
-    orphan = SHM_DIR / f"{PREFIX}{int(dead.stdout)}-test"
-    orphan.write_bytes(b"x")
-    live = SHM_DIR / f"{PREFIX}{os.getpid()}-test"
-    live.write_bytes(b"x")
+    orphan = SHM_DIR / f"{region_prefix(int(dead.stdout))}test"
+    live = SHM_DIR / f"{region_prefix()}test"
+    foreign = SHM_DIR / f"{PREFIX}{int(dead.stdout)}-1-test"  # same pid, another pid namespace
+    for p in (orphan, live, foreign):
+        p.write_bytes(b"x")
     try:
-        assert str(orphan) in sweep_orphans() and not orphan.exists() and live.exists()
+        assert sweep_orphans() == [str(orphan)] and not orphan.exists() and live.exists() and foreign.exists()
     finally:
-        live.unlink(missing_ok=True)
-        orphan.unlink(missing_ok=True)
-    assert not list(SHM_DIR.glob(f"{PREFIX}{os.getpid()}-*"))
+        for p in (orphan, live, foreign):
+            p.unlink(missing_ok=True)
+    assert not list(SHM_DIR.glob(f"{region_prefix()}*"))
 
 
 def test_a_generator_on_another_node_gets_the_object_store():
