@@ -233,9 +233,9 @@ class Learner:
     def publish(self, via: str | None = None) -> PolicyUpdate:
         """Publish the current weights as version `self.version` (`via`: "object_store",
         "broadcast" or "shared_memory", default from the config). The object-store and the
-        shared-memory paths return once the weights are in the store or the region. The broadcast path returns at once with the group address: rank 0 sends
-        when the generators call `weight_sync.receive_broadcast`; the next learner call waits for
-        that to finish. `budget` is the schedule's value at this version (the scheduler owns it)."""
+        shared-memory paths return once the weights are in the store or the region. The broadcast
+        path returns at once with the group address: rank 0 sends when the generators call
+        `weight_sync.receive_broadcast`; the next learner call waits for that to finish. `budget` is the schedule's value at this version (the scheduler owns it)."""
         import ray
 
         self._wait_pending()
