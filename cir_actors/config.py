@@ -276,8 +276,10 @@ class LearnerConfig(Section):
     """KL penalty against the reference model (CIR: 0)."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus (CIR: 0)."""
-    publish: Literal["object_store", "broadcast"] = "object_store"
-    """How new weights reach the generators."""
+    publish: Literal["object_store", "broadcast", "shared_memory"] = "object_store"
+    """How new weights reach the generators. shared_memory: a region under /dev/shm on learner rank
+    0's node that generators there load from (the object store for a generator on another node);
+    CPU only."""
     save_every: int = Field(10, ge=0)
     """Checkpoint every N steps (0: only at the end). A checkpoint is a consistent cut of learner,
     buffer and scheduler; an automatic recovery resumes from the latest one."""
@@ -419,6 +421,11 @@ class Config(Section):
                 f"generator.tensor_parallel_size = {self.generator.tensor_parallel_size} with learner.publish "
                 "'broadcast' is not supported (every TP worker would join the broadcast group with the same "
                 "rank); use learner.publish 'object_store' or tensor_parallel_size 1"
+            )
+        if lrn.publish == "shared_memory" and self.model.device != "cpu":
+            raise ValueError(
+                "learner.publish 'shared_memory' is implemented for model.device 'cpu' only (CUDA IPC "
+                "handles are not); use learner.publish 'broadcast' or 'object_store' on GPUs"
             )
         if self.generator.samples_per_prompt < 2 and lrn.advantage != "reinforce_pp":
             raise ValueError(

@@ -240,12 +240,29 @@ class GroupRequest:
 
 
 @dataclass(frozen=True)
+class SharedWeights:
+    """Where one publication lies in the learner's shared-memory region (`learning/shared_weights.py`):
+    the region's file under /dev/shm, the Ray node it is on, the slot (0 or 1) holding `version`,
+    and the layout, (hf_name, dtype name, shape, byte offset in the slot) per tensor, in publication
+    order. Only a reader on `node_id` can use it; the slot holds `version` until the version after
+    the next one is written there."""
+
+    path: str
+    node_id: str
+    slot: int
+    version: int
+    layout: tuple[tuple[str, str, tuple[int, ...], int], ...]
+
+
+@dataclass(frozen=True)
 class PolicyUpdate:
     """What the scheduler broadcasts to every generator, in one message so that a generator never
     serves new weights with an old budget or the reverse.
 
     `weights` is a Ray ObjectRef to a {hf_name: tensor} state dict (object-store path), or None when
-    the weights arrive by collective broadcast (then `broadcast_group` names the group).
+    the weights arrive by collective broadcast (then `broadcast_group` names the group) or only
+    through shared memory (`shared_memory`, for generators on the learner's node; when some
+    generator is elsewhere, `weights` is set too and those read it).
     `checksum` is what the generator must echo back after loading.
     """
 
@@ -254,6 +271,7 @@ class PolicyUpdate:
     weights: Any = None
     checksum: str = ""
     broadcast_group: str | None = None
+    shared_memory: SharedWeights | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Learner benchmark: training throughput and weight publication against a plain memcpy.
 
 `python entrypoints/bench.py learner [--ranks 1,2] [--steps 3] [--groups 8] [--samples 4]
- [--pub-hidden 768] [--pub-layers 6] [--reps 3]`
+ [--pub-hidden 768] [--pub-layers 6] [--reps 3] [--receiver-threads N]`
 
 Side by side in one run, on real Ray actors and real DeepSpeed (CPU, ZeRO-2):
   (a) training tokens/s of the learner on the tiny model with 1 and 2 ranks: non-padding tokens of
@@ -9,9 +9,12 @@ Side by side in one run, on real Ray actors and real DeepSpeed (CPU, ZeRO-2):
   (b) weight publication on a mid-sized model of the same architecture (default ~60M parameters,
       so that bandwidth rather than call latency is measured), end to end into a receiver actor
       standing in for a generator (it copies every tensor into preallocated parameters, as an
-      engine's weight loader does): object store (publish = gather + fingerprint + put; receiver
-      reads the ref) and collective broadcast (gloo group, learner rank 0 -> receiver); each
-      against a plain in-process memcpy of the same bytes. Best of `--reps`.
+      engine's weight loader does, with as many threads as the memcpy): object store (publish =
+      gather + fingerprint + put; receiver reads the ref), collective broadcast (gloo group,
+      learner rank 0 -> receiver) and shared memory (publish = write into the region's free slot,
+      fingerprint hashed beside the copy; the receiver fingerprints the slot's views, then copies
+      out of them); each against a plain in-process memcpy of the same bytes. Best of `--reps`;
+      the first shared-memory publication, which creates and pre-faults the region, is printed apart.
 On this 2-core machine two ranks share the cores with each other (and with any other load), so
 (a) shows the cost of data-parallel communication more than any speed-up.
 """
@@ -32,8 +35,9 @@ class PublicationReceiver:
     """A generator stand-in (a Ray actor): receives one publication and copies it into its own
     preallocated parameters. Returns the seconds spent and the fingerprint of what it loaded."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int) -> None:
         self.params: dict[str, torch.Tensor] = {}
+        torch.set_num_threads(threads)  # as many as the memcpy baseline (an engine uses all of its own)
 
     def _copy(self, name: str, t: torch.Tensor) -> None:
         dst = self.params.get(name)
@@ -60,6 +64,19 @@ class PublicationReceiver:
             self._copy(name, t)
         return self._verify(t0)
 
+    def load_shared(self, update: Any) -> tuple[float, float, str]:
+        """From the shared-memory region, as the engine's `cir_load_shared` does: fingerprint the
+        slot's views (two threads), then copy out of them; (copy s, fingerprint s, fingerprint)."""
+        from cir_actors.learning.shared_weights import fingerprint_views, read_slot
+
+        t0 = time.perf_counter()
+        with read_slot(update.shared_memory) as views:
+            fp = fingerprint_views(views)
+            t1 = time.perf_counter()
+            for name, t in views:
+                self._copy(name, t)
+        return time.perf_counter() - t1, t1 - t0, fp
+
     def load_broadcast(self, update: Any, rank: int) -> tuple[float, float, str]:
         from cir_actors.learning.weight_sync import receive_broadcast
 
@@ -67,6 +84,9 @@ class PublicationReceiver:
         for name, t in receive_broadcast(update, rank=rank):
             self._copy(name, t)
         return self._verify(t0)
+
+
+PATHS = ("object_store", "broadcast", "shared_memory")
 
 
 def _groups(num_groups: int, n: int, vocab: int, seed: int) -> list[list[ScoredTrajectory]]:
@@ -111,6 +131,8 @@ def run(argv: list[str]) -> dict:
     ap.add_argument("--pub-hidden", type=int, default=768, help="hidden size of the publication model")
     ap.add_argument("--pub-layers", type=int, default=6, help="layers of the publication model")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each publication (best kept)")
+    ap.add_argument("--receiver-threads", type=int, default=0,
+                    help="torch threads of the receiver actor (0: as many as the memcpy baseline uses)")
     args = ap.parse_args(argv)
 
     import ray
@@ -159,7 +181,8 @@ def run(argv: list[str]) -> dict:
         )
         cfg = load_config(None, ["learner.num_ranks=1", "generator.num_generators=1"])
         learner = Learner(cfg, mid, name="bench-learner-pub", num_receivers=1)
-        receiver = ray.remote(PublicationReceiver).options(num_cpus=0.5, name="bench-receiver").remote()
+        receiver = ray.remote(PublicationReceiver).options(num_cpus=0.5, name="bench-receiver").remote(
+            args.receiver_threads or torch.get_num_threads())
         try:
             first = learner.publish(via="object_store")
             state = ray.get(first.weights)
@@ -176,7 +199,7 @@ def run(argv: list[str]) -> dict:
             print(hdr + f" {'x memcpy':>9}")
             print(f"{'memcpy':>13} {'':>30} {memcpy:>13.4f} {nbytes / memcpy / 1e9:>7.2f} {1.0:>9.2f}")
             results["publish"] = {"bytes": nbytes, "memcpy_s": memcpy, "memcpy_GBps": nbytes / memcpy / 1e9}
-            for via in ("object_store", "broadcast"):
+            for via in PATHS:
                 runs = []
                 for _ in range(args.reps):
                     t0 = time.perf_counter()
@@ -184,6 +207,8 @@ def run(argv: list[str]) -> dict:
                     t_pub = time.perf_counter() - t0
                     if via == "object_store":
                         load_s, verify_s, fp = ray.get(receiver.load_object_store.remote(update))
+                    elif via == "shared_memory":
+                        load_s, verify_s, fp = ray.get(receiver.load_shared.remote(update))
                     else:
                         load_s, verify_s, fp = ray.get(receiver.load_broadcast.remote(update, 1))
                         learner.wait_published()
@@ -191,11 +216,13 @@ def run(argv: list[str]) -> dict:
                     if fp != update.checksum:
                         raise RuntimeError(f"{via}: receiver loaded fingerprint {fp}, not {update.checksum}")
                     runs.append((e2e, t_pub, load_s, verify_s, dict(learner.last_publish)))
+                first_e2e = runs[0][0]  # for shared memory: the region is created by this one
                 e2e, t_pub, load_s, verify_s, parts = min(runs, key=lambda r: r[0])
                 learner_fp = parts.get("fingerprint_s", 0.0)
                 transport = e2e - learner_fp - verify_s
                 row = {"publish_s": t_pub, "load_s": load_s, "verify_s": verify_s, "end_to_end_s": e2e,
                        "GBps": nbytes / e2e / 1e9, "x_memcpy": memcpy / e2e, "learner_side": parts,
+                       "first_end_to_end_s": first_e2e,
                        "without_checksums_s": transport, "x_memcpy_without_checksums": memcpy / transport}  # fmt: skip
                 results["publish"][via] = row
                 print(f"{via:>13} {t_pub:>10.4f} {load_s:>8.4f} {verify_s:>9.4f} {e2e:>13.4f} {row['GBps']:>7.2f} "
@@ -203,11 +230,15 @@ def run(argv: list[str]) -> dict:
             print("learner side:", "; ".join(
                 f"{via}: " + ", ".join(f"{k} {v:.4f}" for k, v in results["publish"][via]["learner_side"].items()
                                        if isinstance(v, float))
-                for via in ("object_store", "broadcast")))  # fmt: skip
-            print("without the two fingerprints (learner's and receiver's):", ", ".join(
+                for via in PATHS))  # fmt: skip
+            print(f"first shared-memory publication (creates and pre-faults the region): "
+                  f"{results['publish']['shared_memory']['first_end_to_end_s']:.3f} s end to end")
+            # shared memory: the learner's fingerprint overlaps its copy (inside write_s): only the
+            # receiver's is taken out of its figure.
+            print("without the two fingerprints (learner's and receiver's; shared memory: the receiver's only):", ", ".join(
                 f"{via} {results['publish'][via]['without_checksums_s']:.4f} s = "
                 f"{results['publish'][via]['x_memcpy_without_checksums']:.3f} x memcpy"
-                for via in ("object_store", "broadcast")))  # fmt: skip
+                for via in PATHS))  # fmt: skip
         finally:
             ray.kill(receiver)
             learner.shutdown()

@@ -156,6 +156,8 @@ class Trainer:
         probe_scorers(self.scorers)  # not "3 groups in a row failed" later
         self.resumed_from = self._maybe_resume()
         self.workers = [self._new_generator(i, self._initial_update) for i in range(cfg.generator.num_generators)]
+        if cfg.learner.publish == "shared_memory":  # who can read rank 0's region, who needs the object store
+            self.learner.receiver_nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=300)
         for i, w in enumerate(self.workers):
             self._get(self.scheduler.register_generator.remote(f"generator-{i}", w), "scheduler")
         self._init_wandb()
@@ -445,6 +447,12 @@ class Trainer:
             self.learner.reset_broadcast()
             update = self.learner.publish(via="object_store")
         self.workers[i] = self._new_generator(i, None)
+        if self.cfg.learner.publish == "shared_memory":
+            node = ray.get(self.workers[i].node_id.remote(), timeout=300)
+            if self.learner.receiver_nodes is not None:
+                self.learner.receiver_nodes[i] = node
+            if update.shared_memory is not None and update.weights is None and node != update.shared_memory.node_id:
+                update = self.learner.publish()  # the new actor is on another node: with an object-store copy
         self._get(self.scheduler.register_generator.remote(name, self.workers[i], update), "scheduler")
         self.runs[i] = self.workers[i].run.remote()
         self._pending_recovery[name] = {"role": "generator", "name": name, "at_version": update.version,

@@ -5,8 +5,10 @@ vLLM's async engine runs its model in a child process; the generator reaches it 
 arguments untyped (no tensors). So the object-store path sends each tensor as
 `pack_tensor`'s (name, dtype, shape, raw bytes), and `WeightLoader.cir_load_packed` rebuilds and
 loads them; the broadcast path (`cir_receive_broadcast`) joins the learner's weight broadcast from
-inside the engine process and streams the tensors straight into the parameters. Both fingerprint
-what arrived (`weight_sync.fingerprint`) and refuse a mismatch (`WeightMismatchError`).
+inside the engine process and streams the tensors straight into the parameters; the shared-memory
+path (`cir_load_shared`) maps the learner's region (`learning/shared_weights.py`) and loads from
+views of it, one copy. All fingerprint what arrived (`weight_sync.fingerprint`) and refuse a
+mismatch (`WeightMismatchError`; the shared-memory path reports it as a result, see there).
 
 Not here: when to load (the generator's update policies) and versions (`generation/generator.py`).
 """
@@ -68,6 +70,28 @@ class WeightLoader:
         if expected and got != expected:
             raise WeightMismatchError(f"broadcast weights arrived with fingerprint {got}, the publication says {expected}")
         return got
+
+    def cir_load_shared(self, path: str, slot: int, version: int, layout: list, expected: str) -> list:
+        """Load `version` from `slot` of the shared-memory region at `path` ([(name, dtype, shape,
+        offset)] as in `types.SharedWeights`), holding the slot for the time of the load. Returns
+        ["ok", fingerprint], or ["refused", why] when nothing was loaded (the slot no longer holds
+        that version, or its fingerprint is not `expected`), or ["torn", why] when the slot changed
+        during the load. A result rather than an exception: it reaches the generator with its kind."""
+        from cir_actors.learning.shared_weights import SlotRefused, TornRead, fingerprint_views, read_slot
+        from cir_actors.types import SharedWeights
+
+        where = SharedWeights(path, "", slot, version, tuple((n, d, tuple(s), o) for n, d, s, o in layout))
+        try:
+            with read_slot(where) as views:
+                got = fingerprint_views(views)  # before the load: the slot cannot change while we hold it
+                if expected and got != expected:
+                    return ["refused", f"shared weights have fingerprint {got}, the publication says {expected}"]
+                self._cir_reload(views)
+        except SlotRefused as e:
+            return ["refused", str(e)]
+        except TornRead as e:
+            return ["torn", str(e)]
+        return ["ok", got]
 
     def _cir_reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # reload_weights re-runs the CPU backend's weight repacking; a tied lm_head comes out right

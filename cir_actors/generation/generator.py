@@ -15,7 +15,9 @@ On `update_weights`, by `generator.update_policy`:
   weights (their per-token versions then show both versions).
 Weights travel into the engine process (vLLM's async engine runs its core in a child process)
 through a worker extension, `engine_weights.WeightLoader`: from the object store as packed bytes over vLLM's RPC,
-or by the learner's collective broadcast received directly inside the engine process. The
+by the learner's collective broadcast received directly inside the engine process, or from the
+learner's shared-memory region mapped by the engine process (a generator on learner rank 0's
+node; elsewhere the same update carries an object-store reference, decided by Ray node id). The
 extension fingerprints what it received (`weight_sync.fingerprint`) and refuses to load weights
 whose fingerprint differs from the publication's checksum; the generator then reports the version,
 budget and that checksum (`served_policy`).
@@ -43,6 +45,7 @@ import numpy as np
 from cir_actors.config import Config, ConfigError
 from cir_actors.generation.engine_weights import EXTENSION, WeightMismatchError, pack_tensor
 from cir_actors.generation.rollout import Delta, RolloutLimits, SegmentEnd, run_rollout
+from cir_actors.learning.shared_weights import local_node_id
 from cir_actors.learning.weight_sync import fingerprint
 from cir_actors.types import (
     GroupRequest,
@@ -305,7 +308,7 @@ class Generator:
         version, budget and checksum (in-flight trajectories per `generator.update_policy`)."""
         async with self._update_lock:
             t0 = time.perf_counter()
-            if update.weights is None and update.broadcast_group is None:
+            if update.weights is None and update.broadcast_group is None and update.shared_memory is None:
                 # Nothing to load: a budget (or version) change only.
                 self._version, self._budget = update.version, update.budget
                 return self.served_policy()
@@ -349,7 +352,21 @@ class Generator:
             return self.served_policy()
 
     async def _load(self, update: PolicyUpdate) -> str:
-        if update.broadcast_group is not None:
+        shm = update.shared_memory
+        if shm is not None and (update.weights is None or shm.node_id == local_node_id()):
+            if shm.node_id != local_node_id():
+                raise WeightMismatchError(
+                    f"{self.name}: version {update.version} was published only to shared memory on node "
+                    f"{shm.node_id}, and this generator is on node {local_node_id()}; not loaded")
+            args = (shm.path, shm.slot, shm.version, [list(t) for t in shm.layout], update.checksum)
+            results = await self._engine.collective_rpc("cir_load_shared", args=args)
+            for kind, detail in results:
+                if kind == "refused":  # nothing loaded: the old weights are still served
+                    raise WeightMismatchError(f"{self.name}: version {update.version} not loaded: {detail}")
+                if kind != "ok":
+                    raise RuntimeError(f"{self.name}: loading version {update.version}: {detail}")
+            results = [fp for _, fp in results]
+        elif update.broadcast_group is not None:
             kwargs = {"group": update.broadcast_group, "version": update.version, "rank": self._broadcast_rank,
                           "expected": update.checksum}
             results = await self._engine.collective_rpc("cir_receive_broadcast", kwargs=kwargs)

@@ -100,6 +100,12 @@ class RolloutWorker:
             self._metrics.budget(served.budget)
         return served
 
+    def node_id(self) -> str:
+        """The Ray node this generator runs on (for the learner's shared-memory publication)."""
+        from cir_actors.learning.shared_weights import local_node_id
+
+        return local_node_id()
+
     def take(self, key: str) -> ScoredTrajectory:
         """The buffer takes a finished sample; the returned object is owned by the buffer."""
         return self._outbox.pop(key)

@@ -29,7 +29,9 @@ its column t lines up with a trajectory's `logprobs_T[t]` and `loss_mask_T[t]`.
 
 Publishing (`Learner.publish`) takes full weights under every ZeRO stage (ZeRO-3 parameters are
 gathered one at a time) under their Hugging Face names, in the configured model dtype, either into
-the object store (rank 0 puts one state dict) or through `weight_sync.BroadcastSender` on rank 0.
+the object store (rank 0 puts one state dict), through `weight_sync.BroadcastSender` on rank 0, or
+into rank 0's shared-memory region (`shared_weights.SharedWeightsWriter`) for the generators on its
+node, with the object store as well for any generator elsewhere (`receiver_nodes`).
 Checkpoints (`save_checkpoint`): an HF model directory (loads in transformers and vLLM), DeepSpeed's
 module + optimizer state per rank, each rank's RNG states, step and version; resume needs the same
 number of ranks and ZeRO stage. The learning rate is constant, so there is no scheduler state.
@@ -127,6 +129,11 @@ class Learner:
         self.num_params = info[0]["num_params"]
         self._step = 0
         self._pending: list[Any] = []  # an unfinished broadcast publication
+        # Ray node ids of the generators, for learner.publish shared_memory (set by the trainer;
+        # None: unknown, see shared_weights.plan_shared_publication).
+        self.receiver_nodes: list[str] | None = None
+        self._rank0_node: str | None = None
+        self._logged_elsewhere: list[str] = []
 
     @property
     def version(self) -> int:
@@ -224,11 +231,11 @@ class Learner:
         return ray.get([r.compute_logprobs.remote(list(token_ids_B), temperature) for r in involved])[0]
 
     def publish(self, via: str | None = None) -> PolicyUpdate:
-        """Publish the current weights as version `self.version` (`via`: "object_store" or
-        "broadcast", default from the config). The object-store path returns once the state dict
-        is in the store. The broadcast path returns at once with the group address: rank 0 sends
-        when the generators call `weight_sync.receive_broadcast`; the next learner call waits for
-        that to finish. `budget` is the schedule's value at this version (the scheduler owns it)."""
+        """Publish the current weights as version `self.version` (`via`: "object_store",
+        "broadcast" or "shared_memory", default from the config). The object-store and the
+        shared-memory paths return once the weights are in the store or the region. The broadcast
+        path returns at once with the group address: rank 0 sends when the generators call
+        `weight_sync.receive_broadcast`; the next learner call waits for that to finish. `budget` is the schedule's value at this version (the scheduler owns it)."""
         import ray
 
         self._wait_pending()
@@ -240,8 +247,10 @@ class Learner:
             (ref,), checksum, timings = ray.get([r.publish_object_store.remote() for r in involved])[0]
             self.last_publish = {"via": via, "total_s": time.perf_counter() - t0, **timings}
             return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum)
+        if via == "shared_memory":
+            return self._publish_shared(budget, involved, t0)
         if via != "broadcast":
-            raise ValueError(f"publish via '{via}': expected 'object_store' or 'broadcast'")
+            raise ValueError(f"publish via '{via}': expected 'object_store', 'broadcast' or 'shared_memory'")
         address, checksum, timings = ray.get(
             [r.prepare_broadcast.remote(self.num_receivers) for r in involved]
         )[0]
@@ -249,6 +258,36 @@ class Learner:
         self._pending = [r.publish_broadcast.remote(self.version) for r in involved]
         self._pending_t0 = t0
         return PolicyUpdate(version=self.version, budget=budget, checksum=checksum, broadcast_group=address)
+
+    def _publish_shared(self, budget: int, involved: list[Any], t0: float) -> PolicyUpdate:
+        """Write the shared-memory region for the generators on rank 0's node; put the state dict
+        into the object store too when some generator is (or may be) on another node."""
+        import ray
+
+        from cir_actors.learning.shared_weights import plan_shared_publication
+
+        if self._rank0_node is None:
+            self._rank0_node = ray.get(self.ranks[0].node_id.remote(), timeout=60)
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        shared, elsewhere = plan_shared_publication(self._rank0_node, self.receiver_nodes, alive)
+        if elsewhere and elsewhere != self._logged_elsewhere:
+            log.info("learner.publish shared_memory: generators on node(s) %s are not on learner rank 0's node %s; "
+                     "they get the weights through the object store", ", ".join(elsewhere), self._rank0_node)
+        self._logged_elsewhere = elsewhere
+        where, ref, checksum, timings = None, None, "", {}
+        if shared:
+            where, checksum, timings = ray.get([r.publish_shared_memory.remote(self.version) for r in involved])[0]
+        if elsewhere or not shared:
+            (ref,), checksum, put = ray.get([r.publish_object_store.remote() for r in involved])[0]
+            timings = {**timings, **put}
+        self.last_publish = {"via": "shared_memory", "total_s": time.perf_counter() - t0, **timings}
+        return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum, shared_memory=where)
+
+    def release_shared_memory(self) -> None:
+        """Unlink the shared-memory region (the next shared-memory publication creates it again)."""
+        import ray
+
+        ray.get([r.close_shared_memory.remote() for r in self.ranks[:1]], timeout=60)
 
     def reset_broadcast(self) -> None:
         """Dissolve the broadcast group; the next broadcast publication opens a new one (a new
@@ -290,6 +329,11 @@ class Learner:
     def shutdown(self) -> None:
         import ray
 
+        if self.ranks:
+            try:  # the region outlives a killed process: unlink it first (a dead rank's is swept later)
+                self.release_shared_memory()
+            except Exception as e:  # noqa: BLE001 - rank 0 is dead or hung: kill the ranks anyway
+                log.warning("learner shutdown: shared-memory region not released: %s", e)
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []

@@ -134,6 +134,7 @@ class LearnerRank:
         self.device = torch.device("cuda" if cfg.model.device == "cuda" else "cpu")
         self.engine: Any = None
         self.sender: Any = None
+        self.shm_writer: Any = None  # shared_weights.SharedWeightsWriter, created at the first publication
         # Behaviour log-probs are of the distribution sampled from (logits / T); the learner's RL
         # log-probs use the same T, as verl does (T = 0 is refused for training at load).
         self.temperature = cfg.generator.temperature if cfg.generator.temperature > 0 else 1.0
@@ -566,6 +567,33 @@ class LearnerRank:
         if self.sender is not None:
             self.sender.close()
             self.sender = None
+
+    def node_id(self) -> str:
+        from cir_actors.learning.shared_weights import local_node_id
+
+        return local_node_id()
+
+    def publish_shared_memory(self, version: int) -> tuple[Any, str, dict] | None:
+        """Rank 0: write the current weights into the shared-memory region (created, for the whole
+        run, at the first call); (SharedWeights, fingerprint, timings). Other ranks (ZeRO-3 only) help gather."""
+        from cir_actors.learning.shared_weights import SharedWeightsWriter
+
+        t0 = time.perf_counter()
+        weights = (t for _, t in self.iter_full_weights(clone=False))  # copied into the slot one at a time
+        if self.rank != 0:
+            for _ in weights:
+                pass
+            return None
+        if self.shm_writer is None:
+            self.shm_writer = SharedWeightsWriter(self.weight_specs(), lock_timeout_s=self.cfg.recovery.push_timeout_s)
+        t1 = time.perf_counter()
+        where, checksum = self.shm_writer.write(version, weights, checksum=True)
+        return where, checksum, {"create_s": t1 - t0, "write_s": time.perf_counter() - t1}
+
+    def close_shared_memory(self) -> None:
+        if self.shm_writer is not None:
+            self.shm_writer.close()
+            self.shm_writer = None
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: str, step: int, version: int) -> None:

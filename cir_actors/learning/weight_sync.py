@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -57,17 +58,22 @@ def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 class StreamingFingerprint:
     """`fingerprint` computed one tensor at a time (for weights that are gathered and sent in a
-    stream and never all held at once); `digest()` equals `fingerprint` over the same tensors."""
+    stream and never all held at once); `digest()` equals `fingerprint` over the same tensors.
+    With an `executor`, each tensor is hashed on its threads (torch's strided gather and blake2b
+    release the GIL), so that hashing overlaps the caller's copying; the caller must keep the
+    tensors unchanged until `digest()`."""
 
-    def __init__(self) -> None:
-        self._entries: list[tuple[str, bytes]] = []
+    def __init__(self, executor: Executor | None = None) -> None:
+        self._entries: list[tuple[str, bytes | Future]] = []
+        self._executor = executor
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        self._entries.append((name, _tensor_digest(name, t)))
+        d = self._executor.submit(_tensor_digest, name, t) if self._executor else _tensor_digest(name, t)
+        self._entries.append((name, d))
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        for _, d in sorted(self._entries):
+        for _, d in sorted((n, d if isinstance(d, bytes) else d.result()) for n, d in self._entries):
             h.update(d)
         return h.hexdigest()[:16]
 

@@ -309,3 +309,66 @@ def test_update_by_collective_broadcast(tiny_generator, tiny_model_dir, task):
         ref = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
     ref_lp = np.array([0.0] + [float(ref[t - 1, prompt[t]]) for t in range(1, len(prompt))])
     assert float(np.max(np.abs(lp - ref_lp))) < 1e-4
+
+
+def test_update_through_shared_memory(tiny_generator, tiny_model_dir, task):
+    """The shared-memory path through the real engine: version v+1 is loaded while v+2 is half
+    written into the other slot; fingerprints verified, log-probs those of transformers; a late
+    reader (its slot rewritten) and a wrong checksum are refused with the old weights still served;
+    nothing is left under /dev/shm once the writer is closed."""
+    import threading
+    from pathlib import Path
+
+    from cir_actors.generation.engine_weights import WeightMismatchError
+    from cir_actors.learning.shared_weights import SHM_DIR, SharedWeightsWriter, region_prefix
+    from cir_actors.learning.weight_sync import TensorSpec
+
+    gen = tiny_generator.gen
+    v = gen.served_version()
+    _, sd1 = perturbed_state_dict(tiny_model_dir, seed=v + 31)
+    model2, sd2 = perturbed_state_dict(tiny_model_dir, seed=v + 32)
+    writer = SharedWeightsWriter([TensorSpec(k, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+                                  for k, t in sd1.items()])  # fmt: skip
+    prompt = list(task.prompt_token_ids)
+    try:
+        where1, fp1 = writer.write(v + 1, sd1.values(), checksum=True)
+        loaded = threading.Event()
+
+        def half_then_wait():
+            for i, t in enumerate(sd2.values()):
+                if i == len(sd2) // 2:
+                    assert loaded.wait(120)
+                yield t
+
+        out: dict = {}
+        thread = threading.Thread(target=lambda: out.setdefault("v2", writer.write(v + 2, half_then_wait(), checksum=True)))
+        thread.start()
+        try:
+            served = tiny_generator.run(gen.update_weights(PolicyUpdate(v + 1, 2, None, fp1, shared_memory=where1)),
+                                        timeout=120)  # fmt: skip
+        finally:
+            loaded.set()
+            thread.join(60)
+        assert served.version == v + 1 and served.checksum == fp1 == fingerprint(sd1.items())
+        where2, fp2 = out["v2"]
+        assert where2.slot != where1.slot
+        served = tiny_generator.run(gen.update_weights(PolicyUpdate(v + 2, 2, None, fp2, shared_memory=where2)),
+                                    timeout=120)  # fmt: skip
+        assert served.checksum == fp2 == fingerprint(sd2.items())
+        (lp_before,) = tiny_generator.run(gen.compute_logprobs([prompt]))
+
+        where3, _ = writer.write(v + 3, sd1.values(), checksum=True)  # into v+1's slot
+        with pytest.raises(WeightMismatchError, match="holds version"):
+            tiny_generator.run(gen.update_weights(PolicyUpdate(v + 1, 2, None, fp1, shared_memory=where1)), timeout=120)
+        with pytest.raises(WeightMismatchError, match="fingerprint"):
+            tiny_generator.run(gen.update_weights(PolicyUpdate(v + 3, 2, None, fp2, shared_memory=where3)), timeout=120)
+        assert gen.served_policy().checksum == fp2 and gen.served_version() == v + 2
+        (lp_after,) = tiny_generator.run(gen.compute_logprobs([prompt]))
+        np.testing.assert_array_equal(lp_before, lp_after)  # nothing was loaded
+    finally:
+        writer.close()
+    assert not Path(writer.path).exists() and not list(SHM_DIR.glob(f"{region_prefix()}*"))
+    with torch.no_grad():
+        ref = model2(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    ref_lp = np.array([0.0] + [float(ref[t - 1, prompt[t]]) for t in range(1, len(prompt))])
+    assert float(np.max(np.abs(lp_after - ref_lp))) < 1e-4

@@ -1,8 +1,9 @@
 """The DeepSpeed learner on CPU: real DeepSpeed ranks as Ray actors, the tiny model, synthetic groups.
 
 Covers: token alignment and on-policy equivalence at the learner level, two-rank ZeRO-2 == one rank,
-ZeRO-3 gathering full weights (object store and broadcast), the broadcast to a receiver in another
-process, checkpoint round trip (exact resume, HF directory loads in transformers), SFT mode.
+ZeRO-3 gathering full weights (object store, broadcast, shared memory), the broadcast to a receiver
+in another process, the shared-memory region and its cross-node fallback, checkpoint round trip
+(exact resume, HF directory loads in transformers), SFT mode.
 """
 
 from __future__ import annotations
@@ -248,6 +249,47 @@ def test_broadcast_reaches_a_receiver_in_another_process(ray_session, learner3, 
     finally:
         ray.kill(receiver)
     _STATE["first_group"] = first_group
+
+
+def test_shared_memory_publication_and_the_cross_node_fallback(ray_session, learner3, caplog):
+    """Rank 0 (ZeRO-3: gathered while written) puts the weights into its shared-memory region; this
+    process reads them bit-identical to the object store's, fingerprint included. A generator on
+    another node makes the learner put them into the object store too (and says so); the region
+    is gone once released."""
+    import logging
+    from pathlib import Path
+
+    import ray
+
+    from cir_actors.learning.shared_weights import local_node_id, read_slot
+    from cir_actors.learning.weight_sync import fingerprint
+
+    by_store = learner3.publish(via="object_store")
+    expected = ray.get(by_store.weights)
+    first = learner3.publish(via="shared_memory")
+    second = learner3.publish(via="shared_memory")
+    try:
+        assert first.weights is None and first.checksum == by_store.checksum
+        assert first.shared_memory.node_id == local_node_id() and first.shared_memory.slot != second.shared_memory.slot
+        for update in (first, second):
+            with read_slot(update.shared_memory) as views:
+                got = {name: t.clone() for name, t in views}
+            assert fingerprint(got.items()) == update.checksum and got.keys() == expected.keys()
+            assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+        learner3.receiver_nodes = [local_node_id(), "another-node"]
+        with caplog.at_level(logging.INFO, logger="cir_actors.learning.learner"):
+            both = learner3.publish(via="shared_memory")
+        assert both.shared_memory is not None and both.weights is not None
+        assert "another-node" in caplog.text and "object store" in caplog.text
+        learner3.receiver_nodes = ["another-node"]
+        remote_only = learner3.publish(via="shared_memory")
+        assert remote_only.shared_memory is None and remote_only.checksum == by_store.checksum
+        assert all(torch.equal(t, expected[k]) for k, t in ray.get(remote_only.weights).items())
+    finally:
+        learner3.receiver_nodes = None
+        learner3.release_shared_memory()
+    assert not Path(first.shared_memory.path).exists()
 
 
 _STATE: dict = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from cir_actors.learning.weight_sync import FINGERPRINT_SAMPLES, StreamingFingerprint, fingerprint
@@ -20,10 +22,11 @@ def test_fingerprint_is_order_free_streamable_and_layout_free():
     sd = _state()
     fp = fingerprint(sd.items())
     assert fingerprint(reversed(list(sd.items()))) == fp
-    stream = StreamingFingerprint()
-    for name, t in sd.items():
-        stream.add(name, t)
-    assert stream.digest() == fp
+    for executor in (None, ThreadPoolExecutor(2)):  # hashed in the caller's thread or beside it
+        stream = StreamingFingerprint(executor)
+        for name, t in sd.items():
+            stream.add(name, t)
+        assert stream.digest() == fp
     # the same values in a non-contiguous tensor (a transposed copy transposed back)
     odd = dict(sd, **{"embed.weight": sd["embed.weight"].t().contiguous().t()})
     assert not odd["embed.weight"].is_contiguous() and fingerprint(odd.items()) == fp
