@@ -17,7 +17,7 @@ from cir_actors.config import ConfigError
 from cir_actors.data.loaders import DataError
 from cir_actors.data.preflight import InputError
 
-PARTS = ["interpreter", "scorer", "generation", "learner", "train", "recovery"]
+PARTS = ["interpreter", "scorer", "generation", "learner", "train", "recovery", "partials"]
 
 
 def main(argv: list[str]) -> int:

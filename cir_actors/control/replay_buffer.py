@@ -218,6 +218,14 @@ class ReplayBuffer:
         """How many streamed partials this buffer holds for these groups."""
         return sum(len(self._partials.get(g, {})) for g in group_ids)
 
+    def inflight_tokens(self, group_ids: list[int]) -> dict[str, int]:
+        """Response tokens held for these in-flight groups: in finished samples and in partials
+        (what a generator's death would throw away without continuation)."""
+        finished = sum(int(m.get("response_len", 0)) for g in group_ids if g in self._partial
+                       for m in self._partial[g].metas.values())
+        partial = sum(p.response_len for g in group_ids for p in self._partials.get(g, {}).values())
+        return {"finished_tokens": finished, "partial_tokens": partial}
+
     async def continuation(self, group_id: int) -> dict[str, Any]:
         """What a generator taking over an in-flight group needs: `have` (sample indices already
         here) and `partials` ({sample index: [ref to its latest PartialTrajectory]})."""

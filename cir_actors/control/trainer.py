@@ -544,6 +544,9 @@ class Trainer:
             "time/publish_s": t_pub - t_train,
             "time/elapsed_s": t_pub - t_start,
             **step_time_row(train_metrics, t_batch - t0, t_train - t_batch, t_pub - t_train, step_s, gen_times),
+            # partial trajectories this step: streamed to the buffer, continued, not continued (by reason)
+            **{"partial/" + k.removeprefix("partials_"): int(sum(g.get(k, 0) for g in gen_times))
+               for k in ("partials_streamed", "partials_continued", "partials_stale", "partials_unreadable")},
             "throughput/sampled_tokens_per_s": sm.get("sampled_tokens", 0.0) / max(step_s, 1e-9),
             "throughput/trajectories_per_s": sm.get("trajectories", 0) / max(step_s, 1e-9),
             "idle/learner_s": learner_wait,

@@ -44,6 +44,8 @@ from cir_actors.types import (
 )
 
 log = logging.getLogger(__name__)
+# Per-step partial-trajectory counts (`step_times`): streamed, continued, and not continued by reason.
+PARTIAL_COUNTS = ("partials_streamed", "partials_continued", "partials_stale", "partials_unreadable")
 
 
 class RolloutWorker:
@@ -89,6 +91,7 @@ class RolloutWorker:
         # loading weights; trajectory-seconds generating, waiting for tools, waiting for a verdict.
         self._times = {"weight_load_s": 0.0, "generation_s": 0.0, "tool_wait_s": 0.0, "scoring_s": 0.0}
         self._times_since = (time.monotonic(), 0.0)  # (when, idle_s then)
+        self._partials_since = dict.fromkeys(PARTIAL_COUNTS, 0)
 
     # ---- what the scheduler and driver call ---------------------------------------------------
     async def update_weights(self, update: PolicyUpdate) -> ServedPolicy:
@@ -133,10 +136,13 @@ class RolloutWorker:
     def step_times(self) -> dict[str, float]:
         """Seconds spent since the previous call (the driver calls it once per step, so these are
         per-step): `wall_s`, `idle_s` (no trajectory running), `weight_load_s` (wall), and the
-        trajectory-seconds (summed over concurrent trajectories) of generation, tool wait, scoring."""
+        trajectory-seconds (summed over concurrent trajectories) of generation, tool wait, scoring; and
+        the partial-trajectory counts of PARTIAL_COUNTS since then."""
         now, idle = time.monotonic(), self.stats()["idle_s"]
         since, idle_then = self._times_since
         out = {"wall_s": now - since, "idle_s": idle - idle_then, **self._times}
+        out.update({k: float(self._counts[k] - self._partials_since[k]) for k in PARTIAL_COUNTS})
+        self._partials_since = {k: self._counts[k] for k in PARTIAL_COUNTS}
         self._times_since = (now, idle)
         self._times = dict.fromkeys(self._times, 0.0)
         return out

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from cir_actors.bench.partials import crash_mid_trajectory
 from cir_actors.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -110,12 +111,15 @@ def _check_run(run_dir: Path, steps: int) -> list[dict]:
 
 
 def _saved_partials(run_dir: Path) -> int:
-    """Partials in the latest checkpoint's in-flight groups."""
+    """Partials in the latest checkpoint's in-flight groups (0 before the first checkpoint)."""
     from cir_actors.serialization import read_frames
 
-    step_dir = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    with open(step_dir / "inflight.msgpack", "rb") as f:
-        return sum(len(g["partials"]) for g in read_frames(f))
+    try:
+        step_dir = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+        with open(step_dir / "inflight.msgpack", "rb") as f:
+            return sum(len(g["partials"]) for g in read_frames(f))
+    except (OSError, ValueError):  # none yet, or the next one is being written
+        return 0
 
 
 def _recoveries(run_dir: Path) -> list[dict]:
@@ -123,55 +127,8 @@ def _recoveries(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
 
 
-def _holds_partials_of(name: str) -> bool:
-    """The buffer holds streamed partials of groups that generator `name` has in flight."""
-    import ray
-
-    sched, buf = (ray.get_actor(n, namespace=NAMESPACE) for n in ("scheduler", "buffer"))
-    groups = ray.get(sched.inflight_of.remote(name), timeout=30)
-    return bool(groups) and ray.get(buf.partials_held.remote(groups), timeout=30) > 0
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
 def _crash_generator_mid_trajectory(name: str) -> bool:
-    """Freeze generator `name`'s engine (SIGSTOP); if the buffer then holds partials of its groups,
-    crash it (the actor killed, its engine processes SIGKILLed) and say True; else thaw it and say
-    False (try again). On this tiny model a trajectory lives ~0.1 s, too short to hit by polling."""
-    import ray
-
-    actor = ray.get_actor(name, namespace=NAMESPACE)
-    engine = _descendants(ray.get(actor.health.remote(), timeout=30)["pid"])
-    for pid in engine:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        if not _holds_partials_of(name):
-            return False
-        ray.kill(actor, no_restart=True)
-        for pid in engine:
-            os.kill(pid, signal.SIGKILL)
-        return True
-    finally:
-        for pid in engine:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+    return crash_mid_trajectory(name, NAMESPACE)
 
 
 class _Killer(threading.Thread):
@@ -228,9 +185,9 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     then a learner rank and the buffer die and the run resumes by itself, twice."""
     before = _our_processes()
     run_dir = tmp_path / "run"
-    summary = _train_with(run_dir, 7, [(1, "generator-*", False), (2, "interpreter-0", True), (3, "scorer-1", True),
+    summary = _train_with(run_dir, 9, [(1, "generator-*", False), (2, "interpreter-0", True), (3, "scorer-1", True),
                                        (4, "learner-rank-0", False), (6, "buffer", False)])
-    _check_run(run_dir, 7)
+    _check_run(run_dir, 9)
     rec = _recoveries(run_dir)
     roles = [r["role"] for r in rec]
     assert roles.count("generator") >= 1 and "interpreter" in roles and "scorer" in roles, roles
@@ -244,7 +201,7 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     assert rows[-1]["conservation/groups_dropped_by_reason"].get("generator_lost", 0) == 0, rows[-1]
     assert sum(r["partial/continued_trajectories"] for r in rows) >= 1
     assert all(rep["error"] is None for rep in summary["served"].values()), summary["served"]
-    assert {rep["version"] for rep in summary["served"].values()} == {7}
+    assert {rep["version"] for rep in summary["served"].values()} == {9}
     _assert_no_leftovers(before)
 
 
@@ -253,29 +210,33 @@ def test_driver_sigkill_then_same_command_resumes(ray_session, tmp_path):
 
     before = _our_processes()
     run_dir = tmp_path / "run"
-    small = ["generator.num_generators=1", "interpreter.num_pools=1", "scorer.num_scorers=1", "learner.save_every=1"]
+    small = ["generator.num_generators=1", "interpreter.num_pools=1", "scorer.num_scorers=1", "learner.save_every=1",
+             "generator.max_response_tokens=256", "generator.partial_every_tokens=4", "generator.samples_per_prompt=4"]
     cmd = [sys.executable, str(PROJECT_ROOT / "entrypoints" / "train.py"),
-           *_overrides(run_dir, 4, namespace="cir-chaos-driver"), *small]
+           *_overrides(run_dir, 6, namespace="cir-chaos-driver"), *small]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 900
+    # Killed once the latest checkpoint holds partials of groups in flight (a step's groups are
+    # generated within ~1 s on the tiny model, so not every checkpoint does).
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run_dir / "checkpoints" / "latest").is_file() and len(_rows(run_dir)) >= 2:
+        if len(_rows(run_dir)) >= 2 and _saved_partials(run_dir) >= 1:
             break
-        time.sleep(0.5)
+        time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stderr.close()
     trained_before = len(_rows(run_dir))
     saved = _saved_partials(run_dir)
+    ckpt_step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[-1])
     again = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
-    rows = _check_run(run_dir, 4)
-    assert trained_before >= 2 and rows[-1]["step"] == 4
+    rows = _check_run(run_dir, 6)
+    assert trained_before >= 2 and rows[-1]["step"] == 6
     # The checkpoint held partials of the groups in flight; the resumed run continued them.
     assert saved >= 1
-    assert sum(r["partial/continued_trajectories"] for r in rows[trained_before:]) >= 1, rows[trained_before:]
+    assert sum(r["partial/continued_trajectories"] for r in rows[ckpt_step:]) >= 1, rows[ckpt_step:]
     assert all(r["conservation/groups_dropped_by_reason"].get("resumed", 0) == 0 for r in rows)
     _assert_no_leftovers(before, grace_s=60.0)

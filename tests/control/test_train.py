@@ -39,6 +39,8 @@ def test_short_training_run_and_resume(short_run, tmp_path):
         assert 0 < phases <= r["time/train_s"] + 1e-6 and r["time/learner_update_s"] > 0
         assert r["time/gen_wall_s"] > 0 and r["time/ideal_async_step_s"] <= r["time/ideal_sync_step_s"]
         assert r["interp_cache/lookups"] == 0  # the cache is off by default
+        assert r["partial/continued"] == r["partial/continued_trajectories"] == 0  # nothing died
+        assert r["partial/streamed"] >= 0 and r["response_len_fresh"] == r["response_len"]
     # a step's samples may all have been generated inside the previous step's window: sum over steps
     assert sum(r["time/gen_generation_traj_s"] for r in rows) > 0
     # the weights reached the generator: it serves the final version with the learner's checksum
