@@ -228,13 +228,17 @@ class ReplayBuffer:
 
     async def continuation(self, group_id: int) -> dict[str, Any]:
         """What a generator taking over an in-flight group needs: `have` (sample indices already
-        here) and `partials` ({sample index: [ref to its latest PartialTrajectory]})."""
+        here) and `partials` ({sample index: [ref to its latest PartialTrajectory]}); `done` when the
+        group completed (the dead generator's last sample landed) or was dropped meanwhile."""
         async with self._condition():
             self._continued.add(group_id)
+            if group_id in self._ready or group_id in self._closed:  # completed (or dropped) meanwhile
+                return {"done": True, "have": [], "partials": {}}
             group = self._partial.get(group_id)
             have = sorted(group.refs) if group is not None else []
             held = self._partials.get(group_id, {})
-            return {"have": have, "partials": {i: [p.ref] for i, p in sorted(held.items()) if i not in have}}
+            return {"done": False, "have": have,
+                    "partials": {i: [p.ref] for i, p in sorted(held.items()) if i not in have}}
 
     def discard_partial(self, group_id: int, reason: str = DropReason.ABORTED) -> int:
         """Forget an incomplete group (its generator failed; the scheduler already dropped it from

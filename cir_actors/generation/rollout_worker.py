@@ -177,7 +177,7 @@ class RolloutWorker:
         indices, partials = list(range(req.n)), {}
         if req.continued:  # handed over: run the samples the buffer does not have, from their partials
             cont = await self._buffer.continuation.remote(req.group_id)
-            indices = [i for i in indices if i not in set(cont["have"])]
+            indices = [] if cont["done"] else [i for i in indices if i not in set(cont["have"])]
             partials = cont["partials"]
             self._counts["continued_groups"] += 1
             log.info("%s: continuing group %d: %d samples in, %d partials", self._name, req.group_id,

@@ -80,7 +80,7 @@ class _Run:
             indices, partials = range(req.n), {}
             if req.continued:  # what the rollout worker does with a handed-over group
                 cont = await self.buf.continuation(req.group_id)
-                indices = [i for i in range(req.n) if i not in cont["have"]]
+                indices = [] if cont["done"] else [i for i in range(req.n) if i not in cont["have"]]
                 partials = cont["partials"]
             for i in indices:
                 if i in partials:
@@ -396,3 +396,33 @@ def test_real_checker_crash_is_retried_and_a_deadline_is_a_verdict():
         assert scorer.stats()["workers_replaced"] == 1
     finally:
         scorer.close()
+
+
+def test_buffer_continuation_keeps_the_latest_partial_and_counts_a_late_duplicate():
+    from cir_actors.types import replace
+
+    async def go():
+        sched = BudgetScheduler(_cfg(**{"generator.samples_per_prompt": 3}), _tasks(4))
+        buf = ReplayBuffer(1, ledger=sched, continue_partials=True)
+        req = sched.try_admit("g0", 0)
+        gid = req.group_id
+        await buf.add(gid, 3, 0, 0, ["s0"], 1.0, 0)
+        short, long = _partial("t0", 1, 0), replace(_partial("t0", 1, 0), prompt_len=2)  # response 1 vs 2 tokens
+        assert await buf.add_partial(gid, 1, [long], long.response_len, 0)
+        assert not await buf.add_partial(gid, 1, [short], short.response_len, 0)  # older (shorter): not kept
+        assert not await buf.add_partial(gid, 0, [short], 1, 0)  # sample 0 is finished
+        await sched.fail_generator("g0")
+        sched._verified["g1"] = True
+        again = sched.try_admit("g1", 0)
+        assert again.group_id == gid and again.continued and sched.capacity() >= 0
+        cont = await buf.continuation(gid)
+        assert cont == {"done": False, "have": [0], "partials": {1: [long]}}
+        await buf.add(gid, 3, 0, 1, ["s1 continued"], 0.0, 0)
+        await buf.add(gid, 3, 0, 0, ["s0 again"], 1.0, 0)  # the dead generator's late copy: counted, not kept
+        assert buf.stats()["dropped_trajectories"] == {DropReason.DUPLICATE: 1}
+        assert (await buf.add(gid, 3, 0, 2, ["s2"], 0.0, 0)) is True  # completes the group
+        assert (await buf.continuation(gid))["done"]
+        snap = await buf.snapshot()
+        assert snap["groups"]["ok"] and snap["trajectories"]["ok"] and snap["groups"]["buffered"] == 1
+
+    asyncio.run(go())
