@@ -19,16 +19,35 @@ from cir_actors.data.preflight import InputError, check_inputs
 from cir_actors.types import ProbeFailed
 
 
+def dry_run_checks(cfg) -> str:
+    """The load-time refusals that need no Ray and no download (ConfigError when one fails)."""
+    from cir_actors.data.model_setup import check_training, check_window, is_local_model_dir
+
+    check_training(cfg)
+    g = cfg.generator
+    need = g.max_prompt_tokens + g.max_response_tokens
+    if cfg.model.path is None:
+        return f"dry run: sampling settings trainable; the tiny model is built with room for {need} tokens"
+    if not is_local_model_dir(cfg.model.path):
+        return (f"dry run: sampling settings trainable; model.path '{cfg.model.path}' is not a local directory, "
+                "so its context window is checked when the run resolves it")
+    window = check_window(cfg, cfg.model.path)
+    return f"dry run: sampling settings trainable; prompt + response {need} tokens fit the context window of {window}"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: the tiny CPU defaults)")
-    parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, print the resolved config, check sampling and (for a local model) the "
+                             "context window, exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             print(dump_config(cfg), end="")
+            print(dry_run_checks(cfg), file=sys.stderr)
             return 0
         check_inputs(cfg)  # model, every data row, every gold answer: before Ray or any engine starts
     except (ConfigError, DataError, InputError) as e:

@@ -91,6 +91,22 @@ def test_dry_run_cli(tmp_path):
     assert "generator.temperature" in bad.stderr and "hot" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_dry_run_checks_sampling_and_the_window_of_a_local_model():
+    def dry(*args):
+        return subprocess.run([sys.executable, "entrypoints/train.py", "--dry-run", *args],
+                              check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    top_p = dry("generator.top_p=0.9")
+    assert top_p.returncode == 2 and "generator.top_p = 0.9 < 1 cannot be trained on" in top_p.stderr
+    recipe = ["--config", "configs/qwen2.5-math-7b.yaml", "model.path=tests/data/qwen2.5-math-7b"]
+    ok = dry(*recipe)
+    assert ok.returncode == 0 and "fit the context window of 16384" in ok.stderr, ok.stderr
+    short = dry(*recipe, "model.max_position_embeddings=4096")
+    assert short.returncode == 2 and "exceeds the model's context window of 4096 tokens" in short.stderr, short.stderr
+    hub = dry("--config", "configs/qwen2.5-math-7b.yaml")
+    assert hub.returncode == 0 and "is not a local directory" in hub.stderr, hub.stderr
+
+
 def test_correction_options_load_and_bad_bands_are_one_sentence():
     from cir_actors.config import ConfigError, load_config
 
