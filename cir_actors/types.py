@@ -135,7 +135,8 @@ class Trajectory:
     num_interp_errors: int = 0
     num_interp_timeouts: int = 0
     gen_time_s: float = 0.0
-    interp_wait_s: float = 0.0
+    interp_wait_s: float = 0.0  # waiting for the interpreter in all (queue + execution)
+    interp_exec_s: float = 0.0  # of which the programs ran (ExecResult.duration_s)
     response_text: str = ""  # decoded response (interpreter output included), for inspection; never trained on
     # Only what the model sampled (the loss mask's runs of 1 in the response, each decoded alone, joined
     # by "\n"): the scorer reads the answer from this, so interpreter output can never be the answer.
@@ -192,6 +193,7 @@ class PartialTrajectory:
     num_interp_timeouts: int = 0
     gen_time_s: float = 0.0
     interp_wait_s: float = 0.0
+    interp_exec_s: float = 0.0
     tool_calls: tuple[dict[str, Any], ...] = ()
     continued_tokens: int = 0  # of the response, tokens that came from an earlier partial
 

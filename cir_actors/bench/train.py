@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BREAKDOWN = [
     "time/learner_wait_batch_s", "time/learner_fetch_s", "time/learner_proximal_s", "time/learner_update_s",
     "time/learner_publish_s", "time/learner_busy_s", "time/gen_wall_s", "time/gen_idle_s", "time/gen_busy_s",
-    "time/gen_weight_load_s", "time/gen_generation_traj_s", "time/gen_tool_wait_traj_s", "time/gen_scoring_traj_s",
+    "time/gen_weight_load_s", "time/gen_generation_traj_s", "time/gen_tool_wait_traj_s", "time/gen_tool_exec_traj_s",
+    "time/gen_tool_queue_traj_s", "time/gen_scoring_traj_s",
     "time/ideal_sync_step_s", "time/ideal_async_step_s", "time/overlap_efficiency",
 ]
 

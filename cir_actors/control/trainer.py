@@ -107,6 +107,7 @@ class Trainer:
         self._generator_restarts = 0
         self._pending_recovery: dict[str, dict[str, Any]] = {}  # generator name -> its open recovery record
         self._stateless_pids: dict[str, int] = {}
+        self._cache_totals: dict[str, int] = {}  # the execution caches' counters at the last step
         self.pending_resume: dict[str, Any] | None = None  # an automatic resume, closed by the first step
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -529,7 +530,11 @@ class Trainer:
                 cache.append(ray.get(ref, timeout=30))
             except Exception:  # noqa: BLE001, S112 - a pool Ray is restarting: counted again next step
                 continue
-        lookups, hits = sum(c["lookups"] for c in cache), sum(c["hits"] for c in cache)
+        totals = {k: sum(c[k] for c in cache) for k in ("lookups", "hits", "calls_saved")}
+        # per step: the difference from the last step's totals (a pool Ray restarted starts again at 0)
+        step_cache = {k: max(0, v - self._cache_totals.get(k, 0)) for k, v in totals.items()}
+        self._cache_totals = totals
+        lookups, hits = step_cache["lookups"], step_cache["hits"]
         gen_times = generator_times(self.workers)  # where the step's time went (cir_actors/ops/step_time.py)
         step_s = t_pub - t0
         return {
@@ -555,7 +560,8 @@ class Trainer:
             "infra/interpreter_faults": int(sum(w.get("interpreter_faults", 0) for w in wstats)),
             "infra/scorer_faults": int(sum(w.get("scorer_faults", 0) for w in wstats)),
             "interp_cache/lookups": lookups, "interp_cache/hits": hits, "interp_cache/hit_rate": hits / max(lookups, 1),
-            "interp_cache/calls_saved": sum(c["calls_saved"] for c in cache),
+            "interp_cache/calls_saved": step_cache["calls_saved"],
+            "interp_cache/lookups_total": totals["lookups"], "interp_cache/hits_total": totals["hits"],
             "count/admitted_groups": sched["admitted_groups"],
             "count/inflight_groups": sched["inflight_groups"],
             "count/failed_groups": sched["failed_groups"],

@@ -256,7 +256,7 @@ async def run_rollout(
         prompt_text = codec.decode(task.prompt_token_ids)
         scanner = BlockScanner(open_block_tail(prompt_text))
         num_blocks = num_executed = num_errors = num_timeouts = 0
-        gen_time = interp_time = 0.0
+        gen_time = interp_time = interp_exec = 0.0
         context_start = continued = 0
         # A prompt that ends with a closed, not yet executed block has it run before the model goes on.
         block = trailing_block(prompt_text)
@@ -273,7 +273,7 @@ async def run_rollout(
         scanner = BlockScanner(open_block_tail(codec.decode(traj.token_ids[context_start:])))
         num_blocks, num_executed = resume.num_code_blocks, resume.num_executed
         num_errors, num_timeouts = resume.num_interp_errors, resume.num_interp_timeouts
-        gen_time, interp_time = resume.gen_time_s, resume.interp_wait_s
+        gen_time, interp_time, interp_exec = resume.gen_time_s, resume.interp_wait_s, resume.interp_exec_s
 
     async def boundary() -> None:
         if on_partial is not None:
@@ -286,7 +286,7 @@ async def run_rollout(
                 prompt_len=traj.prompt_len, budget=budget, context_start=context_start,
                 num_code_blocks=num_blocks, num_executed=num_executed, num_interp_errors=num_errors,
                 num_interp_timeouts=num_timeouts, gen_time_s=gen_time, interp_wait_s=interp_time,
-                tool_calls=tuple(traj.tool_calls), continued_tokens=continued,
+                interp_exec_s=interp_exec, tool_calls=tuple(traj.tool_calls), continued_tokens=continued,
             ))
 
     try:
@@ -303,6 +303,7 @@ async def run_rollout(
                 t1 = time.perf_counter()
                 result = await interpreter.run_async(block.code, timeout_s=limits.interpreter_timeout_s, session=session)
                 interp_time += time.perf_counter() - t1
+                interp_exec += result.duration_s
                 num_executed += 1
                 num_errors += int(not result.ok and not result.timed_out)
                 num_timeouts += int(result.timed_out)
@@ -390,6 +391,7 @@ async def run_rollout(
         num_interp_timeouts=num_timeouts,
         gen_time_s=gen_time,
         interp_wait_s=interp_time,
+        interp_exec_s=interp_exec,
         response_text=codec.decode(response_ids),
         sampled_text=sampled_text(codec, traj.token_ids, traj.loss_mask, traj.prompt_len),
         tool_calls=tuple(traj.tool_calls),

@@ -89,7 +89,8 @@ class RolloutWorker:
         self._partial_outbox: dict[str, PartialTrajectory] = {}  # streamed partials until the buffer takes them
         # Where this generator's time went since the driver last asked (`step_times`): wall seconds
         # loading weights; trajectory-seconds generating, waiting for tools, waiting for a verdict.
-        self._times = {"weight_load_s": 0.0, "generation_s": 0.0, "tool_wait_s": 0.0, "scoring_s": 0.0}
+        self._times = {"weight_load_s": 0.0, "generation_s": 0.0, "tool_wait_s": 0.0, "tool_exec_s": 0.0,
+                       "scoring_s": 0.0}
         self._times_since = (time.monotonic(), 0.0)  # (when, idle_s then)
         self._partials_since = dict.fromkeys(PARTIAL_COUNTS, 0)
 
@@ -266,6 +267,7 @@ class RolloutWorker:
         self._times["scoring_s"] += time.monotonic() - t_score
         self._times["generation_s"] += traj.gen_time_s
         self._times["tool_wait_s"] += traj.interp_wait_s
+        self._times["tool_exec_s"] += min(traj.interp_exec_s, traj.interp_wait_s)  # a cache hit replays old time
         reward = self._cfg.scorer.reward_correct if verdict.correct else self._cfg.scorer.reward_wrong
         scored = ScoredTrajectory(trajectory=traj, verdict=verdict, reward=reward)
         key = f"{req.group_id}/{index}"

@@ -53,6 +53,9 @@ def step_time_row(train_metrics: dict[str, Any], wait_batch_s: float, train_s: f
             "gen_wall_s": mean("wall_s"), "gen_idle_s": mean("idle_s"), "gen_busy_s": gen_busy,
             "gen_weight_load_s": mean("weight_load_s"),
             "gen_generation_traj_s": mean("generation_s"), "gen_tool_wait_traj_s": mean("tool_wait_s"),
+            # the tool wait split: the programs running, and the rest (queue for a worker, transport)
+            "gen_tool_exec_traj_s": mean("tool_exec_s"),
+            "gen_tool_queue_traj_s": max(0.0, mean("tool_wait_s") - mean("tool_exec_s")),
             "gen_scoring_traj_s": mean("scoring_s"),
         })
         ideal_async = max(learner_busy, gen_busy)

@@ -118,3 +118,15 @@ def test_the_continuation_sees_the_sessions_earlier_variables():
     assert [c["code"] for c in cont.tool_calls] == ["x = 6*7", "print(x)"]
     assert cont.tool_calls[1]["ok"] and "42" in cont.tool_calls[1]["output"], cont.tool_calls[1]
     assert cont.num_executed == 2
+
+
+def test_tool_wait_is_split_into_execution_and_the_rest():
+    codec = FakeCodec()
+
+    class Slow(FakeInterpreter):
+        async def run_async(self, code, *, timeout_s=None, session=None):
+            await asyncio.sleep(0.05)  # queued / in transit
+            return ExecResult(ok=True, stdout="42\n", duration_s=0.01)
+
+    traj, _, _, _ = _run(codec, [Segment(BLOCK), Segment([EOS])], interp=Slow())
+    assert traj.interp_exec_s == pytest.approx(0.01) and traj.interp_wait_s >= 0.05
