@@ -123,8 +123,9 @@ class GeneratorConfig(Section):
     call, at an interruption, every `partial_every_tokens`), so that when its generator dies or the run
     resumes from a checkpoint another generator continues it instead of starting over."""
     partial_every_tokens: int = Field(0, ge=0)
-    """Also cut a model segment (and stream the partial) every this many sampled tokens; 0: only at
-    interpreter calls and interruptions. Each cut costs one more engine request (a prefix-cached prefill)."""
+    """Also stream the partial every this many tokens inside a model segment (the engine request goes
+    on; each costs one actor call and a copy of the trajectory so far); 0: only at interpreter calls
+    and interruptions."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """vLLM GPU memory share (GPU only)."""
     cpu_kv_cache_gb: float = Field(1.0, gt=0)

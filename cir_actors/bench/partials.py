@@ -1,16 +1,20 @@
 """`bench.py partials`: what continuing partial trajectories saves when a generator dies, and what
 streaming them costs.
 
-- Cost: the same short run with `generator.continue_partials` off and on (a partial streamed every
-  `--every` sampled tokens and after each interpreter call), side by side: sampled tokens per
-  trajectory-second of generation and per second of generator busy time. Target: <= 5% slower.
-- Saving: the same run, with and without continuation, in which a generator is crashed
-  mid-trajectory (its engine frozen until the buffer holds partials of its groups, then the actor
-  and its engine processes killed). At the crash, the buffer holds the response tokens of the dead
-  generator's finished samples and latest partials of its in-flight groups ("at risk"). Without
-  continuation all of them are generated again (their groups dropped as generator_lost); with it the
-  finished samples are kept and the partials continued (`partial/continued_tokens`, trained).
-  Either way the tokens a trajectory sampled after its last boundary are lost (<= --every each).
+- Cost: the same short run (1 generator) with `generator.continue_partials` off, on (partials at
+  interpreter calls and interruptions only, the default), and on with a partial also every
+  `--every` sampled tokens, side by side: sampled tokens per trajectory-second of generation and per
+  second of generator busy time. Target: on >= 0.95 of off. (The untrained tiny model seldom calls
+  the interpreter, so "on" streams few partials here; "every" is the worst case.)
+- Saving: the same run with and without continuation (2 generators; with it a partial every
+  `--every` tokens), in which a generator is crashed mid-trajectory: its engine frozen until the
+  buffer holds partials (with) or finished samples (without) of its in-flight groups, then the
+  actor and its engine processes killed. "At risk": the response tokens the buffer held for those
+  groups at that instant. Without continuation they are all generated again (their groups dropped
+  as generator_lost), and what the dead generator had sampled of its unfinished samples is lost
+  uncounted; with it the finished samples are kept and the partials continued
+  (`partial/continued_tokens` of the trained trajectories). Either way the tokens a trajectory
+  sampled after its last partial are lost (< --every each).
 """
 
 from __future__ import annotations
@@ -46,13 +50,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def crash_mid_trajectory(name: str, namespace: str, before_kill: Any = None) -> bool:
-    """Freeze generator `name`'s engine (SIGSTOP); if the buffer then holds partials of the groups
-    it has in flight, call `before_kill(groups)`, crash it (the actor killed, its engine processes
-    SIGKILLed) and return True; else thaw it and return False (try again). On the tiny model a
-    trajectory lives a fraction of a second, too short to hit by polling alone."""
+def crash_mid_trajectory(name: str, namespace: str, before_kill: Any = None, ready: Any = None) -> bool:
+    """Freeze generator `name`'s engine (SIGSTOP); if the buffer then holds, for the groups it has in
+    flight, what `ready` asks of `buffer.inflight_tokens` (default: some partial), call
+    `before_kill(groups, held)`, crash it (the actor killed, its engine processes SIGKILLed) and
+    return True; else thaw it and return False (try again). On the tiny model a trajectory lives a
+    fraction of a second, too short to hit by polling alone."""
     import ray
 
+    ready = ready or (lambda held: held["partial_tokens"] > 0)
     actor = ray.get_actor(name, namespace=namespace)
     sched, buf = (ray.get_actor(n, namespace=namespace) for n in ("scheduler", "buffer"))
     engine = descendants(ray.get(actor.health.remote(), timeout=30)["pid"])
@@ -60,10 +66,11 @@ def crash_mid_trajectory(name: str, namespace: str, before_kill: Any = None) -> 
         os.kill(pid, signal.SIGSTOP)
     try:
         groups = ray.get(sched.inflight_of.remote(name), timeout=30)
-        if not groups or ray.get(buf.partials_held.remote(groups), timeout=30) == 0:
+        held = ray.get(buf.inflight_tokens.remote(groups), timeout=30) if groups else None
+        if held is None or not ready(held):
             return False
         if before_kill is not None:
-            before_kill(groups)
+            before_kill(groups, held)
         ray.kill(actor, no_restart=True)
         for pid in engine:
             os.kill(pid, signal.SIGKILL)
@@ -105,24 +112,24 @@ def _config(run_dir: Path, steps: int, generators: int, continue_partials: bool,
 
 
 def _cost(steps: int, every: int, tmp: Path) -> dict[str, Any]:
-    out = {}
-    for on in (False, True):
-        run_dir = tmp / f"cost-{on}"
-        _train(_config(run_dir, steps, 1, on, every))
+    out: dict[str, Any] = {}
+    for mode, on, n in (("off", False, 0), ("on", True, 0), (f"on_every_{every}", True, every)):
+        run_dir = tmp / f"cost-{mode}"
+        _train(_config(run_dir, steps, 1, on, n))
         rows = _rows(run_dir)[1:]  # the first step includes the engine's warm-up
         tokens = sum(r["sampled_tokens"] for r in rows)
-        out["on" if on else "off"] = {
+        out[mode] = {
             "tokens_per_traj_s": tokens / max(1e-9, sum(r["time/gen_generation_traj_s"] for r in rows)),
             "tokens_per_busy_s": tokens / max(1e-9, sum(r["time/gen_busy_s"] for r in rows)),
+            "partials_streamed": sum(r["partial/streamed"] for r in rows),
         }
-    for k in ("tokens_per_traj_s", "tokens_per_busy_s"):
-        out[f"{k}_ratio"] = out["on"][k] / out["off"][k]
+    for mode in ("on", f"on_every_{every}"):
+        for k in ("tokens_per_traj_s", "tokens_per_busy_s"):
+            out[mode][f"{k}_ratio"] = out[mode][k] / out["off"][k]
     return out
 
 
 def _crash(steps: int, every: int, continue_partials: bool, tmp: Path) -> dict[str, Any]:
-    import ray
-
     run_dir = tmp / f"crash-{continue_partials}"
     at_risk: dict[str, Any] = {}
     stop = threading.Event()
@@ -133,12 +140,13 @@ def _crash(steps: int, every: int, continue_partials: bool, tmp: Path) -> dict[s
             if rows and rows[-1]["step"] >= 1:
                 for name in ("generator-0", "generator-1"):
                     try:
-                        def note(groups: list[int], name: str = name, step: int = rows[-1]["step"]) -> None:
-                            buf = ray.get_actor("buffer", namespace=NAMESPACE)
-                            at_risk.update(ray.get(buf.inflight_tokens.remote(groups), timeout=30),
-                                           generator=name, groups=len(groups), step=step)
+                        def note(groups: list[int], held: dict[str, int], name: str = name,
+                                 step: int = rows[-1]["step"]) -> None:
+                            at_risk.update(held, generator=name, groups=len(groups), step=step)
 
-                        if crash_mid_trajectory(name, NAMESPACE, note):
+                        # without continuation no partials are streamed: crash once finished samples are at risk
+                        ready = None if continue_partials else (lambda held: held["finished_tokens"] > 0)
+                        if crash_mid_trajectory(name, NAMESPACE, note, ready):
                             break
                     except ValueError:  # not there (yet)
                         pass
@@ -174,15 +182,19 @@ def run(argv: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cir-bench-partials-") as tmp:
         cost = _cost(args.steps, args.every, Path(tmp))
         crash = {on: _crash(args.steps, args.every, on, Path(tmp)) for on in (False, True)}
-    print(f"streaming partials every {args.every} tokens (1 generator, {args.steps} steps, first left out):")
-    print(f"{'':<10} {'tokens/traj-s':>14} {'tokens/busy-s':>14}")
-    for k in ("off", "on"):
-        print(f"{k:<10} {cost[k]['tokens_per_traj_s']:>14.1f} {cost[k]['tokens_per_busy_s']:>14.1f}")
-    print(f"{'on/off':<10} {cost['tokens_per_traj_s_ratio']:>14.3f} {cost['tokens_per_busy_s_ratio']:>14.3f}"
-          "   (target >= 0.95)")
-    print("\na generator crashed mid-trajectory:")
-    print(f"{'continuation':<13} {'tokens at risk':>14} {'kept':>6} {'regenerated':>12} {'samples dropped':>16}")
+    print(f"streaming partials (1 generator, {args.steps} steps, the first left out):")
+    print(f"{'':<14} {'tokens/traj-s':>14} {'tokens/busy-s':>14} {'partials':>9}")
+    for mode, c in cost.items():
+        print(f"{mode:<14} {c['tokens_per_traj_s']:>14.1f} {c['tokens_per_busy_s']:>14.1f} {c['partials_streamed']:>9}"
+              + (f"   x{c['tokens_per_traj_s_ratio']:.3f} / x{c['tokens_per_busy_s_ratio']:.3f} of off"
+                 if "tokens_per_traj_s_ratio" in c else ""))
+    print("(target: on >= 0.95 of off)")
+    print("\na generator crashed mid-trajectory (tokens: response tokens the buffer held for its groups):")
+    print(f"{'continuation':<13} {'finished at risk':>16} {'partial at risk':>15} {'kept':>6} {'samples dropped':>16}")
     for on, c in crash.items():
-        print(f"{'on' if on else 'off':<13} {c['tokens_at_risk']:>14} {c['tokens_kept']:>6} "
-              f"{max(0, c['tokens_at_risk'] - c['tokens_kept']):>12} {c['trajectories_dropped_generator_lost']:>16}")
+        r = c["at_risk"]
+        print(f"{'on' if on else 'off':<13} {r.get('finished_tokens', 0):>16} {r.get('partial_tokens', '-'):>15} "
+              f"{c['tokens_kept']:>6.0f} {c['trajectories_dropped_generator_lost']:>16}")
+    print("(without continuation no partials exist: what the dead generator had sampled of its unfinished "
+          "samples is lost too, uncounted)")
     return {"every": args.every, "cost": cost, "crash": {("on" if k else "off"): v for k, v in crash.items()}}

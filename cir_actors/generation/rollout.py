@@ -95,7 +95,7 @@ class RolloutLimits:
     output_max_chars: int = 400
     interpreter_timeout_s: float | None = None  # None: the interpreter's own default
     use_sessions: bool = False
-    partial_every_tokens: int = 0  # also end a model segment (a partial boundary) every this many tokens
+    partial_every_tokens: int = 0  # also stream a partial every this many sampled tokens (the request goes on)
 
 
 @dataclass(frozen=True)
@@ -275,8 +275,14 @@ async def run_rollout(
         num_errors, num_timeouts = resume.num_interp_errors, resume.num_interp_timeouts
         gen_time, interp_time, interp_exec = resume.gen_time_s, resume.interp_wait_s, resume.interp_exec_s
 
-    async def boundary() -> None:
+    every = limits.partial_every_tokens if on_partial is not None else 0
+    streamed_at = traj.response_len  # response length at the last partial streamed
+
+    async def boundary(segment_s: float = 0.0) -> None:
+        """Hand the state out (`segment_s`: generation time of the segment under way)."""
+        nonlocal streamed_at
         if on_partial is not None:
+            streamed_at = traj.response_len
             await on_partial(PartialTrajectory(
                 task_id=task.task_id, sample_index=sample_index,
                 token_ids_T=np.asarray(traj.token_ids, dtype=np.int32),
@@ -285,7 +291,7 @@ async def run_rollout(
                 versions_T=np.asarray(traj.versions, dtype=np.int32),
                 prompt_len=traj.prompt_len, budget=budget, context_start=context_start,
                 num_code_blocks=num_blocks, num_executed=num_executed, num_interp_errors=num_errors,
-                num_interp_timeouts=num_timeouts, gen_time_s=gen_time, interp_wait_s=interp_time,
+                num_interp_timeouts=num_timeouts, gen_time_s=gen_time + segment_s, interp_wait_s=interp_time,
                 interp_exec_s=interp_exec, tool_calls=tuple(traj.tool_calls), continued_tokens=continued,
             ))
 
@@ -329,9 +335,7 @@ async def run_rollout(
                 finish = FinishReason.LENGTH
                 break
             t0 = time.perf_counter()
-            every = limits.partial_every_tokens
-            max_tokens = min(remaining, every) if every > 0 and on_partial is not None else remaining
-            stream = await sampler.open(traj.token_ids, max_tokens)
+            stream = await sampler.open(traj.token_ids, remaining)
             seg_ids: list[int] = []
             seg_base = len(scanner.text)  # scanner offset where this segment's text starts
             end: SegmentEnd | None = None
@@ -354,6 +358,9 @@ async def run_rollout(
                     if delta.end is not None:
                         end = delta.end
                         break
+                    if every > 0 and traj.response_len - streamed_at >= every:
+                        # mid-segment: the request goes on (the engine keeps sampling meanwhile)
+                        await boundary(time.perf_counter() - t0)
             finally:
                 await stream.aclose()
             gen_time += time.perf_counter() - t0
@@ -364,8 +371,6 @@ async def run_rollout(
                 finish = FinishReason.ABORTED
             elif end == SegmentEnd.STOP:
                 finish = FinishReason.BUDGET if num_blocks > num_executed else FinishReason.STOP
-            elif end == SegmentEnd.LENGTH and max_tokens < remaining and len(seg_ids) >= max_tokens:
-                await boundary()  # the cut every partial_every_tokens: go on from here
             elif end == SegmentEnd.LENGTH:
                 finish = FinishReason.LENGTH
             else:  # INTERRUPTED: the next request continues from the tokens kept so far

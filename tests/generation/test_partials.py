@@ -84,15 +84,18 @@ def test_interrupted_inside_a_block_is_continued_and_the_block_runs():
     assert cont.versions_T[cont.prompt_len:cont.prompt_len + 3].tolist() == [0, 0, 0]
 
 
-def test_cut_every_n_tokens_streams_growing_partials_and_changes_nothing():
+def test_every_n_tokens_streams_growing_partials_without_cutting_the_request():
     codec = FakeCodec()
     pieces = ["a", "b", "c", "d", "e", "f", "g", EOS]
     plain, none, _, _ = _run(codec, [Segment(list(pieces))])
-    cut, partials, sampler, _ = _run(codec, [Segment(list(pieces[i:i + 3])) for i in range(0, 8, 3)], every=3)
+    every, partials, sampler, _ = _run(codec, [Segment(list(pieces))], every=3)
     assert none == []
     for field in ("token_ids_T", "loss_mask_T", "logprobs_T", "versions_T"):
-        np.testing.assert_array_equal(getattr(cut, field), getattr(plain, field), err_msg=field)
-    assert [p.response_len for p in partials] == [3, 6] and [c[1] for c in sampler.calls] == [3, 3, 3]
+        np.testing.assert_array_equal(getattr(every, field), getattr(plain, field), err_msg=field)
+    assert [p.response_len for p in partials] == [3, 6] and len(sampler.calls) == 1
+    # a mid-segment partial continues like any other: the rest of the segment, then the end
+    cont, _, _, _ = _run(codec, [Segment(["g", EOS])], resume=partials[1])
+    np.testing.assert_array_equal(cont.token_ids_T, plain.token_ids_T)
 
 
 def test_a_partial_of_another_sample_is_refused():
