@@ -111,18 +111,27 @@ def _config(run_dir: Path, steps: int, generators: int, continue_partials: bool,
     ])
 
 
-def _cost(steps: int, every: int, tmp: Path) -> dict[str, Any]:
+def _cost(steps: int, every: int, reps: int, tmp: Path) -> dict[str, Any]:
+    """Each mode run `reps` times, interleaved (forward, then backward order, ...): medians."""
+    import statistics
+
+    modes = [("off", False, 0), ("on", True, 0), (f"on_every_{every}", True, every)]
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m, _, _ in modes}
+    for rep in range(reps):
+        for mode, on, n in modes if rep % 2 == 0 else modes[::-1]:
+            run_dir = tmp / f"cost-{mode}-{rep}"
+            _train(_config(run_dir, steps, 1, on, n))
+            rows = _rows(run_dir)[1:]  # the first step includes the engine's warm-up
+            tokens = sum(r["sampled_tokens"] for r in rows)
+            runs[mode].append({
+                "tokens_per_traj_s": tokens / max(1e-9, sum(r["time/gen_generation_traj_s"] for r in rows)),
+                "tokens_per_busy_s": tokens / max(1e-9, sum(r["time/gen_busy_s"] for r in rows)),
+                "partials_streamed": sum(r["partial/streamed"] for r in rows),
+            })
     out: dict[str, Any] = {}
-    for mode, on, n in (("off", False, 0), ("on", True, 0), (f"on_every_{every}", True, every)):
-        run_dir = tmp / f"cost-{mode}"
-        _train(_config(run_dir, steps, 1, on, n))
-        rows = _rows(run_dir)[1:]  # the first step includes the engine's warm-up
-        tokens = sum(r["sampled_tokens"] for r in rows)
-        out[mode] = {
-            "tokens_per_traj_s": tokens / max(1e-9, sum(r["time/gen_generation_traj_s"] for r in rows)),
-            "tokens_per_busy_s": tokens / max(1e-9, sum(r["time/gen_busy_s"] for r in rows)),
-            "partials_streamed": sum(r["partial/streamed"] for r in rows),
-        }
+    for mode, rs in runs.items():
+        out[mode] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        out[mode]["tokens_per_busy_s_runs"] = [round(r["tokens_per_busy_s"], 1) for r in rs]
     for mode in ("on", f"on_every_{every}"):
         for k in ("tokens_per_traj_s", "tokens_per_busy_s"):
             out[mode][f"{k}_ratio"] = out[mode][k] / out["off"][k]
@@ -175,19 +184,21 @@ def run(argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="bench.py partials")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--every", type=int, default=16, help="generator.partial_every_tokens")
+    p.add_argument("--reps", type=int, default=2, help="runs per cost mode (interleaved; medians)")
     args = p.parse_args(argv)
     from cir_actors.control.trainer import init_ray
 
     init_ray(_config(Path("/tmp"), args.steps, 1, True, args.every))
     with tempfile.TemporaryDirectory(prefix="cir-bench-partials-") as tmp:
-        cost = _cost(args.steps, args.every, Path(tmp))
+        cost = _cost(args.steps, args.every, args.reps, Path(tmp))
         crash = {on: _crash(args.steps, args.every, on, Path(tmp)) for on in (False, True)}
-    print(f"streaming partials (1 generator, {args.steps} steps, the first left out):")
+    print(f"streaming partials (1 generator, {args.steps} steps, the first left out; median of {args.reps} "
+          "interleaved runs, tokens/busy-s of each run in brackets):")
     print(f"{'':<14} {'tokens/traj-s':>14} {'tokens/busy-s':>14} {'partials':>9}")
     for mode, c in cost.items():
         print(f"{mode:<14} {c['tokens_per_traj_s']:>14.1f} {c['tokens_per_busy_s']:>14.1f} {c['partials_streamed']:>9}"
               + (f"   x{c['tokens_per_traj_s_ratio']:.3f} / x{c['tokens_per_busy_s_ratio']:.3f} of off"
-                 if "tokens_per_traj_s_ratio" in c else ""))
+                 if "tokens_per_traj_s_ratio" in c else "") + f"  {c['tokens_per_busy_s_runs']}")
     print("(target: on >= 0.95 of off)")
     print("\na generator crashed mid-trajectory (tokens: response tokens the buffer held for its groups):")
     print(f"{'continuation':<13} {'finished at risk':>16} {'partial at risk':>15} {'kept':>6} {'samples dropped':>16}")
