@@ -368,8 +368,9 @@ class ReplayBuffer:
             scheduler = await self._ledger("checkpoint_state")
             groups = self.checkpoint_groups_refs()
             inflight = self._inflight_refs(scheduler.get("inflight", [])) if self._continue_partials else []
+            # one fetch for everything, in the order the loops below take the results back
             refs = [r for g in groups for r in g["refs"]]
-            refs += [s["ref"] for g in inflight for s in g["finished"]] + [p["ref"] for g in inflight for p in g["partials"]]
+            refs += [item["ref"] for g in inflight for item in g["finished"] + g["partials"]]
             data = iter(await self._fetch(refs))
             for g in groups:
                 g["samples"] = [next(data) for _ in g.pop("refs")]

@@ -426,3 +426,28 @@ def test_buffer_continuation_keeps_the_latest_partial_and_counts_a_late_duplicat
         assert snap["groups"]["ok"] and snap["trajectories"]["ok"] and snap["groups"]["buffered"] == 1
 
     asyncio.run(go())
+
+
+def test_checkpoint_cut_pairs_each_inflight_item_with_its_own_data():
+    """Several in-flight groups, each with finished samples and partials: the cut's data for each
+    item is that item's (the fetch is one call over all of them), and it survives encoding."""
+    from cir_actors.serialization import decode_partial, encode_partial
+
+    async def go():
+        sched = BudgetScheduler(_cfg(**{"generator.samples_per_prompt": 3}), _tasks(6))
+        buf = ReplayBuffer(1, ledger=sched, continue_partials=True)
+        for _ in range(3):
+            req = sched.try_admit("g0", 0)
+            await buf.add(req.group_id, 3, 0, 0, [f"finished {req.group_id}/0"], 1.0, 0)
+            for i in (1, 2):
+                await buf.add_partial(req.group_id, i, [_partial(req.task.task_id, i, 0)], 1, 0)
+        return await buf.checkpoint_cut()
+
+    cut = asyncio.run(go())
+    assert len(cut["inflight"]) == 3
+    for g in cut["inflight"]:
+        assert [f["data"] for f in g["finished"]] == [f"finished {g['group_id']}/0"]
+        assert [(p["index"], p["data"].sample_index) for p in g["partials"]] == [(1, 1), (2, 2)]
+        for p in g["partials"]:
+            back = decode_partial(encode_partial(p["data"]))
+            assert back.sample_index == p["index"] and back.token_ids_T.tolist() == [1, 2, 3, 9]
