@@ -142,9 +142,9 @@ class _Run:
                 await self.check()
             if cuts is not None:
                 await asyncio.sleep(self.rng.random() * 0.004)  # generators add and complete meanwhile
-                if version % 2 == 0:  # every other cut waits (up to 1 s) for a group in flight: some cut has one
+                if version % 2 == 0:  # every other cut waits (up to 1 s) for an in-flight group with a sample in
                     until = asyncio.get_running_loop().time() + 1.0
-                    while not self.sched.inflight_of("g0") + self.sched.inflight_of("g1"):
+                    while not any(g in self.buf._partial for g in self.sched.inflight_of("g0") + self.sched.inflight_of("g1")):
                         if asyncio.get_running_loop().time() > until:
                             break
                         await asyncio.sleep(0.0002)
