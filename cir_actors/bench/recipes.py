@@ -1,0 +1,134 @@
+"""`bench.py recipes`: the demo's RL with the default recipe and with each algorithm option, side by
+side on several seeds, from one warm start per seed.
+
+For each seed (`data.seed`, which sets the task stream, the SFT order and the check set): the demo's
+warm start (SFT to the demo's stop rule), its held-out accuracy with tools, then for each recipe
+the demo's RL run from that same warm start and the held-out accuracy of its result. The gain is
+after − before on the same held-out problems, so recipes differ only in their RL. Results are
+written after every run to `<out>/recipes.json` (a run that stops midway keeps what it measured).
+
+    python entrypoints/bench.py recipes --seeds 0 1 2 \\
+        --recipe default --recipe ds=buffer.dynamic_sampling=true --recipe icepop=learner.correction=icepop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_RECIPES = ["default", "dynamic_sampling=buffer.dynamic_sampling=true", "icepop=learner.correction=icepop"]
+
+
+def parse_recipe(spec: str) -> tuple[str, list[str]]:
+    """`name` or `name=key=value,key=value` -> (name, overrides). Pure; tested."""
+    name, _, rest = spec.partition("=")
+    if not name:
+        raise ValueError(f"recipe {spec!r}: expected name or name=key=value[,key=value...]")
+    overrides = [o for o in rest.split(",") if o] if rest else []
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"recipe {spec!r}: override {o!r} is not key=value")
+    return name, overrides
+
+
+def held_out_accuracy(cfg: Any, model: Path, held_out: dict[str, Any], n: int, out_dir: Path) -> float:
+    """Mean accuracy with tools of `model` on the held-out problems, n samples each."""
+    from cir_actors.scoring.evaluation import EvalRunner
+
+    with EvalRunner(cfg, model) as runner:
+        res = runner.run(held_out, n, True, out_dir)
+    return float(res["benchmarks"]["synthetic-heldout"]["avg_at_n"])
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="bench.py recipes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--recipe", action="append", default=None,
+                   help="name or name=key=value[,key=value...] (repeatable; default: "
+                        + "; ".join(DEFAULT_RECIPES) + ")")
+    p.add_argument("--out", default="runs/bench-recipes")
+    p.add_argument("--eval-n", type=int, default=2)
+    p.add_argument("--warm-target", type=float, default=0.55)
+    p.add_argument("--kind-floor", type=float, default=0.25)
+    p.add_argument("--sft-steps", type=int, default=1000)
+    p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("overrides", nargs="*", help="key=value applied to every recipe")
+    args = p.parse_args(argv)
+    recipes = [parse_recipe(s) for s in (args.recipe or DEFAULT_RECIPES)]
+
+    from cir_actors.config import load_config
+    from cir_actors.data.preflight import check_inputs
+
+    for _, extra in recipes:  # every recipe's config refused before anything starts
+        check_inputs(load_config(args.config, args.overrides + extra))
+
+    import ray
+    from transformers import AutoTokenizer
+
+    from cir_actors.control.trainer import Trainer, init_ray
+    from cir_actors.data.loaders import load_tasks
+    from cir_actors.data.tiny_model import build_tiny_model
+    from cir_actors.learning.warm_start import warm_start
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "eval_n": args.eval_n,
+                               "recipes": dict(recipes), "seeds": {}}
+
+    def save() -> None:
+        (out / "recipes.json").write_text(json.dumps(results, indent=1))
+
+    base_cfg = load_config(args.config, args.overrides)
+    init_ray(base_cfg)
+    try:
+        base = build_tiny_model(base_cfg.model.tiny, base_cfg.model.cache_dir)
+        for seed in args.seeds:
+            cfg = load_config(args.config, args.overrides + [f"data.seed={seed}"])
+            seed_dir = out / f"seed{seed}"
+            t = time.monotonic()
+            warm, sft = warm_start(cfg, base, seed_dir / "warm_start", steps=args.sft_steps, lr=args.sft_lr,
+                                   target_accuracy=args.warm_target, kind_floor=args.kind_floor)
+            row: dict[str, Any] = {"sft_steps": sft["steps"], "sft_s": time.monotonic() - t,
+                                   "sft_estimate": sft["checks"][-1], "runs": {}}
+            results["seeds"][str(seed)] = row
+            held_out = {"synthetic-heldout": load_tasks(cfg, AutoTokenizer.from_pretrained(str(warm)), "eval")}
+            row["before"] = held_out_accuracy(cfg, warm, held_out, args.eval_n, seed_dir / "eval_warm_start")
+            print(f"[recipes] seed {seed}: warm start {sft['steps']} SFT steps, held-out {row['before']:.1%}",
+                  flush=True)
+            save()
+            for name, extra in recipes:
+                rl_cfg = load_config(args.config, args.overrides + [f"data.seed={seed}"] + extra)
+                rl_cfg.model.path = str(warm)
+                rl_cfg.logging.run_dir = str(seed_dir / name)
+                t = time.monotonic()
+                trainer = Trainer(rl_cfg)
+                try:
+                    summary = trainer.run()
+                finally:
+                    trainer.shutdown()
+                rl_s = time.monotonic() - t
+                ckpts = Path(rl_cfg.logging.run_dir) / "checkpoints"
+                final = ckpts / (ckpts / "latest").read_text().strip() / "learner" / "hf"
+                after = held_out_accuracy(cfg, final, held_out, args.eval_n, seed_dir / f"eval_{name}")
+                row["runs"][name] = {"after": after, "gain": after - row["before"], "rl_s": rl_s,
+                                     "steps": summary.get("final_version"),
+                                     "buffer": summary.get("buffer")}
+                print(f"[recipes] seed {seed} {name}: {row['before']:.1%} -> {after:.1%} "
+                      f"({100 * (after - row['before']):+.1f} points), RL {rl_s:.0f} s", flush=True)
+                save()
+    finally:
+        ray.shutdown()
+
+    names = [n for n, _ in recipes]
+    lines = ["| seed | warm start | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for seed, row in results["seeds"].items():
+        cells = [f"{100 * r['gain']:+.1f} ({r['rl_s']:.0f} s)" if (r := row["runs"].get(n)) else "-" for n in names]
+        lines.append(f"| {seed} | {row.get('before', 0):.1%} ({row['sft_steps']} SFT) | " + " | ".join(cells) + " |")
+    print("\nheld-out gain with tools, points (RL wall time)\n" + "\n".join(lines), flush=True)
+    return results
