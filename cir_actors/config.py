@@ -254,6 +254,16 @@ class LearnerConfig(Section):
     """Prompt groups per optimizer update; prompts_per_step / mini_batch_prompts updates per step."""
     micro_batch_tokens: int = Field(8192, ge=64)
     """Token budget of one forward/backward micro-batch."""
+    packing: bool = True
+    """Pack a micro-batch's trajectories into one row with no padding (first fit, longest first, up
+    to micro_batch_tokens real tokens); attention stays inside each trajectory (position ids restart
+    per trajectory, from which transformers builds a block-causal mask, or flash-attention's varlen
+    kernel under `attn_implementation: flash_attention_2`). False: right-padded rows, rows x longest
+    <= micro_batch_tokens. Same loss and gradients either way (tests/learning/test_packing.py)."""
+    attn_implementation: str | None = None
+    """The learner's attention kernel (transformers' `attn_implementation`): None is transformers'
+    default (sdpa); `flash_attention_2` on GPUs with the flash-attn package (packed rows then need
+    no [tokens x tokens] mask)."""
     clip_low: float = Field(0.2, ge=0, lt=1)
     """PPO ratio clip below 1."""
     clip_high: float = Field(0.28, ge=0)

@@ -19,7 +19,8 @@ A training step, for a batch of complete GRPO groups:
 4. Proximal log-probs (the weights at the start of the step) are computed once per step, no grad.
    With a single optimizer update per step they are the first forward's own values, detached
    (same weights, same numbers), which saves a forward pass.
-5. Per mini-batch: micro-batches by token count (padded length x rows <= micro_batch_tokens);
+5. Per mini-batch: micro-batches by token count (packed: real tokens <= micro_batch_tokens in one
+   row; `learner.packing: false`: padded length x rows <= micro_batch_tokens);
    every rank runs the same number of micro-batches (an empty one pads a short rank; ZeRO-2/3
    communicate inside each backward); the loss is normalised by the mini-batch's masked tokens
    summed over all ranks, times the world size (DeepSpeed averages gradients over ranks), so

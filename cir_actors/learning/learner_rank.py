@@ -2,7 +2,7 @@
 
 `LearnerRank` is what `learner.Learner` runs as a Ray actor per rank (see `learning/learner.py` for the step
 it implements, the sharding, the loss normalisation and the publication paths). Here: batching
-(`plan_micro_batches`, padding), the forward/backward loop in step with the other ranks, proximal
+(`plan_micro_batches`, packing or padding), the forward/backward loop in step with the other ranks, proximal
 log-probs, the optional KL and entropy terms, full-weight iteration under every ZeRO stage, and the
 per-rank halves of publishing and checkpointing. It does not talk to other actors except through
 torch.distributed collectives, the weight broadcast group, and `ray.get`/`ray.put`.
@@ -50,11 +50,24 @@ MEAN_DIAGS = (
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
-def plan_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped into micro-batches whose padded size (rows x longest) is <= max_tokens;
-    longest first so rows of similar length share a batch. A row longer than max_tokens is alone."""
+def plan_micro_batches(lengths: list[int], max_tokens: int, packed: bool = False) -> list[list[int]]:
+    """Indices grouped into micro-batches, longest first. Padded (default): rows x longest <=
+    max_tokens, so rows of similar length share a batch. Packed: the sum of lengths <= max_tokens,
+    first fit (each sequence goes to the first batch with room). A sequence longer than max_tokens
+    is alone either way."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
+    if packed:
+        room: list[int] = []
+        for i in order:
+            j = next((j for j, r in enumerate(room) if lengths[i] <= r), None)
+            if j is None:
+                batches.append([i])
+                room.append(max_tokens - lengths[i])
+            else:
+                batches[j].append(i)
+                room[j] -= lengths[i]
+        return batches
     for i in order:
         if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
             batches[-1].append(i)
@@ -99,6 +112,51 @@ def _collate(samples: list[_Sample], device: torch.device) -> dict[str, torch.Te
     mask[:, 0] = 0
     out = {"input_ids": ids, "attention_mask": attn, "mask": mask, "behav": behav, "prox": prox, "adv": adv}
     return {k: v.to(device) for k, v in out.items()}
+
+
+def _collate_packed(samples: list[_Sample], device: torch.device) -> dict[str, torch.Tensor]:
+    """The samples end to end in one [1, L] row, no padding: `position_ids` restart at 0 per
+    sample (transformers builds a block-causal mask from them when no attention mask is given),
+    `segments` numbers the samples (sequence-level corrections), `adv` is per token, and each
+    sample's first token has mask 0 (its log-prob would be predicted from the previous sample)."""
+    lengths = [len(s.traj.token_ids_T) for s in samples] or [2]
+    L = sum(lengths)
+    ids = torch.zeros(1, L, dtype=torch.long)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    seg = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)]).unsqueeze(0)
+    mask = torch.zeros(1, L)
+    behav = torch.zeros(1, L)
+    prox = torch.zeros(1, L)
+    adv = torch.zeros(1, L)
+    off = 0
+    for s, n in zip(samples, lengths):
+        ids[0, off : off + n] = torch.from_numpy(s.traj.token_ids_T.astype(np.int64))
+        mask[0, off : off + n] = torch.from_numpy(s.traj.loss_mask_T.astype(np.float32))
+        mask[0, off] = 0
+        behav[0, off : off + n] = torch.from_numpy(s.traj.logprobs_T.astype(np.float32))
+        if s.proximal_T is not None:
+            prox[0, off : off + n] = s.proximal_T
+        adv[0, off : off + n] = s.advantage
+        off += n
+    out = {"input_ids": ids, "attention_mask": torch.ones(1, L, dtype=torch.long), "position_ids": pos,
+           "segments": seg, "mask": mask, "behav": behav, "prox": prox, "adv": adv}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _per_sample(batch: dict[str, torch.Tensor], values_B_T: torch.Tensor, samples: list[_Sample]) -> list[torch.Tensor]:
+    """Each sample's [T] slice of a [B, T] result of `_collate` or `_collate_packed`, detached on
+    the CPU in float32, entry 0 = 0 as in `token_logprobs`."""
+    out = []
+    if "position_ids" in batch:
+        off = 0
+        for s in samples:
+            n = len(s.traj.token_ids_T)
+            v = values_B_T[0, off : off + n].detach().float().cpu().clone()
+            v[0] = 0.0
+            out.append(v)
+            off += n
+        return out
+    return [values_B_T[b, : len(s.traj.token_ids_T)].detach().float().cpu() for b, s in enumerate(samples)]
 
 
 def _as_trajectory(token_ids: np.ndarray) -> Trajectory:
@@ -174,7 +232,8 @@ class LearnerRank:
         # Loaded in the training dtype: bf16 training keeps its fp32 master copy in the optimizer, so
         # an fp32 host copy of the weights per rank would only be a transient to cast from.
         load_dtype = torch.bfloat16 if self.lcfg.bf16 else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, config=self.hf_config, dtype=load_dtype)
+        attn = {"attn_implementation": self.lcfg.attn_implementation} if self.lcfg.attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, config=self.hf_config, dtype=load_dtype, **attn)
         if self.lcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -182,7 +241,7 @@ class LearnerRank:
         self.ref_model = None
         if self.lcfg.kl_coef > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(
-                self.model_path, config=self.hf_config, dtype=self.publish_dtype
+                self.model_path, config=self.hf_config, dtype=self.publish_dtype, **attn
             )
             self.ref_model.to(self.device).eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(
@@ -243,12 +302,17 @@ class LearnerRank:
         lp, ent, valid = forward_logprobs(
             model if chunk == 0 else module, batch["input_ids"], batch["attention_mask"], temperature=temperature, chunk_tokens=chunk,
             entropy=entropy, loss_mask_B_T=batch["mask"], entropy_sample_tokens=self.lcfg.entropy_sample_tokens,
+            position_ids_B_T=batch.get("position_ids"),
         )  # fmt: skip
         return lp, (None if ent is None else (ent, valid))
 
     def _micro_batches(self, samples: list[_Sample]) -> list[list[_Sample]]:
-        plan = plan_micro_batches([len(s.traj.token_ids_T) for s in samples], self.lcfg.micro_batch_tokens)
+        plan = plan_micro_batches([len(s.traj.token_ids_T) for s in samples], self.lcfg.micro_batch_tokens,
+                                  packed=self.lcfg.packing)  # fmt: skip
         return [[samples[i] for i in mb] for mb in plan]
+
+    def _collate(self, samples: list[_Sample]) -> dict[str, torch.Tensor]:
+        return (_collate_packed if self.lcfg.packing else _collate)(samples, self.device)
 
     @torch.no_grad()
     def _fill_proximal(self, samples: list[_Sample], temperature: float = 1.0) -> None:
@@ -257,9 +321,10 @@ class LearnerRank:
         n_micro = int(self._all_reduce([len(micro)], "max")[0]) if self.zero3 else len(micro)
         for k in range(n_micro):
             mb = micro[k] if k < len(micro) else []
-            lp, _ = self._logprobs(_collate(mb, self.device), self.engine, temperature)
-            for b, s in enumerate(mb):
-                s.proximal_T = lp[b, : len(s.traj.token_ids_T)].float().cpu()
+            batch = self._collate(mb)
+            lp, _ = self._logprobs(batch, self.engine, temperature)
+            for s, v in zip(mb, _per_sample(batch, lp, mb)):
+                s.proximal_T = v
 
     def _run_minibatch(self, samples: list[_Sample], loss_fn: Any, temperature: float = 1.0) -> dict:
         """Forward/backward over micro-batches in step with the other ranks, then one optimizer step.
@@ -271,10 +336,11 @@ class LearnerRank:
         if n_tokens == 0:  # nothing to learn from on any rank: no update (all ranks agree)
             return sums
         for k in range(int(n_micro)):
-            batch = _collate(micro[k] if k < len(micro) else [], self.device)
+            mb = micro[k] if k < len(micro) else []
+            batch = self._collate(mb)
             lp, ent = self._logprobs(batch, self.engine, temperature, entropy=self._entropy_mode(loss_fn))
-            for b, s in enumerate(micro[k] if k < len(micro) else []):
-                s.current_T = lp[b, : len(s.traj.token_ids_T)].detach().float().cpu()
+            for s, v in zip(mb, _per_sample(batch, lp, mb)):
+                s.current_T = v
             loss, diag = loss_fn(batch, lp, ent, n_tokens)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             sums["loss"] += float(loss.item())
@@ -359,7 +425,7 @@ class LearnerRank:
                 lp, prox, batch["behav"], batch["adv"], batch["mask"],
                 clip_low=self.lcfg.clip_low, clip_high=self.lcfg.clip_high, is_cap=self.lcfg.is_cap,
                 dual_clip=self.lcfg.dual_clip, num_tokens=n_tokens, correction=self.lcfg.correction,
-                is_band=self.lcfg.is_band, geo_band=self.lcfg.geo_band,
+                is_band=self.lcfg.is_band, geo_band=self.lcfg.geo_band, segments=batch.get("segments"),
             )  # fmt: skip
             return self._extra_terms(loss, diag, batch, lp, ent, n_tokens)
 

@@ -33,6 +33,7 @@ def correction_weights(
     is_cap: float = 5.0,
     band: tuple[float, float] = (0.5, 5.0),
     geo_band: tuple[float, float] = (0.999, 1.001),
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Off-policy correction weights from per-token log-ratios log_rho = log pi_prox - log mu
     (proximal learner over behaviour generator), [B, T] with `mask` [B, T] marking sampled tokens.
@@ -53,6 +54,8 @@ def correction_weights(
       rho_geo_i = exp(mean_{t in T_i} log rho_t); w = 1 on the whole sequence when
       geo_band[0] <= rho_geo_i <= geo_band[1], else 0 (no IS weighting, rejection only). The band
       is tight (verl: 0.999-1.001) because a mean per-token deviation is small.
+    A sequence is a row, or with `segments` [B, T] (packed rows: the sequence index of each token)
+    the tokens sharing a segment id.
     """
     with torch.no_grad():
         m = mask.bool()
@@ -67,17 +70,23 @@ def correction_weights(
         if correction == "icepop":
             out = (rho < band[0]) | (rho > band[1])
             return torch.where(out, torch.zeros_like(rho), rho), none, out & m
-        seq_log = log_rho.sum(-1, keepdim=True)  # [B, 1]
+        if segments is None:
+            seq_log = log_rho.sum(-1, keepdim=True).expand_as(log_rho)  # [B, T]: the row's sum
+            n = m.sum(-1, keepdim=True).clamp(min=1).expand_as(log_rho)
+        else:
+            seg = segments.long()
+            k = int(seg.max()) + 1 if seg.numel() else 1
+            per_seg = torch.zeros(seg.shape[0], k, dtype=log_rho.dtype, device=log_rho.device)
+            seq_log = per_seg.scatter_add(1, seg, log_rho).gather(1, seg)
+            n = per_seg.scatter_add(1, seg, m.to(log_rho.dtype)).clamp(min=1).gather(1, seg)
         if correction == "seq_tis":
             # exp(min(s, log C)) = min(exp(s), C) without overflowing exp on long sequences
             w_seq = torch.exp(seq_log.clamp(max=math.log(is_cap)))
-            trunc = (seq_log > math.log(is_cap)).expand_as(m) & m
-            return w_seq.expand_as(rho).clone(), trunc, none
+            return w_seq, (seq_log > math.log(is_cap)) & m, none
         if correction == "geo_mask":
-            n = m.sum(-1, keepdim=True).clamp(min=1)
             geo = torch.exp(seq_log / n)
             keep = (geo >= geo_band[0]) & (geo <= geo_band[1])
-            return keep.to(rho.dtype).expand_as(rho).clone(), none, (~keep).expand_as(m) & m
+            return keep.to(rho.dtype), none, ~keep & m
         raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
 
 
@@ -117,10 +126,12 @@ def policy_loss(
     correction: str = "tis",
     is_band: tuple[float, float] = (0.5, 5.0),
     geo_band: tuple[float, float] = (0.999, 1.001),
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The loss (a scalar with grad through `logprobs`) and diagnostics over the masked tokens.
 
-    Shapes: [B, T] tensors; advantages [B] or [B, T]. `num_tokens` is the token-mean denominator;
+    Shapes: [B, T] tensors; advantages [B] or [B, T]; `segments` [B, T] for packed rows
+    (`correction_weights`). `num_tokens` is the token-mean denominator;
     None uses this call's masked tokens. The learner passes the masked-token count of the whole
     optimizer batch (all micro-batches, all ranks) so that micro-batching and sharding do not
     change the loss. `correction`, `is_cap`, `is_band` and `geo_band` select the off-policy weight
@@ -150,7 +161,7 @@ ESS = mean(w)^2 / mean(w^2)), `is_cap_frac` (tokens whose weight was truncated),
     else:
         log_w = proximal - behavior_logprobs.detach().to(logprobs.dtype)
     weight, truncated, masked = correction_weights(
-        log_w.detach(), mask, correction, is_cap=is_cap, band=is_band, geo_band=geo_band
+        log_w.detach(), mask, correction, is_cap=is_cap, band=is_band, geo_band=geo_band, segments=segments
     )
     token_obj = weight * floored
 
@@ -197,6 +208,7 @@ def forward_logprobs(
     entropy: str = "none",
     loss_mask_B_T: torch.Tensor | None = None,
     entropy_sample_tokens: int = 256,
+    position_ids_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(log-probs [B, T] of `logits / temperature` aligned as `token_logprobs`, entropy [B, T] or
     None, the mask of positions where that entropy is valid or None).
@@ -208,13 +220,19 @@ def forward_logprobs(
     `entropy`: "none"; "full" (every position, with grad: an entropy bonus); "sample" (a diagnostic
     without grad on at most `entropy_sample_tokens` evenly spaced positions of `loss_mask_B_T`).
     The body is `model.base_model` and the head `model.get_output_embeddings()` (HF causal LMs).
+    `position_ids_B_T`: packed rows (positions restarting per sequence); the attention mask is then
+    left to the model, which derives a block-causal one from them.
     """
     from torch.utils.checkpoint import checkpoint
 
     B, T = input_ids_B_T.shape
     ids = input_ids_B_T.long()
+    if position_ids_B_T is None:
+        inputs = {"input_ids": input_ids_B_T, "attention_mask": attention_mask_B_T, "use_cache": False}
+    else:  # no attention mask: transformers then reads the sequence boundaries from the positions
+        inputs = {"input_ids": input_ids_B_T, "position_ids": position_ids_B_T, "use_cache": False}
     if chunk_tokens <= 0:
-        logits = model(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T).logits
+        logits = model(**inputs).logits
         if temperature != 1.0:
             logits = logits / temperature
         lp = token_logprobs(logits, ids)
@@ -227,7 +245,7 @@ def forward_logprobs(
         sample = _sample_positions(loss_mask_B_T, entropy_sample_tokens, lp.shape)
         return lp, ent * sample, sample
 
-    hidden = model.base_model(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T).last_hidden_state
+    hidden = model.base_model(**inputs).last_hidden_state
     head = model.get_output_embeddings()
     h = hidden[:, :-1].reshape(B * (T - 1), -1)
     targets = ids[:, 1:].reshape(-1)
