@@ -294,9 +294,10 @@ class LearnerConfig(Section):
     save_every: int = Field(10, ge=0)
     """Checkpoint every N steps (0: only at the end). A checkpoint is a consistent cut of learner,
     buffer and scheduler; an automatic recovery resumes from the latest one."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
     """Recompute each transformer block's activations in the backward instead of keeping them
-    (HF gradient checkpointing; same gradients, ~1 more forward of time). On in the 7B recipe."""
+    (HF gradient checkpointing; same gradients, ~1 more forward of time). None (default): on when
+    model.device is cuda, off on CPU (where the tiny models' activations are small)."""
     logprob_chunk_tokens: int = Field(4096, ge=0)
     """Positions per chunk of LM head + log-softmax (checkpointed): no full [tokens, vocab] logits
     or fp32 copy is held. 0: the model's full logits (also used under ZeRO-3)."""
@@ -405,6 +406,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         lrn, sch = self.learner, self.scheduler
+        if lrn.gradient_checkpointing is None:
+            lrn.gradient_checkpointing = self.model.device == "cuda"
         if lrn.prompts_per_step % lrn.mini_batch_prompts:
             raise ValueError(
                 f"learner.prompts_per_step ({lrn.prompts_per_step}) must be a multiple of "

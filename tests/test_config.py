@@ -124,3 +124,10 @@ def test_plus_recipe_is_the_7b_recipe_with_the_options():
     assert plus.learner.correction == "icepop" and plus.learner.is_band == (0.5, 5.0)
     assert plus.buffer.dynamic_sampling and plus.buffer.void_turn_filter and plus.scheduler.roc
     assert plus.model.path == base.model.path and plus.generator.samples_per_prompt == base.generator.samples_per_prompt
+
+
+def test_gradient_checkpointing_defaults_on_for_cuda_only():
+    assert load_config(None, []).learner.gradient_checkpointing is False
+    assert load_config(None, ["model.device=cuda"]).learner.gradient_checkpointing is True
+    assert load_config(None, ["model.device=cuda", "learner.gradient_checkpointing=false"]).learner.gradient_checkpointing is False
+    assert load_config(None, []).learner.packing is True
