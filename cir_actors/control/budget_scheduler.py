@@ -508,6 +508,7 @@ class BudgetScheduler:
             "inflight": inflight,
             "by_generator": dict(c.by_generator),
             "data": data_key(self._cfg),
+            **({"zero_variance": self._zero_var.state()} if self._zero_var else {}),
         }
 
     def restore(self, state: dict[str, Any], update: PolicyUpdate) -> None:
@@ -528,6 +529,8 @@ class BudgetScheduler:
             by_generator=dict(state.get("by_generator", {})),
         )
         self._buffered = {int(g) for g in state.get("buffered", [])}
+        if self._zero_var is not None and "zero_variance" in state:
+            self._zero_var.restore(state["zero_variance"])
         self._inflight.clear()
         self._orphans.clear()
         for r in state.get("inflight", []):

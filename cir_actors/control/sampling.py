@@ -92,6 +92,13 @@ class ZeroVarianceRate:
         return {"zero_variance_rate": self.rate, "oversample_factor": self.factor(),
                 "zero_variance_inspected": self.inspected, "zero_variance_dropped": self.zero_variance}
 
+    def restore(self, state: dict[str, float]) -> None:
+        """Continue from `state()` of a checkpoint: a resumed run admits ahead by the rate it had
+        measured instead of relearning it (and starving the learner while it does)."""
+        self.rate = float(state["zero_variance_rate"])
+        self.inspected = int(state["zero_variance_inspected"])
+        self.zero_variance = int(state["zero_variance_dropped"])
+
 
 class VoidTurn(StrEnum):
     """Why a trajectory's last turn is void (SimpleTIR)."""

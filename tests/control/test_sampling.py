@@ -13,7 +13,7 @@ from cir_actors.config import load_config
 from cir_actors.control.budget_scheduler import BudgetScheduler
 from cir_actors.control.replay_buffer import ReplayBuffer
 from cir_actors.control.sampling import ZeroVarianceRate, is_zero_variance
-from cir_actors.types import PolicyUpdate, Task
+from cir_actors.types import DropReason, PolicyUpdate, Task
 
 
 def test_zero_variance_of_a_group():
@@ -214,3 +214,18 @@ def test_roc_over_samples_admitted_groups():
     cfg = load_config(None, ["generator.samples_per_prompt=4", "scheduler.roc=true"])
     req = BudgetScheduler(cfg, _tasks(3)).try_admit("g0", 0)
     assert req is not None and req.n == 8
+
+
+def test_zero_variance_rate_survives_a_checkpoint():
+    """A resumed run admits ahead by the rate measured before the cut, not from 0 again."""
+    cfg = load_config(None, ["buffer.dynamic_sampling=true", "buffer.zero_variance_ema=0.5"])
+    sched = BudgetScheduler(cfg, _tasks(100))
+    asyncio.run(sched.batch_inspected(4, {DropReason.ZERO_ADVANTAGE: 12}))  # 12 of 16 inspected
+    before = sched.state()
+    assert before["zero_variance_rate"] == pytest.approx(0.375)
+    resumed = BudgetScheduler(cfg, _tasks(100))
+    assert resumed.state()["zero_variance_rate"] == 0.0
+    resumed.restore(sched.checkpoint_state(), PolicyUpdate(version=0, budget=1))
+    after = resumed.state()
+    for k in ("zero_variance_rate", "oversample_factor", "zero_variance_inspected", "zero_variance_dropped"):
+        assert after[k] == before[k]
