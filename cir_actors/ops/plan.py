@@ -11,7 +11,9 @@ The model is read from its config.json on the meta device (no weights), so a 7B 
   tensors a Qwen2 block keeps for its backward (~10 H + 4 I + 3 kv elements, flash/SDPA attention,
   no T^2 term); with gradient checkpointing only each block's input plus one block's recompute;
 - with packing (`learner.packing`) and any attention but flash-attention's varlen kernel, the
-  [tokens, tokens] bool block-causal mask of the packed row (1 GiB at 32768 tokens);
+  [tokens, tokens] bool block-causal mask of the packed row (1 GiB at 32768 tokens) and a
+  [tokens, tokens] fp32 tensor per layer kept for the backward (one layer's with checkpointing:
+  4 GiB at 32768 tokens), as measured on CPU (sdpa);
 - the logits transient: [chunk, vocab] fp32 x 3 (logits, softmax, their gradient) with the chunked
   log-probs, [micro_batch_tokens, vocab] x (dtype + 2 x fp32) without;
 - a runtime constant (CUDA context and allocator slack on GPU; the Python/torch/DeepSpeed process
@@ -145,8 +147,11 @@ def learner_plan(cfg: Config, shape: ModelShape, capacity_gb: float | None = Non
         "runtime": runtime / GB,
     }
     if lcfg.packing and lcfg.attn_implementation != "flash_attention_2":
-        # one packed row of `tokens`: transformers' block-causal mask is [tokens, tokens] bool
-        plan.terms_gb["attention mask (packed row)"] = tokens * tokens / GB
+        # one packed row of `tokens` and no varlen kernel: transformers' [tokens, tokens] bool mask,
+        # and a [tokens, tokens] fp32 tensor per layer kept for the backward (one layer's with
+        # checkpointing), as measured by plan_check on CPU
+        kept = 1 if lcfg.gradient_checkpointing else shape.layers
+        plan.terms_gb["attention (packed row, no varlen kernel)"] = tokens * tokens * (1 + 4 * kept) / GB
     if cfg.learner.kl_coef > 0:
         plan.terms_gb["reference model"] = P * 2 / GB
     return plan
