@@ -254,12 +254,15 @@ class LearnerConfig(Section):
     """Prompt groups per optimizer update; prompts_per_step / mini_batch_prompts updates per step."""
     micro_batch_tokens: int = Field(8192, ge=64)
     """Token budget of one forward/backward micro-batch."""
-    packing: bool = True
+    packing: bool | None = None
     """Pack a micro-batch's trajectories into one row with no padding (first fit, longest first, up
     to micro_batch_tokens real tokens); attention stays inside each trajectory (position ids restart
     per trajectory, from which transformers builds a block-causal mask, or flash-attention's varlen
     kernel under `attn_implementation: flash_attention_2`). False: right-padded rows, rows x longest
-    <= micro_batch_tokens. Same loss and gradients either way (tests/learning/test_packing.py)."""
+    <= micro_batch_tokens. Same loss and gradients either way (tests/learning/test_packing.py).
+    None (default): on with flash_attention_2 only. Any other kernel computes the whole
+    [tokens, tokens] attention of the packed row: on CPU (sdpa) the demo's batch (128 trajectories
+    of 100-200 tokens, micro-batches of 8192) took 9.6-10.8 s packed against 1.4-3.7 s padded."""
     attn_implementation: str | None = None
     """The learner's attention kernel (transformers' `attn_implementation`): None is transformers'
     default (sdpa); `flash_attention_2` on GPUs with the flash-attn package (packed rows then need
@@ -408,6 +411,8 @@ class Config(Section):
         lrn, sch = self.learner, self.scheduler
         if lrn.gradient_checkpointing is None:
             lrn.gradient_checkpointing = self.model.device == "cuda"
+        if lrn.packing is None:
+            lrn.packing = lrn.attn_implementation == "flash_attention_2"
         if lrn.prompts_per_step % lrn.mini_batch_prompts:
             raise ValueError(
                 f"learner.prompts_per_step ({lrn.prompts_per_step}) must be a multiple of "

@@ -126,8 +126,10 @@ def test_plus_recipe_is_the_7b_recipe_with_the_options():
     assert plus.model.path == base.model.path and plus.generator.samples_per_prompt == base.generator.samples_per_prompt
 
 
-def test_gradient_checkpointing_defaults_on_for_cuda_only():
+def test_memory_option_defaults_gradient_checkpointing_on_cuda_packing_with_varlen_attention():
     assert load_config(None, []).learner.gradient_checkpointing is False
     assert load_config(None, ["model.device=cuda"]).learner.gradient_checkpointing is True
     assert load_config(None, ["model.device=cuda", "learner.gradient_checkpointing=false"]).learner.gradient_checkpointing is False
-    assert load_config(None, []).learner.packing is True
+    assert load_config(None, []).learner.packing is False  # sdpa: a packed row's attention is quadratic
+    assert load_config(None, ["learner.attn_implementation=flash_attention_2"]).learner.packing is True
+    assert load_config(None, ["learner.packing=true"]).learner.packing is True

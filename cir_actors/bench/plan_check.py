@@ -1,6 +1,6 @@
 """Validate the memory planner against the learner's measured peak on CPU.
 
-`python -m cir_actors.bench.plan_check [--sizes tiny,25m,100m] [--lengths 128,512] [--rows 4]`:
+`python -m cir_actors.bench.plan_check [--sizes tiny,25m,100m] [--lengths 128,512] [--rows 4] [--packing]`:
 for each random Qwen2-shaped model (built from the tiny model's tokenizer, saved to a temp dir) and
 each sequence length, one fresh process runs a real `LearnerRank` (DeepSpeed ZeRO-2 on gloo, world
 size 1, fp32, the configured chunked log-probs) for two SFT steps on `rows` sequences (one micro-batch
@@ -63,19 +63,19 @@ def build_model(size: str, root: Path) -> Path:
     return out
 
 
-def _overrides(tokens: int) -> list[str]:
+def _overrides(tokens: int, packing: bool = False) -> list[str]:
     return [f"learner.micro_batch_tokens={tokens}", "learner.zero_stage=2", "learner.num_ranks=1",
-            "learner.num_cpus=2"]
+            "learner.num_cpus=2", f"learner.packing={str(packing).lower()}"]
 
 
-def child(model_dir: str, length: int, rows: int) -> dict:
+def child(model_dir: str, length: int, rows: int, packing: bool = False) -> dict:
     """In a fresh process: a LearnerRank, two SFT steps, the peak RSS."""
     import numpy as np
 
     from cir_actors.config import load_config
     from cir_actors.learning.learner_rank import LearnerRank, _as_trajectory
 
-    cfg = load_config(None, _overrides(length * rows))
+    cfg = load_config(None, _overrides(length * rows, packing))
     rank = LearnerRank(cfg, model_dir, 0, 1)
     addr, port = rank.address()
     rank.setup(addr, port)
@@ -103,10 +103,11 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--sizes", default="tiny,25m,100m")
     p.add_argument("--lengths", default="128,512")
     p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--packing", action="store_true", help="learner.packing=true (one row per micro-batch)")
     p.add_argument("--child", nargs=3, metavar=("MODEL_DIR", "LENGTH", "ROWS"))
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
+        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]), args.packing)))
         return {}
 
     from cir_actors.config import load_config
@@ -121,9 +122,10 @@ def run(argv: list[str]) -> dict:
         model_dir = build_model(size, root)
         shape = plan.model_shape(model_dir)
         for length in (int(x) for x in args.lengths.split(",")):
-            cfg = load_config(None, _overrides(length * args.rows))
+            cfg = load_config(None, _overrides(length * args.rows, args.packing))
             predicted = plan.learner_plan(cfg, shape, device="cpu").total_gb
-            measured = _run_child(["--child", str(model_dir), str(length), str(args.rows)])["peak_gb"]
+            measured = _run_child(["--child", str(model_dir), str(length), str(args.rows)]
+                                  + (["--packing"] if args.packing else []))["peak_gb"]
             row = {"size": size, "params_m": shape.params / 1e6, "tokens": length * args.rows,
                    "predicted_gb": predicted, "measured_gb": measured, "ratio": predicted / measured}
             rows.append(row)

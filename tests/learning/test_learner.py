@@ -149,15 +149,17 @@ def test_on_policy_first_update_is_plain_clipped_grpo(reference_step, batches):
     assert metrics["update_losses"][0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_two_rank_zero2_equals_one_rank(ray_session, tiny_model_dir, reference_step, batches):
+def test_two_rank_zero2_packed_equals_one_rank_padded(ray_session, tiny_model_dir, reference_step, batches):
     """Same global batch, same initial weights: two ZeRO-2 ranks (groups sharded, unequal numbers of
-    micro-batches, an empty micro-batch on one rank) give the one-rank learner's loss and weights."""
+    micro-batches, an empty micro-batch on one rank) with sequence packing give the one-rank
+    learner's loss and weights, which it computed on padded rows. (ZeRO-3 over two padded ranks is
+    compared with the same reference in test_zero3_publishes_full_weights.)"""
     import ray
 
     from cir_actors.learning.learner import Learner
 
     metrics1, _, state1 = reference_step
-    learner = Learner(_cfg(**{"learner.num_ranks": 2}), tiny_model_dir, name="test-learner2")
+    learner = Learner(_cfg(**{"learner.num_ranks": 2, "learner.packing": "true"}), tiny_model_dir, name="test-learner2")
     try:
         metrics2 = learner.train_step(batches["a"])
         state2 = ray.get(learner.publish().weights)
