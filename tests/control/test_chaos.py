@@ -166,13 +166,13 @@ class _Killer(threading.Thread):
             time.sleep(0.3)
 
 
-def _train_with(run_dir, steps, plan, extra=()):
+def _train_with(run_dir, steps, plan):
     from cir_actors.control.trainer import train
 
     killer = _Killer(run_dir, plan)
     killer.start()
     try:
-        summary = train(load_config(None, _overrides(run_dir, steps) + list(extra)))
+        summary = train(load_config(None, _overrides(run_dir, steps)))
     finally:
         killer.done.set()
         killer.join(timeout=5)
@@ -180,23 +180,13 @@ def _train_with(run_dir, steps, plan, extra=()):
     return summary
 
 
-def _weight_regions() -> set[str]:
-    from cir_actors.learning.shared_weights import PREFIX, SHM_DIR
-
-    return {p.name for p in SHM_DIR.glob(PREFIX + "*")}
-
-
 def test_every_role_killed_in_one_run(ray_session, tmp_path):
     """Stateless roles and generators heal in place (a generator, an interpreter pool, a scorer);
-    then a learner rank and the buffer die and the run resumes by itself, twice. Weights travel
-    through shared memory: the restarted generator loads from the region, the dead rank 0's region
-    is swept by its successor, and none is left at the end."""
+    then a learner rank and the buffer die and the run resumes by itself, twice."""
     before = _our_processes()
-    regions_before = _weight_regions()
     run_dir = tmp_path / "run"
     summary = _train_with(run_dir, 9, [(1, "generator-*", False), (2, "interpreter-0", True), (3, "scorer-1", True),
-                                       (4, "learner-rank-0", False), (6, "buffer", False)],
-                          extra=["learner.publish=shared_memory"])
+                                       (4, "learner-rank-0", False), (6, "buffer", False)])
     _check_run(run_dir, 9)
     rec = _recoveries(run_dir)
     roles = [r["role"] for r in rec]
@@ -213,7 +203,6 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     assert all(rep["error"] is None for rep in summary["served"].values()), summary["served"]
     assert {rep["version"] for rep in summary["served"].values()} == {9}
     _assert_no_leftovers(before)
-    assert _weight_regions() <= regions_before, "a shared-memory weight region was left in /dev/shm"
 
 
 def test_driver_sigkill_then_same_command_resumes(ray_session, tmp_path):
