@@ -44,6 +44,14 @@ def held_out_accuracy(cfg: Any, model: Path, held_out: dict[str, Any], n: int, o
     return float(res["benchmarks"]["synthetic-heldout"]["avg_at_n"])
 
 
+def _held_out(cfg: Any, model: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from cir_actors.data.loaders import load_tasks
+
+    return {"synthetic-heldout": load_tasks(cfg, AutoTokenizer.from_pretrained(str(model)), "eval")}
+
+
 def run(argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="bench.py recipes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +66,9 @@ def run(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--kind-floor", type=float, default=0.25)
     p.add_argument("--sft-steps", type=int, default=1000)
     p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--reuse-warm-start", action="store_true",
+                   help="a seed whose warm start and its held-out figure are already in --out is not warm-started "
+                        "again (its row in recipes.json is kept; new recipes are added to it)")
     p.add_argument("overrides", nargs="*", help="key=value applied to every recipe")
     args = p.parse_args(argv)
     recipes = [parse_recipe(s) for s in (args.recipe or DEFAULT_RECIPES)]
@@ -69,10 +80,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         check_inputs(load_config(args.config, args.overrides + extra))
 
     import ray
-    from transformers import AutoTokenizer
 
     from cir_actors.control.trainer import Trainer, init_ray
-    from cir_actors.data.loaders import load_tasks
     from cir_actors.data.tiny_model import build_tiny_model
     from cir_actors.learning.warm_start import warm_start
 
@@ -80,6 +89,13 @@ def run(argv: list[str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "eval_n": args.eval_n,
                                "recipes": dict(recipes), "seeds": {}}
+    earlier = json.loads((out / "recipes.json").read_text()) if (out / "recipes.json").is_file() else None
+    if args.reuse_warm_start and earlier is not None:
+        if (earlier["config"], earlier["overrides"], earlier["eval_n"]) != (args.config, args.overrides, args.eval_n):
+            raise SystemExit(f"--reuse-warm-start: {out / 'recipes.json'} was measured with another config, "
+                             "overrides or --eval-n")
+        results["recipes"] = {**earlier["recipes"], **results["recipes"]}
+        results["seeds"] = earlier["seeds"]
 
     def save() -> None:
         (out / "recipes.json").write_text(json.dumps(results, indent=1))
@@ -91,17 +107,24 @@ def run(argv: list[str]) -> dict[str, Any]:
         for seed in args.seeds:
             cfg = load_config(args.config, args.overrides + [f"data.seed={seed}"])
             seed_dir = out / f"seed{seed}"
-            t = time.monotonic()
-            warm, sft = warm_start(cfg, base, seed_dir / "warm_start", steps=args.sft_steps, lr=args.sft_lr,
-                                   target_accuracy=args.warm_target, kind_floor=args.kind_floor)
-            row: dict[str, Any] = {"sft_steps": sft["steps"], "sft_s": time.monotonic() - t,
-                                   "sft_estimate": sft["checks"][-1], "runs": {}}
-            results["seeds"][str(seed)] = row
-            held_out = {"synthetic-heldout": load_tasks(cfg, AutoTokenizer.from_pretrained(str(warm)), "eval")}
-            row["before"] = held_out_accuracy(cfg, warm, held_out, args.eval_n, seed_dir / "eval_warm_start")
-            print(f"[recipes] seed {seed}: warm start {sft['steps']} SFT steps, held-out {row['before']:.1%}",
-                  flush=True)
-            save()
+            warm = seed_dir / "warm_start" / "hf"
+            row = results["seeds"].get(str(seed)) if args.reuse_warm_start else None
+            if row is not None and "before" in row and (warm / "config.json").is_file():
+                print(f"[recipes] seed {seed}: warm start reused ({row['sft_steps']} SFT steps, "
+                      f"held-out {row['before']:.1%})", flush=True)
+            else:
+                t = time.monotonic()
+                warm, sft = warm_start(cfg, base, seed_dir / "warm_start", steps=args.sft_steps, lr=args.sft_lr,
+                                       target_accuracy=args.warm_target, kind_floor=args.kind_floor)
+                row = {"sft_steps": sft["steps"], "sft_s": time.monotonic() - t, "sft_estimate": sft["checks"][-1],
+                       "runs": {}}
+                results["seeds"][str(seed)] = row
+                row["before"] = held_out_accuracy(cfg, warm, _held_out(cfg, warm), args.eval_n,
+                                                  seed_dir / "eval_warm_start")
+                print(f"[recipes] seed {seed}: warm start {sft['steps']} SFT steps, held-out {row['before']:.1%}",
+                      flush=True)
+                save()
+            held_out = _held_out(cfg, warm)
             for name, extra in recipes:
                 rl_cfg = load_config(args.config, args.overrides + [f"data.seed={seed}"] + extra)
                 rl_cfg.model.path = str(warm)

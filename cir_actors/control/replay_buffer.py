@@ -5,7 +5,9 @@ generator that produced it, so the buffer, not the generator, owns each object: 
 announces a finished sample (`pull`) with the few numbers the buffer decides on (reward, oldest
 sampling version, metrics), and the buffer calls back `source.take(key)`. The return value of an
 actor call is owned by the caller, so the reference the buffer keeps lives as long as the buffer,
-whatever happens to the generator. (Ray 2.56 removed `ray.put(..., _owner=)`, the other way to do
+whatever happens to the generator. `take` returns two objects, a receipt and the sample: the buffer
+reads only the receipt, and keeps the sample only if it came (a generator that dies between its
+`pull` and the `take` leaves an error in both; kept, it would be a group lost at training time). (Ray 2.56 removed `ray.put(..., _owner=)`, the other way to do
 this. Ray stores returns under 100 KiB inline in the owner's memory store: for small trajectories
 the bytes sit in this process's memory, still never deserialized here; larger ones stay in the
 node's object store.)
@@ -84,6 +86,7 @@ class ReplayBuffer:
         self._partials: dict[int, dict[int, _Partial]] = {}  # group -> sample index -> latest partial
         self._continued: set[int] = set()  # groups handed to another generator (duplicates possible)
         self._partials_streamed = 0
+        self._takes_failed = 0  # samples whose producer died before handing them over (run again elsewhere)
         self._max_staleness = max_staleness
         self._drop_zero_adv = drop_zero_advantage
         self._max_groups = max_groups
@@ -179,11 +182,11 @@ class ReplayBuffer:
         meta: dict[str, float] | None = None,
     ) -> bool:
         """Take ownership of a finished sample held by `source` (an actor with `take(key)`), then
-        `add` it. Returns once the object exists, so the producer may die afterwards."""
-        import ray
-
-        ref = source.take.remote(key)
-        await asyncio.to_thread(ray.wait, [ref], num_returns=1, fetch_local=False)
+        `add` it. Returns once the object exists, so the producer may die afterwards; True when the
+        sample completed its group (False also when the producer died before handing it over)."""
+        ref = await self._take(source.take, key)
+        if ref is None:
+            return False
         return await self.add(group_id, n, admitted_version, sample_index, [ref], reward, min_version, meta)
 
     async def pull_partial(
@@ -191,13 +194,25 @@ class ReplayBuffer:
     ) -> bool:
         """Take ownership of an unfinished sample's latest state held by `source` (an actor with
         `take_partial(key)`), then `add_partial` it. Returns whether it was kept."""
-        import ray
-
         if group_id in self._closed or group_id in self._ready:
             return False
-        ref = source.take_partial.remote(key)
-        await asyncio.to_thread(ray.wait, [ref], num_returns=1, fetch_local=False)
+        ref = await self._take(source.take_partial, key)
+        if ref is None:
+            return False
         return await self.add_partial(group_id, sample_index, [ref], response_len, min_version)
+
+    async def _take(self, method: Any, key: str) -> Any:
+        """A reference, owned here, to what `method(key)` hands over; None when its actor died first
+        (the sample is then not here, and whoever continues its group runs it again)."""
+        import ray.exceptions as rex
+
+        receipt, ref = method.options(num_returns=2).remote(key)
+        try:
+            await receipt
+        except (rex.RayActorError, rex.ActorUnavailableError):
+            self._takes_failed += 1
+            return None
+        return ref
 
     async def add_partial(self, group_id: int, sample_index: int, ref: list[Any], response_len: int,
                           min_version: int) -> bool:
@@ -220,11 +235,13 @@ class ReplayBuffer:
 
     def inflight_tokens(self, group_ids: list[int]) -> dict[str, int]:
         """Response tokens held for these in-flight groups: in finished samples and in partials
-        (what a generator's death would throw away without continuation)."""
+        (what a generator's death would throw away without continuation), and the oldest policy
+        version in those partials (-1: none)."""
         finished = sum(int(m.get("response_len", 0)) for g in group_ids if g in self._partial
                        for m in self._partial[g].metas.values())
-        partial = sum(p.response_len for g in group_ids for p in self._partials.get(g, {}).values())
-        return {"finished_tokens": finished, "partial_tokens": partial}
+        held = [p for g in group_ids for p in self._partials.get(g, {}).values()]
+        return {"finished_tokens": finished, "partial_tokens": sum(p.response_len for p in held),
+                "oldest_partial_version": min((p.min_version for p in held), default=-1)}
 
     async def continuation(self, group_id: int) -> dict[str, Any]:
         """What a generator taking over an in-flight group needs: `have` (sample indices already
@@ -338,6 +355,7 @@ class ReplayBuffer:
             "served_staleness": {str(k): v for k, v in sorted(self._served_staleness.items())},
             "partials_held": sum(len(h) for h in self._partials.values()),
             "partials_streamed": self._partials_streamed,
+            "takes_failed": self._takes_failed,
         }
 
     def trajectory_conservation(self) -> dict[str, Any]:

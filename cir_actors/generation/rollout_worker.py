@@ -110,13 +110,14 @@ class RolloutWorker:
 
         return local_node_id()
 
-    def take(self, key: str) -> ScoredTrajectory:
-        """The buffer takes a finished sample; the returned object is owned by the buffer."""
-        return self._outbox.pop(key)
+    def take(self, key: str) -> tuple[bool, ScoredTrajectory]:
+        """The buffer takes a finished sample (called with two returns: a receipt the buffer reads,
+        and the sample it keeps unread); both objects are owned by the buffer."""
+        return True, self._outbox.pop(key)
 
-    def take_partial(self, key: str) -> PartialTrajectory:
-        """The buffer takes an unfinished sample's latest state (owned by the buffer from then on)."""
-        return self._partial_outbox.pop(key)
+    def take_partial(self, key: str) -> tuple[bool, PartialTrajectory]:
+        """The buffer takes an unfinished sample's latest state (as `take`)."""
+        return True, self._partial_outbox.pop(key)
 
     def served_policy(self) -> ServedPolicy:
         return self._gen.served_policy()

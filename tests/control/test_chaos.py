@@ -17,6 +17,7 @@ model seldom calls the interpreter, whose calls are the other boundaries.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -91,9 +92,18 @@ def _assert_no_leftovers(before: dict[int, str], grace_s: float = 30.0) -> None:
     assert not new, f"processes left behind: {new}"
 
 
+def _jsonl(f: Path) -> list[dict]:
+    out = []
+    for line in f.read_text().splitlines() if f.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written (the killer reads while the run writes)
+            break
+    return out
+
+
 def _rows(run_dir: Path) -> list[dict]:
-    f = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+    return _jsonl(run_dir / "metrics.jsonl")
 
 
 def _check_run(run_dir: Path, steps: int) -> list[dict]:
@@ -123,18 +133,27 @@ def _saved_partials(run_dir: Path) -> int:
 
 
 def _recoveries(run_dir: Path) -> list[dict]:
-    f = run_dir / "recoveries.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+    return _jsonl(run_dir / "recoveries.jsonl")
 
 
-def _crash_generator_mid_trajectory(name: str) -> bool:
-    return crash_mid_trajectory(name, NAMESPACE)
+def _crash_generator_mid_trajectory(name: str, version: int) -> bool:
+    """Crash `name` while the buffer holds partials of its groups, all sampled at `version` or later
+    (an older one may be past the staleness bound when another generator picks it up, and be
+    rightly started over instead of continued)."""
+    return crash_mid_trajectory(
+        name, NAMESPACE, ready=lambda held: held["partial_tokens"] > 0 and held["oldest_partial_version"] >= version)
+
+
+STATEFUL = ("learner-rank-", "buffer", "scheduler")
 
 
 class _Killer(threading.Thread):
     """Kills named actors when the run reaches given steps (read from metrics.jsonl), each at least
     one step after the previous kill; `generator-*`: whichever generator is mid-trajectory with
-    partials of its groups in the buffer."""
+    fresh partials of its groups in the buffer. A stateful role is killed only once the run has resumed
+    from the previous stateful death (its record closed): the rows of the run that is dying may
+    still grow for a moment after a kill, and a kill landing while the run restarts its actors would
+    be absorbed by that restart instead of being recovered from."""
 
     def __init__(self, run_dir: Path, plan: list[tuple[int, str, bool]]):
         super().__init__(daemon=True)
@@ -143,15 +162,20 @@ class _Killer(threading.Thread):
     def run(self) -> None:
         import ray
 
-        last = 0
+        last, stateful_kills = 0, 0
         while self.plan and not self.done.is_set():
             step, name, restart = self.plan[0]
             rows = _rows(self.run_dir)
+            stateful = name.startswith(STATEFUL)
+            resumed = sum("resumed_after_s" in r for r in _recoveries(self.run_dir))
+            if stateful and resumed < stateful_kills:
+                time.sleep(0.3)
+                continue
             if rows and rows[-1]["step"] >= max(step, last + 1):
                 try:
                     if name == "generator-*":  # whichever generator is mid-trajectory
-                        crashed = next((g for g in ("generator-0", "generator-1")
-                                        if _crash_generator_mid_trajectory(g)), None)  # lazy: at most one
+                        crashed = next((g for g in ("generator-0", "generator-1")  # lazy: at most one
+                                        if _crash_generator_mid_trajectory(g, rows[-1]["step"])), None)
                         if crashed is None:
                             time.sleep(0.02)
                             continue
@@ -159,7 +183,9 @@ class _Killer(threading.Thread):
                     else:
                         ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=not restart)
                     self.log.append((rows[-1]["step"], name))
+                    logging.getLogger(__name__).warning("chaos: killed %s after step %d", name, rows[-1]["step"])
                     last = rows[-1]["step"]
+                    stateful_kills += stateful
                     self.plan.pop(0)
                 except ValueError:
                     pass  # not (yet) there: an earlier recovery is still starting it
@@ -185,9 +211,12 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     then a learner rank and the buffer die and the run resumes by itself, twice."""
     before = _our_processes()
     run_dir = tmp_path / "run"
-    summary = _train_with(run_dir, 9, [(1, "generator-*", False), (2, "interpreter-0", True), (3, "scorer-1", True),
-                                       (4, "learner-rank-0", False), (6, "buffer", False)])
-    _check_run(run_dir, 9)
+    # 12 steps: each kill waits for a step after the previous one (and the buffer's for the resume
+    # after the learner's), so the kills drift later than planned; the last must still land in the run.
+    steps = 12
+    summary = _train_with(run_dir, steps, [(1, "generator-*", False), (2, "interpreter-0", True),
+                                           (3, "scorer-1", True), (4, "learner-rank-0", False), (6, "buffer", False)])
+    _check_run(run_dir, steps)
     rec = _recoveries(run_dir)
     roles = [r["role"] for r in rec]
     assert roles.count("generator") >= 1 and "interpreter" in roles and "scorer" in roles, roles
@@ -201,7 +230,7 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     assert rows[-1]["conservation/groups_dropped_by_reason"].get("generator_lost", 0) == 0, rows[-1]
     assert sum(r["partial/continued_trajectories"] for r in rows) >= 1
     assert all(rep["error"] is None for rep in summary["served"].values()), summary["served"]
-    assert {rep["version"] for rep in summary["served"].values()} == {9}
+    assert {rep["version"] for rep in summary["served"].values()} == {steps}
     _assert_no_leftovers(before)
 
 

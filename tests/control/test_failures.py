@@ -457,3 +457,45 @@ def test_checkpoint_cut_pairs_each_inflight_item_with_its_own_data():
         for p in g["partials"]:
             back = decode_partial(encode_partial(p["data"]))
             assert back.sample_index == p["index"] and back.token_ids_T.tolist() == [1, 2, 3, 9]
+
+
+def test_a_sample_whose_generator_dies_before_handing_it_over_is_not_kept(ray_session):
+    """The generator announces a sample (`pull`) and dies before the buffer's `take` runs: nothing
+    is kept (kept, the error would have been a group lost at training time), the sample is not in
+    the group's `have`, so whoever continues the group runs it again; a live one is kept."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Source:
+        def __init__(self, out):
+            self.out = out
+
+        def take(self, key):
+            if key == "die":
+                os._exit(1)
+            return True, self.out.pop(key)
+
+        def take_partial(self, key):
+            return self.take(key)
+
+    async def go():
+        sched = BudgetScheduler(_cfg(**{"generator.samples_per_prompt": 2}), _tasks(2))
+        buf = ReplayBuffer(1, ledger=sched, continue_partials=True)
+        gid = sched.try_admit("g0", 0).group_id
+        dying, alive = Source.remote({}), Source.remote({"s": "sample 1", "p": _partial("t0", 1, 0)})
+        assert not await buf.pull_partial(gid, 0, dying, "die", 3, 0)
+        assert not await buf.pull(gid, 2, 0, 0, Source.remote({}), "die", 1.0, 0)
+        assert buf.stats()["takes_failed"] == 2 and buf.stats()["partials_held"] == 0
+        assert (await buf.continuation(gid))["have"] == []
+        assert not await buf.pull(gid, 2, 0, 1, alive, "s", 0.0, 0)  # kept; the group is not complete yet
+        assert await buf.pull_partial(gid, 0, alive, "p", 1, 0), buf.stats()
+        cont = await buf.continuation(gid)
+        assert cont["have"] == [1] and list(cont["partials"]) == [0]
+        assert ray.get(buf._partial[gid].refs[1], timeout=30) == "sample 1"
+        assert (await cont["partials"][0][0]).sample_index == 1
+        ray.kill(alive)
+        assert ray.get(buf._partial[gid].refs[1], timeout=30) == "sample 1"  # owned here: outlives its producer
+
+    asyncio.run(go())
