@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cir_actors.config import ConfigError, load_config
 from cir_actors.data.loaders import DataError
 from cir_actors.data.preflight import InputError, check_inputs
+from cir_actors.learning.warm_start import DEMO_KIND_FLOOR, DEMO_SFT_LR, DEMO_SFT_STEPS, DEMO_WARM_TARGET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    p.add_argument("--sft-steps", type=int, default=1000, help="most SFT updates of the warm start")
-    p.add_argument("--warm-target", type=float, default=0.55,
+    p.add_argument("--sft-steps", type=int, default=DEMO_SFT_STEPS, help="most SFT updates of the warm start")
+    p.add_argument("--warm-target", type=float, default=DEMO_WARM_TARGET,
                    help="stop SFT once its estimated sampled accuracy reaches this (0 < t <= 1)")
-    p.add_argument("--kind-floor", type=float, default=0.25,
+    p.add_argument("--kind-floor", type=float, default=DEMO_KIND_FLOOR,
                    help="... and every task kind's estimate reaches this (0 <= f <= 1)")
-    p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--sft-lr", type=float, default=DEMO_SFT_LR)
     p.add_argument("--eval-n", type=int, default=2, help="samples per held-out problem")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)

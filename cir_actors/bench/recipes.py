@@ -53,6 +53,8 @@ def _held_out(cfg: Any, model: Path) -> dict[str, Any]:
 
 
 def run(argv: list[str]) -> dict[str, Any]:
+    from cir_actors.learning.warm_start import DEMO_KIND_FLOOR, DEMO_SFT_LR, DEMO_SFT_STEPS, DEMO_WARM_TARGET
+
     p = argparse.ArgumentParser(prog="bench.py recipes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
@@ -62,10 +64,10 @@ def run(argv: list[str]) -> dict[str, Any]:
                         + "; ".join(DEFAULT_RECIPES) + ")")
     p.add_argument("--out", default="runs/bench-recipes")
     p.add_argument("--eval-n", type=int, default=2)
-    p.add_argument("--warm-target", type=float, default=0.55)
-    p.add_argument("--kind-floor", type=float, default=0.25)
-    p.add_argument("--sft-steps", type=int, default=1000)
-    p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--warm-target", type=float, default=DEMO_WARM_TARGET)
+    p.add_argument("--kind-floor", type=float, default=DEMO_KIND_FLOOR)
+    p.add_argument("--sft-steps", type=int, default=DEMO_SFT_STEPS)
+    p.add_argument("--sft-lr", type=float, default=DEMO_SFT_LR)
     p.add_argument("--reuse-warm-start", action="store_true",
                    help="a seed whose warm start and its held-out figure are already in --out is not warm-started "
                         "again (its row in recipes.json is kept; new recipes are added to it)")

@@ -31,6 +31,13 @@ from cir_actors.config import Config
 
 log = logging.getLogger(__name__)
 
+# The demo's warm start (`entrypoints/demo.py` and `bench.py recipes` default to these; docs/demo.md
+# has the measurements behind them).
+DEMO_SFT_STEPS = 1000
+DEMO_SFT_LR = 3e-3
+DEMO_WARM_TARGET = 0.55
+DEMO_KIND_FLOOR = 0.25
+
 
 def warm_start(cfg: Config, base_model: str | Path, out_dir: str | Path, *, steps: int, batch_size: int = 32,
                lr: float | None = None, target_accuracy: float | None = None, kind_floor: float = 0.0,
