@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # The demo's warm start (`entrypoints/demo.py` and `bench.py recipes` default to these; docs/demo.md
 # has the measurements behind them).
 DEMO_SFT_STEPS = 1000
-DEMO_SFT_LR = 3e-3
+DEMO_SFT_LR = 2e-3
 DEMO_WARM_TARGET = 0.55
 DEMO_KIND_FLOOR = 0.25
 
