@@ -8,9 +8,9 @@ actor call is owned by the caller, so the reference the buffer keeps lives as lo
 whatever happens to the generator. `take` returns two objects, a receipt and the sample: the buffer
 reads only the receipt, and keeps the sample only if it came (a generator that dies between its
 `pull` and the `take` leaves an error in both; kept, it would be a group lost at training time).
-(Ray 2.56 removed `ray.put(..., _owner=)`, the other way to do this. Ray stores returns under 100 KiB inline in the owner's memory store: for small trajectories
-the bytes sit in this process's memory, still never deserialized here; larger ones stay in the
-node's object store.)
+(Ray 2.56 removed `ray.put(..., _owner=)`, the other way to do this. Ray stores returns under
+100 KiB inline in the owner's memory store: for small trajectories the bytes sit in this process's
+memory, still never deserialized here; larger ones stay in the node's object store.)
 
 A group is served once all n samples are in. At serve time, groups older than the staleness bound
 (oldest token version < learner version - max_staleness) are dropped and counted, as are, when
