@@ -197,6 +197,11 @@ class ScorerConfig(Section):
     """Training reward for a correct answer (CIR: +1)."""
     reward_wrong: float = -1.0
     """Training reward for anything else (CIR: -1)."""
+    reward_truncated: float | None = None
+    """Training reward for a response cut by the response limit (finish reason `length`), whatever its
+    answer; None (CIR) scores it like any other. DAPO (arXiv:2503.14476, section 3.4) penalises
+    truncation so that a correct answer followed by rambling is not reinforced; on the demo a warm
+    start whose answers trailed junk up to the limit kept being rewarded (docs/algorithms.md)."""
 
 
 class BufferConfig(Section):

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from cir_actors.config import Config
+from cir_actors.scoring.scorer import training_reward
 from cir_actors.types import (
     DropReason,
     FinishReason,
@@ -269,7 +270,7 @@ class RolloutWorker:
         self._times["generation_s"] += traj.gen_time_s
         self._times["tool_wait_s"] += traj.interp_wait_s
         self._times["tool_exec_s"] += min(traj.interp_exec_s, traj.interp_wait_s)  # a cache hit replays old time
-        reward = self._cfg.scorer.reward_correct if verdict.correct else self._cfg.scorer.reward_wrong
+        reward = training_reward(self._cfg.scorer, verdict, truncated=traj.finish_reason == FinishReason.LENGTH)
         scored = ScoredTrajectory(trajectory=traj, verdict=verdict, reward=reward)
         key = f"{req.group_id}/{index}"
         self._outbox[key] = scored

@@ -15,8 +15,8 @@ one that warms up in the background, and the verdict is `timeout`. This works fr
 actor or event loop. The deadline covers the check itself, not the wait for a free worker nor a
 replacement worker's start-up.
 
-Not covered here: rewards beyond correct/wrong (format or length shaping), and extraction of
-unboxed answers ("the answer is 5"): CIR's prompt asks for `\\boxed{}` and scores nothing else.
+Rewards: correct / wrong from the config, and optionally a fixed reward for a response the length
+limit cut (`training_reward`); no other shaping. Not covered here: extraction of unboxed answers ("the answer is 5"): CIR's prompt asks for `\\boxed{}` and scores nothing else.
 
 `Scorer` is plain Python; the system runs several as Ray actors:
 `ray.remote(Scorer).options(num_cpus=cfg.num_cpus, max_concurrency=...).remote(cfg)` and calls
@@ -414,6 +414,14 @@ def score(response: str, gold: str, *, timeout_s: float = 5.0) -> Verdict:
     return _verdict(response, gold, _default_pool, timeout_s)
 
 
+def training_reward(cfg: ScorerConfig, verdict: Verdict, *, truncated: bool = False) -> float:
+    """The reward a trajectory trains with: `cfg.reward_truncated` when the response limit cut it (and
+    that is set), else `reward_correct` or `reward_wrong` by the verdict."""
+    if truncated and cfg.reward_truncated is not None:
+        return cfg.reward_truncated
+    return cfg.reward_correct if verdict.correct else cfg.reward_wrong
+
+
 def _actor_name() -> str | None:
     import ray
 
@@ -455,10 +463,10 @@ class Scorer:
         """Wait until every worker is warm (otherwise the first checks include their start-up)."""
         self._pool.wait_ready()
 
-    def reward(self, verdict: Verdict, mode: Literal["train", "eval"] = "train") -> float:
-        """Training reward from the config (CIR: +1 / -1) or evaluation accuracy (1 / 0)."""
+    def reward(self, verdict: Verdict, mode: Literal["train", "eval"] = "train", *, truncated: bool = False) -> float:
+        """Training reward from the config (`training_reward`) or evaluation accuracy (1 / 0)."""
         if mode == "train":
-            return self.cfg.reward_correct if verdict.correct else self.cfg.reward_wrong
+            return training_reward(self.cfg, verdict, truncated=truncated)
         if mode == "eval":
             return 1.0 if verdict.correct else 0.0
         raise ValueError(f"reward mode must be 'train' or 'eval', got {mode!r}")

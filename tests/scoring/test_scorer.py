@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from cir_actors.config import ScorerConfig
-from cir_actors.scoring.scorer import Scorer, extract_answer, gold_answer, score, strip_output_blocks
+from cir_actors.scoring.scorer import (
+    Scorer,
+    extract_answer,
+    gold_answer,
+    score,
+    strip_output_blocks,
+    training_reward,
+)
 from cir_actors.types import Verdict, VerdictReason
 
 C, W, NB, TO = VerdictReason.CORRECT, VerdictReason.WRONG, VerdictReason.NO_BOX, VerdictReason.TIMEOUT
@@ -189,6 +196,16 @@ def test_rewards(scorer):
         shaped.close()
     with pytest.raises(ValueError, match="reward mode"):
         scorer.reward(right, "test")  # type: ignore[arg-type]
+
+
+def test_a_truncated_response_trains_with_reward_truncated_when_set():
+    right = Verdict(correct=True, predicted="1", reason=VerdictReason.CORRECT)
+    wrong = Verdict(correct=False, predicted="2", reason=VerdictReason.WRONG)
+    cir = ScorerConfig()  # unset: a cut response is scored like any other (CIR)
+    assert [training_reward(cir, v, truncated=t) for v in (right, wrong) for t in (False, True)] == [1, 1, -1, -1]
+    dapo = ScorerConfig(reward_truncated=-1.0)
+    assert [training_reward(dapo, v, truncated=t) for v in (right, wrong) for t in (False, True)] == [1, -1, -1, -1]
+    assert training_reward(ScorerConfig(reward_truncated=0.0), wrong, truncated=True) == 0.0
 
 
 def _benchmark_golds() -> list[tuple[str, str]]:
