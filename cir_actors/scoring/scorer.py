@@ -16,7 +16,8 @@ actor or event loop. The deadline covers the check itself, not the wait for a fr
 replacement worker's start-up.
 
 Rewards: correct / wrong from the config, and optionally a fixed reward for a response the length
-limit cut (`training_reward`); no other shaping. Not covered here: extraction of unboxed answers ("the answer is 5"): CIR's prompt asks for `\\boxed{}` and scores nothing else.
+limit cut (`training_reward`); no other shaping. Not covered here: extraction of unboxed answers
+("the answer is 5"): CIR's prompt asks for `\\boxed{}` and scores nothing else.
 
 `Scorer` is plain Python; the system runs several as Ray actors:
 `ray.remote(Scorer).options(num_cpus=cfg.num_cpus, max_concurrency=...).remote(cfg)` and calls
