@@ -200,8 +200,8 @@ class ScorerConfig(Section):
     reward_truncated: float | None = None
     """Training reward for a response cut by the response limit (finish reason `length`), whatever its
     answer; None (CIR) scores it like any other. DAPO (arXiv:2503.14476, section 3.4) penalises
-    truncation so that a correct answer followed by rambling is not reinforced; on the demo a warm
-    start whose answers trailed junk up to the limit kept being rewarded (docs/algorithms.md)."""
+    truncation so that a correct answer followed by rambling is not reinforced. On the demo it did
+    not stop that drift (one run, -9.5 points; docs/algorithms.md)."""
 
 
 class BufferConfig(Section):
