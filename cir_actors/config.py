@@ -113,6 +113,10 @@ class GeneratorConfig(Section):
     """Prompts longer than this are rejected at load."""
     max_response_tokens: int = Field(256, ge=8)
     """Response limit; interpreter tokens count toward it (as in CIR)."""
+    stop_at_answer: bool = False
+    """End a response at the close of its first \\boxed{...} outside a code block (the engine request
+    is aborted there, as at a block's close): nothing after the answer is sampled, scored or trained.
+    Off: the model ends its response itself (EOS), as in CIR. docs/algorithms.md, "Stop at the answer"."""
     max_inflight_trajectories: int = Field(64, ge=1)
     """Trajectories one engine runs at once."""
     update_policy: Literal["finish", "interrupt"] = "finish"

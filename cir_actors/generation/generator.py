@@ -169,6 +169,7 @@ class Generator:
             output_max_chars=cfg.interpreter.output_max_chars,
             use_sessions=cfg.interpreter.sessions,
             partial_every_tokens=gcfg.partial_every_tokens,
+            stop_at_answer=gcfg.stop_at_answer,
         )
         from cir_actors.sandbox.pool import format_output
 

@@ -39,6 +39,7 @@ from cir_actors.types import ExecResult, FinishReason, Interpreter, PartialTraje
 
 CODE_OPEN = "```python"
 FENCE = "```"
+BOXED = "\\boxed"
 
 
 class SegmentEnd(StrEnum):
@@ -96,6 +97,7 @@ class RolloutLimits:
     interpreter_timeout_s: float | None = None  # None: the interpreter's own default
     use_sessions: bool = False
     partial_every_tokens: int = 0  # also stream a partial every this many sampled tokens (the request goes on)
+    stop_at_answer: bool = False  # end the trajectory at the close of its first \\boxed{} outside a code block
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class BlockScanner:
         self.pos = 0  # blocks end before this offset
         self._open: int | None = None  # offset of an opening not closed yet
         self._hint = 0  # no match can start before this offset (keeps each feed's search short)
+        self._answer_hint = 0  # as _hint, for answer_end: text before it holds no answer
 
     def feed(self, piece: str) -> None:
         self.text += piece
@@ -139,9 +142,43 @@ class BlockScanner:
         self._open = None
         return CodeBlock(code=textwrap.dedent(code).strip(), end=end)
 
+    def answer_end(self, before: int | None = None) -> int | None:
+        """The offset just past the first balanced \\boxed{...} outside every ```python block (an
+        unclosed block hides what follows its opening), or None while there is none or it ends
+        after `before` (the end of a block that runs first)."""
+        text, i = self.text, self._answer_hint
+        while True:
+            box, code = text.find(BOXED, i), text.find(CODE_OPEN, i)
+            if box < 0 and code < 0:
+                self._answer_hint = max(i, len(text) - len(CODE_OPEN) + 1)
+                return None
+            if code >= 0 and (box < 0 or code < box):
+                close = text.find(FENCE, code + len(CODE_OPEN))
+                if close < 0:
+                    self._answer_hint = code
+                    return None
+                i = close + len(FENCE)
+                continue
+            j = box + len(BOXED)
+            while j < len(text) and text[j] == " ":
+                j += 1
+            if j == len(text):  # the brace may still come
+                self._answer_hint = box
+                return None
+            if text[j] != "{":  # e.g. \boxedx: not an answer
+                i = j
+                continue
+            depth = 0
+            for k in range(j, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[k], 0)
+                if depth == 0:
+                    return k + 1 if before is None or k + 1 <= before else None
+            self._answer_hint = box  # open: wait for its close
+            return None
+
     def reset(self) -> None:
         """Forget everything (after an interpreter segment: nothing before it can open a block)."""
-        self.text, self.pos, self._open, self._hint = "", 0, None, 0
+        self.text, self.pos, self._open, self._hint, self._answer_hint = "", 0, None, 0, 0
 
 
 def trailing_block(text: str) -> CodeBlock | None:
@@ -343,9 +380,18 @@ async def run_rollout(
                 async for delta in stream:
                     scanner.feed(delta.text)
                     found = scanner.next_block()
+                    skipped: list[int] = []  # ends of blocks beyond the budget: kept as text, not run
                     while found is not None and num_executed >= budget:
-                        num_blocks += 1  # beyond the budget: keep the text, run nothing, go on
+                        skipped.append(found.end)
                         found = scanner.next_block()
+                    answer = scanner.answer_end(found.end if found else None) if limits.stop_at_answer else None
+                    num_blocks += sum(e <= (answer or e) for e in skipped)
+                    if answer is not None:  # before the block to run, if any: the response ends here
+                        k = _tokens_through(codec, seg_ids, delta.token_ids, answer - seg_base)
+                        traj.add_sampled(delta.token_ids[:k], delta.logprobs[:k], stream.version)
+                        seg_ids.extend(delta.token_ids[:k])
+                        end = SegmentEnd.STOP
+                        break
                     if found is not None:
                         num_blocks += 1
                         k = _tokens_through(codec, seg_ids, delta.token_ids, found.end - seg_base)

@@ -115,10 +115,12 @@ def make_task(codec: FakeCodec, prompt: str = "Q: 6*7?\n") -> Task:
     return Task("t0", "6*7", "42", prompt, tuple(codec.encode(prompt)))
 
 
-def rollout(codec, script, *, budget=2, interp=None, max_resp=200, prompt="Q: 6*7?\n", sessions=False):
+def rollout(codec, script, *, budget=2, interp=None, max_resp=200, prompt="Q: 6*7?\n", sessions=False,
+            stop_at_answer=False):
     sampler = FakeSampler(codec, script)
     interp = interp or FakeInterpreter()
-    limits = RolloutLimits(max_response_tokens=max_resp, output_max_chars=400, use_sessions=sessions)
+    limits = RolloutLimits(max_response_tokens=max_resp, output_max_chars=400, use_sessions=sessions,
+                           stop_at_answer=stop_at_answer)
     traj = asyncio.run(
         run_rollout(make_task(codec, prompt), 0, budget, sampler=sampler, interpreter=interp, codec=codec,
                     format_output=format_output, limits=limits)
@@ -320,6 +322,64 @@ def test_sessions_are_named_and_closed():
 def test_block_scanner(text, expected):
     block = BlockScanner(text).next_block()
     assert (block.code if block else None) == (expected.strip() if expected else None)
+
+
+def test_stop_at_answer_ends_the_response_at_the_box_close():
+    codec = FakeCodec()
+    # The box closes inside the token "}$": that whole token is kept; the trailing junk is never read.
+    pieces = ["The", " answer", " is", " $\\boxed{", "4", "{2}", "}$", ".", "}$.", "}$.", EOS]
+    traj, sampler, _ = rollout(codec, [Segment(pieces)], stop_at_answer=True)
+    check_invariants(traj, codec)
+    assert traj.response_text == "The answer is $\\boxed{4{2}}$"
+    assert traj.finish_reason == FinishReason.STOP and sampler.streams[0].closed
+    assert sampler.streams[0].delivered == 7
+    traj, _, _ = rollout(codec, [Segment(pieces)])  # off (the default): the model decides where to end
+    assert traj.response_text == "The answer is $\\boxed{4{2}}$.}$.}$."
+
+
+def test_stop_at_answer_ignores_boxes_in_code_and_in_interpreter_output():
+    codec = FakeCodec()
+    code = ["```python", "\nprint('\\\\boxed{1}')\n", "```"]  # the program prints a box
+    script = [Segment([*code, "x"]), Segment([" so", " \\boxed{", "1", "}", " more", EOS])]
+    interp = FakeInterpreter(results={"print('\\\\boxed{1}')": ExecResult(ok=True, stdout="\\boxed{9}\n")})
+    traj, sampler, interp = rollout(codec, script, interp=interp, stop_at_answer=True)
+    check_invariants(traj, codec)
+    assert len(interp.calls) == 1 and len(sampler.calls) == 2
+    assert "\\boxed{9}" in traj.tool_calls[0]["output"]
+    assert traj.response_text.endswith("```\n so \\boxed{1}")
+    # An open block hides a box until it closes; the block then runs before the box can end anything.
+    pieces = ["```python", "\n# \\boxed{2}\n", "```", " \\boxed{3}", EOS]
+    traj, _, interp = rollout(codec, [Segment(pieces, group=len(pieces)), Segment([" \\boxed{5}", " x", EOS])],
+                              stop_at_answer=True)
+    assert len(interp.calls) == 1 and "boxed{3}" not in traj.response_text
+    assert traj.response_text.endswith(" \\boxed{5}") and traj.num_code_blocks == 1
+
+
+def test_stop_at_answer_beyond_the_budget_counts_only_blocks_before_it():
+    codec = FakeCodec()
+    pieces = ["```python", "\n1\n", "```", " \\boxed{1}", " ```python", "\n2\n", "```", EOS]
+    traj, _, interp = rollout(codec, [Segment(pieces, group=len(pieces))], budget=0, stop_at_answer=True)
+    assert interp.calls == [] and traj.num_code_blocks == 1
+    assert traj.response_text == "```python\n1\n``` \\boxed{1}" and traj.finish_reason == FinishReason.BUDGET
+
+
+@pytest.mark.parametrize(
+    "pieces, expected",
+    [
+        (["a \\boxed{1}"], len("a \\boxed{1}")),
+        (["\\box", "ed", " ", "{1", "}"], len("\\boxed {1}")),
+        (["\\boxed{", "{1}"], None),  # still open
+        (["\\boxedx \\boxed{2}"], len("\\boxedx \\boxed{2}")),
+        (["```python\n\\boxed{1}"], None),
+        (["```python\n\\boxed{1}\n``` \\boxed{2}!"], len("```python\n\\boxed{1}\n``` \\boxed{2}")),
+    ],
+)
+def test_answer_end(pieces, expected):
+    s = BlockScanner()
+    for piece in pieces:
+        s.feed(piece)
+        got = s.answer_end()
+    assert got == expected
 
 
 def test_block_scanner_piecewise_and_tails():
