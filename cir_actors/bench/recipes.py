@@ -4,8 +4,11 @@ side on several seeds, from one warm start per seed.
 For each seed (`data.seed`, which sets the task stream, the SFT order and the check set): the demo's
 warm start (SFT to the demo's stop rule), its held-out accuracy with tools, then for each recipe
 the demo's RL run from that same warm start and the held-out accuracy of its result. The gain is
-after − before on the same held-out problems, so recipes differ only in their RL. Results are
-written after every run to `<out>/recipes.json` (a run that stops midway keeps what it measured).
+after − before on the same held-out problems, so recipes differ only in their RL. Both are
+evaluated the way the recipe generates: a recipe that changes `generator.*` settings (e.g.
+`generator.stop_at_answer`) has the warm start evaluated again under them, since a model trained
+under one generation rule says nothing about itself under another. Results are written after every
+run to `<out>/recipes.json` (a run that stops midway keeps what it measured).
 
     python entrypoints/bench.py recipes --seeds 0 1 2 \\
         --recipe default --recipe ds=buffer.dynamic_sampling=true --recipe icepop=learner.correction=icepop
@@ -71,9 +74,14 @@ def run(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--reuse-warm-start", action="store_true",
                    help="a seed whose warm start and its held-out figure are already in --out is not warm-started "
                         "again (its row in recipes.json is kept; new recipes are added to it)")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="with --reuse-warm-start: a recipe whose RL run in --out finished is evaluated again, "
+                        "not trained again")
     p.add_argument("overrides", nargs="*", help="key=value applied to every recipe")
     args = p.parse_args(argv)
     recipes = [parse_recipe(s) for s in (args.recipe or DEFAULT_RECIPES)]
+    if args.reevaluate and not args.reuse_warm_start:
+        p.error("--reevaluate evaluates runs of the warm starts in --out: give --reuse-warm-start too")
 
     from cir_actors.config import load_config
     from cir_actors.data.preflight import check_inputs
@@ -131,21 +139,33 @@ def run(argv: list[str]) -> dict[str, Any]:
                 rl_cfg = load_config(args.config, args.overrides + [f"data.seed={seed}"] + extra)
                 rl_cfg.model.path = str(warm)
                 rl_cfg.logging.run_dir = str(seed_dir / name)
-                t = time.monotonic()
-                trainer = Trainer(rl_cfg)
-                try:
-                    summary = trainer.run()
-                finally:
-                    trainer.shutdown()
-                rl_s = time.monotonic() - t
                 ckpts = Path(rl_cfg.logging.run_dir) / "checkpoints"
+                done = row["runs"].get(name)
+                if args.reevaluate and done is not None and (ckpts / "latest").is_file():
+                    rl_s, steps, buffer = done["rl_s"], done["steps"], done["buffer"]
+                else:
+                    t = time.monotonic()
+                    trainer = Trainer(rl_cfg)
+                    try:
+                        summary = trainer.run()
+                    finally:
+                        trainer.shutdown()
+                    rl_s, steps, buffer = time.monotonic() - t, summary.get("final_version"), summary.get("buffer")
                 final = ckpts / (ckpts / "latest").read_text().strip() / "learner" / "hf"
-                after = held_out_accuracy(cfg, final, held_out, args.eval_n, seed_dir / f"eval_{name}")
-                row["runs"][name] = {"after": after, "gain": after - row["before"], "rl_s": rl_s,
-                                     "steps": summary.get("final_version"),
-                                     "buffer": summary.get("buffer")}
-                print(f"[recipes] seed {seed} {name}: {row['before']:.1%} -> {after:.1%} "
-                      f"({100 * (after - row['before']):+.1f} points), RL {rl_s:.0f} s", flush=True)
+                generation = sorted(o for o in extra if o.startswith("generator."))
+                before = row["before"]
+                if rl_cfg.generator != cfg.generator:  # the warm start, evaluated the way this recipe generates
+                    befores = row.setdefault("before_by_generation", {})
+                    key = ",".join(generation)
+                    if key not in befores:
+                        befores[key] = held_out_accuracy(rl_cfg, warm, held_out, args.eval_n,
+                                                         seed_dir / f"eval_warm_start_{name}")
+                    before = befores[key]
+                after = held_out_accuracy(rl_cfg, final, held_out, args.eval_n, seed_dir / f"eval_{name}")
+                row["runs"][name] = {"before": before, "after": after, "gain": after - before, "rl_s": rl_s,
+                                     "steps": steps, "buffer": buffer, "generation": generation}
+                print(f"[recipes] seed {seed} {name}: {before:.1%} -> {after:.1%} "
+                      f"({100 * (after - before):+.1f} points), RL {rl_s:.0f} s", flush=True)
                 save()
     finally:
         ray.shutdown()
