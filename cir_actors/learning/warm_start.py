@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 
 # The demo's warm start (`entrypoints/demo.py` and `bench.py recipes` default to these; docs/demo.md
 # has the measurements behind them).
-DEMO_SFT_STEPS = 1000
+DEMO_SFT_STEPS = 1500
 DEMO_SFT_LR = 2e-3
 DEMO_WARM_TARGET = 0.55
-DEMO_KIND_FLOOR = 0.25
+DEMO_KIND_FLOOR = 0.5
 
 
 def warm_start(cfg: Config, base_model: str | Path, out_dir: str | Path, *, steps: int, batch_size: int = 32,
