@@ -379,6 +379,10 @@ class RecoveryConfig(Section):
     """...but never before this many seconds (the first steps include engine start-up)."""
     call_timeout_s: float = Field(120.0, gt=0)
     """Deadline of the driver's control calls to the scheduler and buffer."""
+    generator_hang_s: float = Field(300.0, gt=0)
+    """A generator that is alive but answers nothing this long (a health check the driver sends
+    every step, or the hand-over of a sample the buffer takes) is killed and restarted like a dead
+    one. Its answers before its first health check (engine start-up) are not judged."""
 
 
 class DumpsConfig(Section):

@@ -74,12 +74,17 @@ class _Partial:
     min_version: int
 
 
+def actor_id(handle: Any) -> str:
+    """An actor handle's id, the same in every process that holds a handle to that actor."""
+    return handle._actor_id.hex()
+
+
 class ReplayBuffer:
     """Plain Python; the system runs it as the async Ray actor named `buffer`."""
 
     def __init__(
         self, max_staleness: int, *, drop_zero_advantage: bool = False, max_groups: int = 1024, ledger: Any = None,
-        continue_partials: bool = False,
+        continue_partials: bool = False, take_timeout_s: float = 300.0,
     ):
         self._ledger_handle = ledger  # the scheduler (an actor handle or, in tests, the object)
         self._continue_partials = continue_partials
@@ -87,6 +92,8 @@ class ReplayBuffer:
         self._continued: set[int] = set()  # groups handed to another generator (duplicates possible)
         self._partials_streamed = 0
         self._takes_failed = 0  # samples whose producer died before handing them over (run again elsewhere)
+        self._take_timeout_s = take_timeout_s
+        self._unresponsive: dict[str, str] = {}  # producer's actor id -> what it did not hand over in time
         self._max_staleness = max_staleness
         self._drop_zero_adv = drop_zero_advantage
         self._max_groups = max_groups
@@ -184,7 +191,7 @@ class ReplayBuffer:
         """Take ownership of a finished sample held by `source` (an actor with `take(key)`), then
         `add` it. Returns once the object exists, so the producer may die afterwards; True when the
         sample completed its group (False also when the producer died before handing it over)."""
-        ref = await self._take(source.take, key)
+        ref = await self._take(source, "take", key)
         if ref is None:
             return False
         return await self.add(group_id, n, admitted_version, sample_index, [ref], reward, min_version, meta)
@@ -196,23 +203,34 @@ class ReplayBuffer:
         `take_partial(key)`), then `add_partial` it. Returns whether it was kept."""
         if group_id in self._closed or group_id in self._ready:
             return False
-        ref = await self._take(source.take_partial, key)
+        ref = await self._take(source, "take_partial", key)
         if ref is None:
             return False
         return await self.add_partial(group_id, sample_index, [ref], response_len, min_version)
 
-    async def _take(self, method: Any, key: str) -> Any:
-        """A reference, owned here, to what `method(key)` hands over; None when its actor died first
-        (the sample is then not here, and whoever continues its group runs it again)."""
+    async def _take(self, source: Any, method: str, key: str) -> Any:
+        """A reference, owned here, to what `source.method(key)` hands over; None when its actor died first
+        (the sample is then not here, and whoever continues its group runs it again) or did not
+        answer within the take deadline: then it is named in `unresponsive()`, and the driver
+        restarts it like a dead one (its groups go on elsewhere, this sample among them)."""
         import ray.exceptions as rex
 
-        receipt, ref = method.options(num_returns=2).remote(key)
+        receipt, ref = getattr(source, method).options(num_returns=2).remote(key)
         try:
-            await receipt
+            await asyncio.wait_for(receipt, timeout=self._take_timeout_s)
         except (rex.RayActorError, rex.ActorUnavailableError):
             self._takes_failed += 1
             return None
+        except TimeoutError:
+            self._takes_failed += 1
+            self._unresponsive[actor_id(source)] = (
+                f"did not hand over sample {key} to the buffer within {self._take_timeout_s:.0f} s")
+            return None
         return ref
+
+    def unresponsive(self) -> dict[str, str]:
+        """Producers (by `actor_id`) that did not hand over a sample within the take deadline."""
+        return dict(self._unresponsive)
 
     async def add_partial(self, group_id: int, sample_index: int, ref: list[Any], response_len: int,
                           min_version: int) -> bool:
@@ -356,6 +374,7 @@ class ReplayBuffer:
             "partials_held": sum(len(h) for h in self._partials.values()),
             "partials_streamed": self._partials_streamed,
             "takes_failed": self._takes_failed,
+            "takes_timed_out": len(self._unresponsive),
         }
 
     def trajectory_conservation(self) -> dict[str, Any]:

@@ -107,6 +107,7 @@ class Trainer:
         self._generator_restarts = 0
         self._pending_recovery: dict[str, dict[str, Any]] = {}  # generator name -> its open recovery record
         self._stateless_pids: dict[str, int] = {}
+        self._probes: dict[int, tuple[Any, float, bool]] = {}  # generator -> (health check out, sent at, ever answered)
         self._cache_totals: dict[str, int] = {}  # the execution caches' counters at the last step
         self.pending_resume: dict[str, Any] | None = None  # an automatic resume, closed by the first step
 
@@ -144,6 +145,7 @@ class Trainer:
             max_groups=cfg.buffer.max_buffered_groups,
             ledger=self.scheduler,
             continue_partials=cfg.generator.continue_partials,
+            take_timeout_s=cfg.recovery.generator_hang_s,
         )
         self.interpreters = [
             ray.remote(InterpreterPool).options(**actor_options("interpreter", cfg, i)).remote(cfg.interpreter)
@@ -396,15 +398,20 @@ class Trainer:
         import ray
 
         done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        healed = set()
         for ref in done:
             i = self.runs.index(ref)
             try:
                 ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 self._heal_generator(i, e)
+                healed.add(i)
                 continue
             if not self._get(self.scheduler.stopped.remote(), "scheduler"):
                 raise RuntimeError(f"generator-{i} stopped while the scheduler was still admitting")
+        for i, why in self._hung_generators():
+            if i not in healed:
+                self._heal_generator(i, TimeoutError(f"generator-{i} is alive but {why}"))
         failures = self._get(self.scheduler.push_failures.remote(), "scheduler")
         if failures:
             raise RuntimeError(next(iter(failures.values())))
@@ -417,6 +424,29 @@ class Trainer:
                     log.warning("%s serving again after %.1f s (version %d)", name, rec["serving_again_s"],
                                 state["version"])
                     del self._pending_recovery[name]
+
+    def _hung_generators(self) -> list[tuple[int, str]]:
+        """Generators that are alive but answer nothing (an event loop stuck, a process stopped),
+        with what they failed to do: a health check outstanding for `recovery.generator_hang_s`
+        (judged only once the generator has answered one, so an engine still starting is not hung),
+        or a sample the buffer could not take from them within that deadline."""
+        import ray
+
+        from cir_actors.control.replay_buffer import actor_id
+
+        hang_s = self.cfg.recovery.generator_hang_s
+        named = self._get(self.buffer.unresponsive.remote(), "buffer")
+        now, hung = time.monotonic(), []
+        for i, w in enumerate(self.workers):
+            ref, sent, answered = self._probes.get(i, (None, now, False))
+            if ref is None or ray.wait([ref], timeout=0)[0]:  # answered (or failed: the run's ref tells)
+                self._probes[i] = (w.health.remote(), now, answered or ref is not None)
+            elif answered and now - sent > hang_s:
+                hung.append((i, f"answered no health check for {now - sent:.0f} s"))
+                continue
+            if actor_id(w) in named:
+                hung.append((i, named[actor_id(w)]))
+        return hung
 
     def _heal_generator(self, i: int, err: BaseException) -> None:
         """Generator i died: release its in-flight groups (their prompts are admitted again),
@@ -442,6 +472,7 @@ class Trainer:
             log.warning("recovery: %s died (%s); %d groups in flight released (%d samples dropped), restarting it",
                         name, type(err).__name__, len(lost), samples)
         ray.kill(self.workers[i], no_restart=True)
+        self._probes.pop(i, None)
         update = self._get(self.scheduler.current_update.remote(), "scheduler")
         if self.cfg.learner.publish == "broadcast":
             # A broadcast group's membership is fixed when it forms: the next one re-forms with the new actor.
@@ -456,7 +487,8 @@ class Trainer:
                 update = self.learner.publish()  # the new actor is on another node: with an object-store copy
         self._get(self.scheduler.register_generator.remote(name, self.workers[i], update), "scheduler")
         self.runs[i] = self.workers[i].run.remote()
-        self._pending_recovery[name] = {"role": "generator", "name": name, "at_version": update.version,
+        self._pending_recovery[name] = {"role": "generator", "name": name, "cause": f"{type(err).__name__}: {err}",
+                                        "at_version": update.version,
                                         "groups_released": len(lost), "samples_dropped": samples,
                                         "groups_continued": len(lost) if self.cfg.generator.continue_partials else 0,
                                         "_t0": t0}
@@ -513,17 +545,17 @@ class Trainer:
     def _row(self, version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start, learner_wait, dropped_total):
         import ray
 
-        from cir_actors.ops.step_time import generator_times, step_time_row
+        from cir_actors.ops.step_time import answers, step_time_row
 
         sm = step_metrics(batch.metas)
         sched = self._get(self.scheduler.state.remote(), "scheduler")
         buf = self._get(self.buffer.stats.remote(), "buffer")
-        wstats = []
-        for ref in [w.stats.remote() for w in self.workers]:
-            try:
-                wstats.append(ray.get(ref, timeout=30))
-            except Exception:  # noqa: BLE001, S112 - a generator that just died: healed at the next wait
-                continue
+        # Generators still starting after a restart are not asked (their calls would wait for the
+        # engine); one that hangs costs this row at most one short deadline (and is healed by `_check_workers`).
+        serving = [w for i, w in enumerate(self.workers) if f"generator-{i}" not in self._pending_recovery]
+        stats_refs, times_refs = [w.stats.remote() for w in serving], [w.step_times.remote() for w in serving]
+        deadline = time.monotonic() + 5.0
+        wstats = answers(stats_refs, 5.0)
         cache = []  # the interpreter pools' execution caches (cumulative counters; zeros when off)
         for ref in [p.cache_stats.remote() for p in self.interpreters]:
             try:
@@ -535,7 +567,7 @@ class Trainer:
         step_cache = {k: max(0, v - self._cache_totals.get(k, 0)) for k, v in totals.items()}
         self._cache_totals = totals
         lookups, hits = step_cache["lookups"], step_cache["hits"]
-        gen_times = generator_times(self.workers)  # where the step's time went (cir_actors/ops/step_time.py)
+        gen_times = answers(times_refs, max(0.0, deadline - time.monotonic()))  # where the step's time went (cir_actors/ops/step_time.py)
         step_s = t_pub - t0
         return {
             "step": version,

@@ -18,15 +18,17 @@ import statistics
 from typing import Any
 
 
-def generator_times(workers: list[Any], timeout_s: float = 30.0) -> list[dict[str, float]]:
-    """Each live generator's `step_times()` (a generator that does not answer is left out)."""
+def answers(refs: list[Any], timeout_s: float) -> list[Any]:
+    """The results of the calls that answered within one shared deadline, in call order; a call
+    that failed or did not answer in time (its actor died, hangs or is still starting) is left out."""
     import ray
 
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
     out = []
-    for ref in [w.step_times.remote() for w in workers]:
+    for ref in (r for r in refs if r in ready):
         try:
-            out.append(ray.get(ref, timeout=timeout_s))
-        except Exception:  # noqa: BLE001, S112 - a generator that just died: healed at the next wait
+            out.append(ray.get(ref, timeout=0))
+        except Exception:  # noqa: BLE001, S112 - a generator that just died: healed at the next check
             continue
     return out
 

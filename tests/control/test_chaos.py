@@ -16,6 +16,8 @@ model seldom calls the interpreter, whose calls are the other boundaries.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -158,6 +160,7 @@ class _Killer(threading.Thread):
     def __init__(self, run_dir: Path, plan: list[tuple[int, str, bool]]):
         super().__init__(daemon=True)
         self.run_dir, self.plan, self.done, self.log = run_dir, list(plan), threading.Event(), []
+        self.stopped: list[int] = []  # pids SIGSTOPped (`sigstop:<name>`): killed at the end whatever happened
 
     def run(self) -> None:
         import ray
@@ -180,6 +183,11 @@ class _Killer(threading.Thread):
                             time.sleep(0.02)
                             continue
                         name = crashed
+                    elif name.startswith("sigstop:"):  # alive but answering nothing
+                        actor = ray.get_actor(name.removeprefix("sigstop:"), namespace=NAMESPACE)
+                        pid = ray.get(actor.health.remote(), timeout=60)["pid"]
+                        os.kill(pid, signal.SIGSTOP)
+                        self.stopped.append(pid)
                     else:
                         ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=not restart)
                     self.log.append((rows[-1]["step"], name))
@@ -192,16 +200,29 @@ class _Killer(threading.Thread):
             time.sleep(0.3)
 
 
-def _train_with(run_dir, steps, plan):
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _train_with(run_dir, steps, plan, extra=()):
     from cir_actors.control.trainer import train
 
     killer = _Killer(run_dir, plan)
     killer.start()
     try:
-        summary = train(load_config(None, _overrides(run_dir, steps)))
+        summary = train(load_config(None, [*_overrides(run_dir, steps), *extra]))
+        outlived = [pid for pid in killer.stopped if _alive(pid)]
     finally:
         killer.done.set()
         killer.join(timeout=5)
+        for pid in killer.stopped:  # the run should have killed it; never leave a stopped process
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not outlived, f"SIGSTOPped processes outlived the run: {outlived}"
     assert not killer.plan, f"kills not done: {killer.plan} (done: {killer.log})"
     return summary
 
@@ -231,6 +252,28 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     assert sum(r["partial/continued_trajectories"] for r in rows) >= 1
     assert all(rep["error"] is None for rep in summary["served"].values()), summary["served"]
     assert {rep["version"] for rep in summary["served"].values()} == {steps}
+    _assert_no_leftovers(before)
+
+
+def test_a_generator_alive_but_answering_nothing_is_restarted(ray_session, tmp_path):
+    """A generator whose process is SIGSTOPped mid-run is alive to Ray but answers nothing: the
+    driver's health check finds it within `recovery.generator_hang_s`, kills it and restarts it
+    like a dead one, while the other generator keeps the run going (a step never waits on the hung
+    one for longer than a short deadline). Every step finishes with conservation at each, no group
+    is trained twice, and the stopped process is gone when the run ends (killed by the run)."""
+    before = _our_processes()
+    run_dir = tmp_path / "run"
+    steps = 30
+    _train_with(run_dir, steps, [(2, "sigstop:generator-0", False)],
+                extra=["recovery.generator_hang_s=5", "learner.save_every=100"])
+    rows = _check_run(run_dir, steps)
+    recs = [r for r in _recoveries(run_dir) if r["role"] == "generator"]
+    assert [r["name"] for r in recs] == ["generator-0"], recs
+    assert "generator-0 is alive but answered no health check" in recs[0]["cause"], recs
+    healed_at = recs[0]["at_version"]
+    assert healed_at < steps, recs  # found while the run went on, not at its end
+    gaps = [b["time/elapsed_s"] - a["time/elapsed_s"] for a, b in itertools.pairwise(rows)]
+    assert max(gaps[2:]) < 30, gaps  # no step waited 30 s per call on the hung generator, as rows once did
     _assert_no_leftovers(before)
 
 

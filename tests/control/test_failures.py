@@ -499,3 +499,40 @@ def test_a_sample_whose_generator_dies_before_handing_it_over_is_not_kept(ray_se
         assert ray.get(buf._partial[gid].refs[1], timeout=30) == "sample 1"  # owned here: outlives its producer
 
     asyncio.run(go())
+
+
+def test_a_sample_whose_generator_hangs_is_not_waited_for_forever(ray_session):
+    """A producer that is alive but never hands its sample over: `pull` gives up at the take
+    deadline with nothing kept (the sample is not in the group's `have`, so the group's
+    continuation runs it again), and the buffer names the producer in `unresponsive()` — the
+    driver restarts it like a dead one. A producer that answers in time is not named."""
+    import asyncio
+    import time
+
+    import ray
+
+    from cir_actors.control.replay_buffer import actor_id
+
+    @ray.remote(num_cpus=0)
+    class Source:
+        async def take(self, key):
+            if key == "hang":
+                await asyncio.sleep(3600)
+            return True, f"sample {key}"
+
+    async def go():
+        sched = BudgetScheduler(_cfg(**{"generator.samples_per_prompt": 2}), _tasks(2))
+        buf = ReplayBuffer(1, ledger=sched, continue_partials=True, take_timeout_s=1.0)
+        gid = sched.try_admit("g0", 0).group_id
+        hung, fine = Source.remote(), Source.remote()
+        t0 = time.monotonic()
+        assert not await buf.pull(gid, 2, 0, 0, hung, "hang", 1.0, 0)
+        assert 1.0 <= time.monotonic() - t0 < 30
+        assert not await buf.pull(gid, 2, 0, 1, fine, "s", 0.0, 0)  # kept; the group is not complete yet
+        assert (await buf.continuation(gid))["have"] == [1]
+        named = buf.unresponsive()
+        assert list(named) == [actor_id(hung)] and "within 1 s" in named[actor_id(hung)], named
+        assert buf.stats()["takes_timed_out"] == 1 and buf.stats()["takes_failed"] == 1
+        ray.kill(hung)
+
+    asyncio.run(go())
