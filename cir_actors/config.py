@@ -379,6 +379,10 @@ class RecoveryConfig(Section):
     """...but never before this many seconds (the first steps include engine start-up)."""
     call_timeout_s: float = Field(120.0, gt=0)
     """Deadline of the driver's control calls to the scheduler and buffer."""
+    learner_timeout_s: float = Field(3600.0, gt=0)
+    """Deadline of each call to the learner ranks (a step, a publication, a checkpoint, start-up):
+    a rank that answers nothing this long (a collective stuck, a process stopped) is treated like a
+    dead rank — the run's actors are restarted and it resumes from its latest checkpoint."""
     generator_hang_s: float = Field(300.0, gt=0)
     """A generator that is alive but answers nothing this long (a health check the driver sends
     every step, or the hand-over of a sample the buffer takes) is killed and restarted like a dead

@@ -47,6 +47,11 @@ class DropReason(StrEnum):
     DUPLICATE = "duplicate"  # a continued sample arrived after the dead generator's own copy (one is kept)
 
 
+class LearnerHung(TimeoutError):
+    """A call to the learner ranks did not finish within `recovery.learner_timeout_s` (a rank is
+    stuck or stopped); the trainer treats it like a dead rank."""
+
+
 class InfraFault(RuntimeError):
     """An infrastructure failure (an interpreter or scorer that cannot serve even after retries).
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cir_actors.config import Config, dump_config
+from cir_actors.types import LearnerHung
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class StatefulRoleDied(RuntimeError):
     """A learner rank, the buffer or the scheduler died: the run resumes from its latest checkpoint."""
 
     def __init__(self, role: str, cause: BaseException):
-        super().__init__(f"{role} died ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})")
+        self.cause = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        super().__init__(f"{role} died ({self.cause})")
         self.role = role
 
 
@@ -290,7 +292,7 @@ class Trainer:
                 learner_wait += t_batch - t0
                 try:
                     train_metrics = self.learner.train_step(batch.groups, record=cfg.dumps.per_step)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LearnerHung) as e:
                     raise StatefulRoleDied("learner rank", e) from e
                 dump_row = dump_step(self.run_dir, self.learner.version, train_metrics.pop("records", []), cfg)
                 lost_idx = set(train_metrics.pop("lost_groups", []))
@@ -306,7 +308,7 @@ class Trainer:
                 t_train = time.monotonic()
                 try:
                     update = self.learner.publish()
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LearnerHung) as e:
                     raise StatefulRoleDied("learner rank", e) from e
                 update = self._get(self.scheduler.advance.remote(update), "scheduler")
                 version = update.version
@@ -635,7 +637,7 @@ class Trainer:
         except Exception as e:
             import ray.exceptions as rex
 
-            if isinstance(e, rex.RayActorError | rex.ActorUnavailableError):
+            if isinstance(e, rex.RayActorError | rex.ActorUnavailableError | LearnerHung):
                 raise StatefulRoleDied("learner rank", e) from e
             raise
         cut = self._get(self.buffer.checkpoint_cut.remote(), "buffer", timeout=600)
@@ -758,6 +760,7 @@ def train(cfg: Config) -> dict[str, Any]:
             log.warning("recovery %d/%d: %s; restarting the run's actors and resuming from %s",
                         recoveries, cfg.recovery.max_recoveries, e, where)
             # The next Trainer resumes; its first step closes the record with the time to train again.
-            pending = {"role": e.role.split()[0], "name": e.role, "resumed_from": where, "_t0": time.monotonic()}
+            pending = {"role": e.role.split()[0], "name": e.role, "cause": e.cause, "resumed_from": where,
+                       "_t0": time.monotonic()}
         finally:
             trainer.shutdown()

@@ -53,7 +53,7 @@ from cir_actors.config import Config
 from cir_actors.learning.dumps import merge_turn_sums, turn_metrics
 from cir_actors.learning.learner_rank import MAX_SUMS, MEAN_DIAGS, LearnerRank, plan_micro_batches
 from cir_actors.ops.cluster import Role, actor_options
-from cir_actors.types import PolicyUpdate, Trajectory
+from cir_actors.types import LearnerHung, PolicyUpdate, Trajectory
 
 __all__ = ["Learner", "LearnerRank", "plan_micro_batches"]
 
@@ -119,8 +119,8 @@ class Learner:
                     .remote(cfg, self.model_path, i, lcfg.num_ranks)
                 )
             try:
-                addr, port = ray.get(self.ranks[0].address.remote())
-                info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
+                addr, port = self._get(self.ranks[0].address.remote(), "start-up")
+                info = self._get([r.setup.remote(addr, port) for r in self.ranks], "start-up")
                 break
             except BaseException as e:
                 self.shutdown()
@@ -136,6 +136,18 @@ class Learner:
         self._rank0_node: str | None = None
         self._logged_elsewhere: list[str] = []
 
+    def _get(self, refs: Any, what: str) -> Any:
+        """ray.get of calls to the ranks within `recovery.learner_timeout_s`; past it, `LearnerHung`
+        naming the call (the trainer treats it like a dead rank)."""
+        import ray
+
+        timeout = self.cfg.recovery.learner_timeout_s
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as e:
+            raise LearnerHung(f"the learner's {what} did not finish within {timeout:.0f} s "
+                              "(recovery.learner_timeout_s): a rank is stuck or stopped") from e
+
     @property
     def version(self) -> int:
         """The version of the current weights: optimizer steps (train or SFT) taken so far."""
@@ -146,11 +158,10 @@ class Learner:
         return self._step
 
     def _wait_pending(self) -> None:
-        import ray
 
         if self._pending:
             pending, self._pending = self._pending, []
-            send_s = ray.get(pending)[0]
+            send_s = self._get(pending, "broadcast publication")[0]
             self.last_publish.update(send_s=send_s, total_s=time.perf_counter() - self._pending_t0)
 
     def train_step(self, groups: list[list[Any]], record: int = 0) -> dict:
@@ -165,7 +176,6 @@ class Learner:
         each update's, before its step, over its mini-batch's masked tokens), the loss diagnostics
         (token-weighted over ranks), entropy, grad_norm, tokens and trajectories trained,
         zero-advantage groups, tokens/s, time, step and version."""
-        import ray
 
         self._wait_pending()
         mbp = self.cfg.learner.mini_batch_prompts
@@ -175,7 +185,7 @@ class Learner:
             shards[(g % mbp) % world].append((g, g // mbp, list(group)))
         t0 = time.perf_counter()
         quota = [record // world + (i < record % world) for i in range(world)]
-        parts = ray.get([r.train_step.remote(s, q) for r, s, q in zip(self.ranks, shards, quota)])
+        parts = self._get([r.train_step.remote(s, q) for r, s, q in zip(self.ranks, shards, quota)], "train step")
         elapsed = time.perf_counter() - t0
         self._step += 1
         out = _merge_rank_sums(parts)
@@ -209,12 +219,11 @@ class Learner:
 
     def sft_step(self, trajectories: list[Trajectory]) -> dict:
         """One optimizer update of cross-entropy on loss-masked tokens; returns loss and tokens/s."""
-        import ray
 
         self._wait_pending()
         world = len(self.ranks)
         t0 = time.perf_counter()
-        parts = ray.get([r.sft_step.remote(trajectories[i::world]) for i, r in enumerate(self.ranks)])
+        parts = self._get([r.sft_step.remote(trajectories[i::world]) for i, r in enumerate(self.ranks)], "SFT step")
         elapsed = time.perf_counter() - t0
         self._step += 1
         out = _merge_rank_sums(parts)
@@ -225,11 +234,10 @@ class Learner:
     def compute_logprobs(self, token_ids_B: list[np.ndarray], temperature: float = 1.0) -> list[np.ndarray]:
         """The learner's log-prob of every token given its prefix (entry 0 is 0), current weights,
         of the logits divided by `temperature`."""
-        import ray
 
         self._wait_pending()
         involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
-        return ray.get([r.compute_logprobs.remote(list(token_ids_B), temperature) for r in involved])[0]
+        return self._get([r.compute_logprobs.remote(list(token_ids_B), temperature) for r in involved], "log-probs")[0]
 
     def publish(self, via: str | None = None) -> PolicyUpdate:
         """Publish the current weights as version `self.version` (`via`: "object_store",
@@ -237,7 +245,6 @@ class Learner:
         shared-memory paths return once the weights are in the store or the region. The broadcast
         path returns at once with the group address: rank 0 sends when the generators call
         `weight_sync.receive_broadcast`; the next learner call waits for that to finish. `budget` is the schedule's value at this version (the scheduler owns it)."""
-        import ray
 
         self._wait_pending()
         via = via or self.cfg.learner.publish
@@ -245,16 +252,15 @@ class Learner:
         involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
         t0 = time.perf_counter()
         if via == "object_store":
-            (ref,), checksum, timings = ray.get([r.publish_object_store.remote() for r in involved])[0]
+            (ref,), checksum, timings = self._get([r.publish_object_store.remote() for r in involved], "publication")[0]
             self.last_publish = {"via": via, "total_s": time.perf_counter() - t0, **timings}
             return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum)
         if via == "shared_memory":
             return self._publish_shared(budget, involved, t0)
         if via != "broadcast":
             raise ValueError(f"publish via '{via}': expected 'object_store', 'broadcast' or 'shared_memory'")
-        address, checksum, timings = ray.get(
-            [r.prepare_broadcast.remote(self.num_receivers) for r in involved]
-        )[0]
+        address, checksum, timings = self._get(
+            [r.prepare_broadcast.remote(self.num_receivers) for r in involved], "publication")[0]
         self.last_publish = {"via": via, "prepare_s": time.perf_counter() - t0, **timings}
         self._pending = [r.publish_broadcast.remote(self.version) for r in involved]
         self._pending_t0 = t0
@@ -277,9 +283,9 @@ class Learner:
         self._logged_elsewhere = elsewhere
         where, ref, checksum, timings = None, None, "", {}
         if shared:
-            where, checksum, timings = ray.get([r.publish_shared_memory.remote(self.version) for r in involved])[0]
+            where, checksum, timings = self._get([r.publish_shared_memory.remote(self.version) for r in involved], "publication")[0]
         if elsewhere or not shared:
-            (ref,), checksum, put = ray.get([r.publish_object_store.remote() for r in involved])[0]
+            (ref,), checksum, put = self._get([r.publish_object_store.remote() for r in involved], "publication")[0]
             timings = {**timings, **put}
         self.last_publish = {"via": "shared_memory", "total_s": time.perf_counter() - t0, **timings}
         return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum, shared_memory=where)
@@ -288,16 +294,15 @@ class Learner:
         """Unlink the shared-memory region (the next shared-memory publication creates it again)."""
         import ray
 
-        ray.get([r.close_shared_memory.remote() for r in self.ranks[:1]], timeout=60)
+        ray.get([r.close_shared_memory.remote() for r in self.ranks[:1]], timeout=10)
 
     def reset_broadcast(self) -> None:
         """Dissolve the broadcast group; the next broadcast publication opens a new one (a new
         address) that every generator joins afresh. Call it when a generator was replaced: a group's
         membership is fixed when it forms."""
-        import ray
 
         self._wait_pending()
-        ray.get(self.ranks[0].close_broadcast.remote())
+        self._get(self.ranks[0].close_broadcast.remote(), "broadcast reset")
 
     def wait_published(self) -> None:
         """Block until a broadcast publication has been received by every generator."""
@@ -306,9 +311,8 @@ class Learner:
     def save_checkpoint(self, path: str | Path) -> None:
         self._wait_pending()
         Path(path).mkdir(parents=True, exist_ok=True)
-        import ray
 
-        ray.get([r.save_checkpoint.remote(str(path), self._step, self.version) for r in self.ranks])
+        self._get([r.save_checkpoint.remote(str(path), self._step, self.version) for r in self.ranks], "checkpoint save")
 
     def load_checkpoint(self, path: str | Path) -> None:
         self._wait_pending()
@@ -322,9 +326,8 @@ class Learner:
                 f"checkpoint '{path}' was saved with {meta['num_ranks']} ranks and ZeRO {meta['zero_stage']}; "
                 f"learner.num_ranks and learner.zero_stage must match ({want[0]}, {want[1]} now)"
             )
-        import ray
 
-        states = ray.get([r.load_checkpoint.remote(str(path)) for r in self.ranks])
+        states = self._get([r.load_checkpoint.remote(str(path)) for r in self.ranks], "checkpoint load")
         self._step = states[0]["step"]
 
     def shutdown(self) -> None:

@@ -185,7 +185,7 @@ class _Killer(threading.Thread):
                         name = crashed
                     elif name.startswith("sigstop:"):  # alive but answering nothing
                         actor = ray.get_actor(name.removeprefix("sigstop:"), namespace=NAMESPACE)
-                        pid = ray.get(actor.health.remote(), timeout=60)["pid"]
+                        pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=120)
                         os.kill(pid, signal.SIGSTOP)
                         self.stopped.append(pid)
                     else:
@@ -274,6 +274,24 @@ def test_a_generator_alive_but_answering_nothing_is_restarted(ray_session, tmp_p
     assert healed_at < steps, recs  # found while the run went on, not at its end
     gaps = [b["time/elapsed_s"] - a["time/elapsed_s"] for a, b in itertools.pairwise(rows)]
     assert max(gaps[2:]) < 30, gaps  # no step waited 30 s per call on the hung generator, as rows once did
+    _assert_no_leftovers(before)
+
+
+def test_a_learner_rank_answering_nothing_is_resumed_from(ray_session, tmp_path):
+    """A learner rank SIGSTOPped mid-run: the driver's call to it passes
+    `recovery.learner_timeout_s`, which is treated like the rank's death — every actor is restarted
+    and the run resumes from its latest checkpoint — instead of waiting forever. Every step
+    finishes, conservation holds at each, no group is trained twice, and the stopped process is gone
+    when the run ends."""
+    before = _our_processes()
+    run_dir = tmp_path / "run"
+    steps = 6
+    _train_with(run_dir, steps, [(3, "sigstop:learner-rank-0", False)], extra=["recovery.learner_timeout_s=20"])
+    _check_run(run_dir, steps)
+    resumes = [r for r in _recoveries(run_dir) if "resumed_after_s" in r]
+    assert [r["role"] for r in resumes] == ["learner"], resumes
+    assert resumes[0]["resumed_from"].startswith("step-"), resumes
+    assert "LearnerHung" in resumes[0]["cause"] and "recovery.learner_timeout_s" in resumes[0]["cause"], resumes
     _assert_no_leftovers(before)
 
 
