@@ -499,15 +499,6 @@ class ReplayBuffer:
             for g in self._ready.values()
         ]
 
-    def checkpoint_groups(self) -> list[dict[str, Any]]:
-        """The ready groups with their data (resolved from the object store)."""
-        import ray
-
-        out = self.checkpoint_groups_refs()
-        for g in out:
-            g["samples"] = ray.get(g.pop("refs"))
-        return out
-
     def restore_groups(self, groups: list[dict[str, Any]]) -> None:
         import ray
 
