@@ -489,7 +489,7 @@ class Trainer:
                 update = self.learner.publish()  # the new actor is on another node: with an object-store copy
         self._get(self.scheduler.register_generator.remote(name, self.workers[i], update), "scheduler")
         self.runs[i] = self.workers[i].run.remote()
-        self._pending_recovery[name] = {"role": "generator", "name": name, "cause": f"{type(err).__name__}: {err}",
+        self._pending_recovery[name] = {"role": "generator", "name": name, "cause": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}",
                                         "at_version": update.version,
                                         "groups_released": len(lost), "samples_dropped": samples,
                                         "groups_continued": len(lost) if self.cfg.generator.continue_partials else 0,
@@ -532,7 +532,7 @@ class Trainer:
         last_s: dict[str, float] = {}
         for r in self.recoveries:
             for k in ("serving_again_s", "resumed_after_s"):
-                if k in r:
+                if r.get(k) is not None:  # None: restarted, but the run stopped before it served
                     last_s[r["role"]] = r[k]
         self._run_metrics.conservation(groups, traj)
         self._run_metrics.restarts(dict(restarts), last_s)
@@ -684,6 +684,10 @@ class Trainer:
         free (an automatic resume creates them again under the same names)."""
         import ray
 
+        for rec in self._pending_recovery.values():  # restarted, but the run stopped (to resume) before it served
+            rec["serving_again_s"] = None
+            self._record_recovery(rec)
+        self._pending_recovery.clear()
         for w in getattr(self, "workers", []):
             try:
                 ray.get(w.shutdown.remote(), timeout=60)
