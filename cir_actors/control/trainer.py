@@ -85,11 +85,16 @@ def step_metrics(metas: list[list[dict[str, float]]]) -> dict[str, Any]:
     }
 
 
+def one_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for logs and recovery records."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
 class StatefulRoleDied(RuntimeError):
     """A learner rank, the buffer or the scheduler died: the run resumes from its latest checkpoint."""
 
     def __init__(self, role: str, cause: BaseException):
-        self.cause = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        self.cause = one_line(cause)
         super().__init__(f"{role} died ({self.cause})")
         self.role = role
 
@@ -489,7 +494,7 @@ class Trainer:
                 update = self.learner.publish()  # the new actor is on another node: with an object-store copy
         self._get(self.scheduler.register_generator.remote(name, self.workers[i], update), "scheduler")
         self.runs[i] = self.workers[i].run.remote()
-        self._pending_recovery[name] = {"role": "generator", "name": name, "cause": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}",
+        self._pending_recovery[name] = {"role": "generator", "name": name, "cause": one_line(err),
                                         "at_version": update.version,
                                         "groups_released": len(lost), "samples_dropped": samples,
                                         "groups_continued": len(lost) if self.cfg.generator.continue_partials else 0,
@@ -569,7 +574,8 @@ class Trainer:
         step_cache = {k: max(0, v - self._cache_totals.get(k, 0)) for k, v in totals.items()}
         self._cache_totals = totals
         lookups, hits = step_cache["lookups"], step_cache["hits"]
-        gen_times = answers(times_refs, max(0.0, deadline - time.monotonic()))  # where the step's time went (cir_actors/ops/step_time.py)
+        # where the step's time went (cir_actors/ops/step_time.py)
+        gen_times = answers(times_refs, max(0.0, deadline - time.monotonic()))
         step_s = t_pub - t0
         return {
             "step": version,

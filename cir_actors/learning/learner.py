@@ -158,7 +158,6 @@ class Learner:
         return self._step
 
     def _wait_pending(self) -> None:
-
         if self._pending:
             pending, self._pending = self._pending, []
             send_s = self._get(pending, "broadcast publication")[0]
@@ -176,7 +175,6 @@ class Learner:
         each update's, before its step, over its mini-batch's masked tokens), the loss diagnostics
         (token-weighted over ranks), entropy, grad_norm, tokens and trajectories trained,
         zero-advantage groups, tokens/s, time, step and version."""
-
         self._wait_pending()
         mbp = self.cfg.learner.mini_batch_prompts
         world = len(self.ranks)
@@ -219,7 +217,6 @@ class Learner:
 
     def sft_step(self, trajectories: list[Trajectory]) -> dict:
         """One optimizer update of cross-entropy on loss-masked tokens; returns loss and tokens/s."""
-
         self._wait_pending()
         world = len(self.ranks)
         t0 = time.perf_counter()
@@ -234,7 +231,6 @@ class Learner:
     def compute_logprobs(self, token_ids_B: list[np.ndarray], temperature: float = 1.0) -> list[np.ndarray]:
         """The learner's log-prob of every token given its prefix (entry 0 is 0), current weights,
         of the logits divided by `temperature`."""
-
         self._wait_pending()
         involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
         return self._get([r.compute_logprobs.remote(list(token_ids_B), temperature) for r in involved], "log-probs")[0]
@@ -245,7 +241,6 @@ class Learner:
         shared-memory paths return once the weights are in the store or the region. The broadcast
         path returns at once with the group address: rank 0 sends when the generators call
         `weight_sync.receive_broadcast`; the next learner call waits for that to finish. `budget` is the schedule's value at this version (the scheduler owns it)."""
-
         self._wait_pending()
         via = via or self.cfg.learner.publish
         budget = self.cfg.scheduler.budget_at(self.version)
@@ -300,7 +295,6 @@ class Learner:
         """Dissolve the broadcast group; the next broadcast publication opens a new one (a new
         address) that every generator joins afresh. Call it when a generator was replaced: a group's
         membership is fixed when it forms."""
-
         self._wait_pending()
         self._get(self.ranks[0].close_broadcast.remote(), "broadcast reset")
 
