@@ -378,7 +378,9 @@ class RecoveryConfig(Section):
     min_stall_s: float = Field(600.0, gt=0)
     """...but never before this many seconds (the first steps include engine start-up)."""
     call_timeout_s: float = Field(120.0, gt=0)
-    """Deadline of the driver's control calls to the scheduler and buffer."""
+    """Deadline of the driver's control calls to the scheduler and buffer: one that answers nothing
+    this long (a process stopped or wedged) is treated like a dead one — the run's actors are
+    restarted and it resumes from its latest checkpoint."""
     learner_timeout_s: float = Field(3600.0, gt=0)
     """Deadline of each call to the learner ranks (a step, a publication, a checkpoint, start-up):
     a rank that answers nothing this long (a collective stuck, a process stopped) is treated like a

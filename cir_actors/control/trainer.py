@@ -91,7 +91,8 @@ def one_line(err: BaseException) -> str:
 
 
 class StatefulRoleDied(RuntimeError):
-    """A learner rank, the buffer or the scheduler died: the run resumes from its latest checkpoint."""
+    """A learner rank, the buffer or the scheduler died or answers nothing: the run resumes from its
+    latest checkpoint."""
 
     def __init__(self, role: str, cause: BaseException):
         self.cause = one_line(cause)
@@ -196,16 +197,20 @@ class Trainer:
                 time.sleep(0.5)
 
     def _get(self, ref: Any, role: str, timeout: float | None = None) -> Any:
-        """ray.get with a deadline; the death of a stateful role becomes StatefulRoleDied."""
+        """ray.get from the buffer or the scheduler with a deadline. Its death, or no answer before
+        the deadline (a stopped or wedged process), becomes StatefulRoleDied: the run resumes."""
         import ray
         import ray.exceptions as rex
 
+        setting = "" if timeout else " (recovery.call_timeout_s)"
+        timeout = timeout or self.cfg.recovery.call_timeout_s
         try:
-            return ray.get(ref, timeout=timeout or self.cfg.recovery.call_timeout_s)
+            return ray.get(ref, timeout=timeout)
         except (rex.RayActorError, rex.ActorUnavailableError) as e:
             raise StatefulRoleDied(role, e) from e
         except rex.GetTimeoutError as e:
-            raise RuntimeError(f"the {role} did not answer within {timeout or self.cfg.recovery.call_timeout_s:.0f} s") from e
+            hung = TimeoutError(f"the {role} answered nothing for {timeout:.0f} s{setting}")
+            raise StatefulRoleDied(role, hung) from e
 
     def _maybe_resume(self) -> int | None:
         """Restore learner, buffer, scheduler and counters from the latest checkpoint, if any."""

@@ -295,6 +295,24 @@ def test_a_learner_rank_answering_nothing_is_resumed_from(ray_session, tmp_path)
     _assert_no_leftovers(before)
 
 
+def test_a_buffer_answering_nothing_is_resumed_from(ray_session, tmp_path):
+    """The buffer SIGSTOPped mid-run: the driver's next call to it passes
+    `recovery.call_timeout_s`, which is treated like the buffer's death (every actor restarted, the
+    run resumed from its latest checkpoint) instead of ending the run or waiting forever. Every step
+    finishes, conservation holds at each, no group is trained twice, and the stopped process is gone
+    when the run ends."""
+    before = _our_processes()
+    run_dir = tmp_path / "run"
+    steps = 6
+    _train_with(run_dir, steps, [(3, "sigstop:buffer", False)], extra=["recovery.call_timeout_s=20"])
+    _check_run(run_dir, steps)
+    resumes = [r for r in _recoveries(run_dir) if "resumed_after_s" in r]
+    assert [r["role"] for r in resumes] == ["buffer"], resumes
+    assert resumes[0]["resumed_from"].startswith("step-"), resumes
+    assert "answered nothing for 20 s (recovery.call_timeout_s)" in resumes[0]["cause"], resumes
+    _assert_no_leftovers(before)
+
+
 def test_driver_sigkill_then_same_command_resumes(ray_session, tmp_path):
     import ray
 
