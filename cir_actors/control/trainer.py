@@ -85,6 +85,24 @@ def step_metrics(metas: list[list[dict[str, float]]]) -> dict[str, Any]:
     }
 
 
+CACHE_COUNTERS = ("lookups", "hits", "calls_saved")
+
+
+def cache_step_counts(last: dict[int, dict[str, int]], answered: dict[int, dict[str, int]]) -> dict[str, int]:
+    """This step's execution-cache counts from the pools that answered ({pool index: cumulative
+    counters}), against what each reported when it last answered (`last`, updated in place). A pool
+    that did not answer is counted when it next does; one whose counters went down was restarted
+    and counts from 0."""
+    step = dict.fromkeys(CACHE_COUNTERS, 0)
+    for i, now in answered.items():
+        before = last.get(i, {})
+        restarted = now["lookups"] < before.get("lookups", 0)
+        for k in CACHE_COUNTERS:
+            step[k] += now[k] - (0 if restarted else before.get(k, 0))
+        last[i] = {k: now[k] for k in CACHE_COUNTERS}
+    return step
+
+
 def one_line(err: BaseException) -> str:
     """`Type: first line of the message`, for logs and recovery records."""
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
@@ -116,7 +134,7 @@ class Trainer:
         self._pending_recovery: dict[str, dict[str, Any]] = {}  # generator name -> its open recovery record
         self._stateless_pids: dict[str, int] = {}
         self._probes: dict[int, tuple[Any, float, bool]] = {}  # generator -> (health check out, sent at, ever answered)
-        self._cache_totals: dict[str, int] = {}  # the execution caches' counters at the last step
+        self._cache_totals: dict[int, dict[str, int]] = {}  # each pool's cache counters when it last answered
         self.pending_resume: dict[str, Any] | None = None  # an automatic resume, closed by the first step
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -555,9 +573,7 @@ class Trainer:
         return row
 
     def _row(self, version, batch, train_metrics, t0, t_batch, t_train, t_pub, t_start, learner_wait, dropped_total):
-        import ray
-
-        from cir_actors.ops.step_time import answers, step_time_row
+        from cir_actors.ops.step_time import answers, answers_by_index, step_time_row
 
         sm = step_metrics(batch.metas)
         sched = self._get(self.scheduler.state.remote(), "scheduler")
@@ -566,19 +582,15 @@ class Trainer:
         # engine); one that hangs costs this row at most one short deadline (and is healed by `_check_workers`).
         serving = [w for i, w in enumerate(self.workers) if f"generator-{i}" not in self._pending_recovery]
         stats_refs, times_refs = [w.stats.remote() for w in serving], [w.step_times.remote() for w in serving]
+        cache_refs = [p.cache_stats.remote() for p in self.interpreters]
         deadline = time.monotonic() + 5.0
         wstats = answers(stats_refs, 5.0)
-        cache = []  # the interpreter pools' execution caches (cumulative counters; zeros when off)
-        for ref in [p.cache_stats.remote() for p in self.interpreters]:
-            try:
-                cache.append(ray.get(ref, timeout=30))
-            except Exception:  # noqa: BLE001, S112 - a pool Ray is restarting: counted again next step
-                continue
-        totals = {k: sum(c[k] for c in cache) for k in ("lookups", "hits", "calls_saved")}
-        # per step: the difference from the last step's totals (a pool Ray restarted starts again at 0)
-        step_cache = {k: max(0, v - self._cache_totals.get(k, 0)) for k, v in totals.items()}
-        self._cache_totals = totals
+        # The interpreter pools' execution caches (cumulative counters; zeros when off), under the
+        # same deadline; a pool that does not answer (Ray is restarting it) is counted at a later step.
+        step_cache = cache_step_counts(self._cache_totals,
+                                       answers_by_index(cache_refs, max(0.0, deadline - time.monotonic())))
         lookups, hits = step_cache["lookups"], step_cache["hits"]
+        totals = {k: sum(c[k] for c in self._cache_totals.values()) for k in ("lookups", "hits")}
         # where the step's time went (cir_actors/ops/step_time.py)
         gen_times = answers(times_refs, max(0.0, deadline - time.monotonic()))
         step_s = t_pub - t0

@@ -21,14 +21,21 @@ from typing import Any
 def answers(refs: list[Any], timeout_s: float) -> list[Any]:
     """The results of the calls that answered within one shared deadline, in call order; a call
     that failed or did not answer in time (its actor died, hangs or is still starting) is left out."""
+    return list(answers_by_index(refs, timeout_s).values())
+
+
+def answers_by_index(refs: list[Any], timeout_s: float) -> dict[int, Any]:
+    """`answers`, keyed by each answered call's position in `refs`."""
     import ray
 
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
-    out = []
-    for ref in (r for r in refs if r in ready):
+    out = {}
+    for i, ref in enumerate(refs):
+        if ref not in ready:
+            continue
         try:
-            out.append(ray.get(ref, timeout=0))
-        except Exception:  # noqa: BLE001, S112 - a generator that just died: healed at the next check
+            out[i] = ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001, S112 - an actor that just died: healed at the next check
             continue
     return out
 

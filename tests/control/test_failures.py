@@ -536,3 +536,19 @@ def test_a_sample_whose_generator_hangs_is_not_waited_for_forever(ray_session):
         ray.kill(hung)
 
     asyncio.run(go())
+
+
+def test_cache_counts_per_step_survive_a_silent_and_a_restarted_pool():
+    """A pool that misses a step's deadline is counted when it next answers (not twice, not lost);
+    one whose counters went down was restarted and counts from 0."""
+    from cir_actors.control.trainer import cache_step_counts
+
+    def c(lookups, hits):
+        return {"lookups": lookups, "hits": hits, "calls_saved": hits}
+
+    last: dict = {}
+    assert cache_step_counts(last, {0: c(10, 4), 1: c(6, 1)}) == c(16, 5)
+    assert cache_step_counts(last, {0: c(15, 6)}) == c(5, 2)  # pool 1 silent this step
+    assert cache_step_counts(last, {0: c(15, 6), 1: c(9, 3)}) == c(3, 2)  # pool 1's two steps, once
+    assert cache_step_counts(last, {0: c(2, 1), 1: c(9, 3)}) == c(2, 1)  # pool 0 restarted
+    assert sum(v["lookups"] for v in last.values()) == 11
