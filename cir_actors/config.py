@@ -385,6 +385,10 @@ class RecoveryConfig(Section):
     """Deadline of each call to the learner ranks (a step, a publication, a checkpoint, start-up):
     a rank that answers nothing this long (a collective stuck, a process stopped) is treated like a
     dead rank — the run's actors are restarted and it resumes from its latest checkpoint."""
+    stateless_hang_s: float = Field(120.0, gt=0)
+    """An interpreter pool or scorer that is alive but answers no health check (sent every step)
+    this long is killed, and Ray restarts it; meanwhile its calls fail over to the other replicas
+    only at their deadlines. Its answers before its first health check are not judged."""
     generator_hang_s: float = Field(300.0, gt=0)
     """A generator that is alive but answers nothing this long (a health check the driver sends
     every step, or the hand-over of a sample the buffer takes) is killed and restarted like a dead

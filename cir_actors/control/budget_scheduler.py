@@ -25,7 +25,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +148,7 @@ class BudgetScheduler:
         self._verified: dict[str, bool] = {}  # name -> echoed the fingerprint of what it was last sent
         self._served: dict[str, dict[str, Any]] = {}  # name -> what it reported after its last update
         self._push_failures: dict[str, str] = {}  # name -> the sentence the driver ends the run with
+        self._broadcast_failed: dict[str, str] = {}  # name -> why it did not receive the current broadcast
         self._dead: set[str] = set()  # generators whose actor died (the driver restarts them)
         self._pushes: set[asyncio.Task] = set()
         self._waiting: dict[str, float] = {}  # generator -> since when it waits for admission
@@ -371,6 +372,7 @@ class BudgetScheduler:
             raise ValueError(f"version must increase: have {self._version}, got {update.version}")
         self._version = update.version
         self._update = PolicyUpdate(**{**update.__dict__, "budget": self._cfg.scheduler.budget_at(update.version)})
+        self._broadcast_failed.clear()  # about an older version; the new one reaches them or fails anew
         for name, handle in self._generators.items():
             if name not in self._dead:
                 # Not awaited here (the learner goes on); the generator is not admitted until it has loaded.
@@ -386,8 +388,9 @@ class BudgetScheduler:
         rcfg = self._cfg.recovery
         problem = ""
         for attempt in range(rcfg.push_retries + 1):
-            if self._generators.get(name) is not handle or update.version < self._version:
-                return  # superseded: a newer version or a new incarnation has its own push
+            if self._generators.get(name) is not handle or update.version < self._version or (
+                    update.broadcast_group and update.broadcast_group != self._update.broadcast_group):
+                return  # superseded: a newer version, a new incarnation or a republication has its own push
             try:
                 served = await asyncio.wait_for(_await(handle.update_weights.remote(update)), rcfg.push_timeout_s)
             except Exception as e:  # noqa: BLE001 - sorted below
@@ -409,7 +412,17 @@ class BudgetScheduler:
                     await self._notify()
                     return
                 problem = f"fingerprint mismatch: received {served.checksum or 'none'}"
+            if update.broadcast_group and (update.broadcast_group != self._update.broadcast_group
+                                           or update.version < self._version):
+                return  # superseded while it failed: the republication's push reports for it
             self._served[name] = {"version": None, "error": problem, "expected_checksum": update.checksum}
+            if update.broadcast_group:
+                # One member cannot retry a collective: the driver publishes this version again
+                # another way (`broadcast_failures`, `republish`). Not admitted until then.
+                self._verified[name] = False
+                self._broadcast_failed[name] = f"broadcast of version {update.version} {problem}"
+                await self._notify()
+                return
             if attempt < rcfg.push_retries:
                 await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
         self._verified[name] = False
@@ -421,6 +434,24 @@ class BudgetScheduler:
 
     def push_failures(self) -> dict[str, str]:
         return dict(self._push_failures)
+
+    def broadcast_failures(self) -> dict[str, str]:
+        """Generators that did not receive the current version's broadcast, and why."""
+        return dict(self._broadcast_failed)
+
+    async def republish(self, update: PolicyUpdate, skip: Sequence[str] = ()) -> PolicyUpdate:
+        """The current version's broadcast failed: `update` carries the same version another way
+        (the object store); push it to every live generator but `skip` (one that was just sent it),
+        superseding the broadcast's pushes."""
+        if update.version != self._version:
+            raise ValueError(f"republish of version {update.version}, the current version is {self._version}")
+        self._update = PolicyUpdate(**{**update.__dict__, "budget": self._cfg.scheduler.budget_at(update.version)})
+        self._broadcast_failed.clear()
+        for name, handle in self._generators.items():
+            if name not in self._dead and name not in skip:
+                self._spawn_push(name, handle, self._update)
+        await self._notify()
+        return self._update
 
     def dead_generators(self) -> list[str]:
         return sorted(self._dead)
@@ -462,6 +493,7 @@ class BudgetScheduler:
             "verified": dict(self._verified),
             "dead_generators": sorted(self._dead),
             "push_failures": dict(self._push_failures),
+            "broadcast_failures": dict(self._broadcast_failed),
         }
 
     async def wait_served(self, version: int, timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:

@@ -17,10 +17,12 @@ only the few numbers the buffer keeps per sample.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,17 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
+@contextlib.contextmanager
+def _learner_calls() -> Iterator[None]:
+    """Learner calls made outside the step's own: a dead or hung rank resumes the run, as in the step."""
+    import ray
+
+    try:
+        yield
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LearnerHung) as e:
+        raise StatefulRoleDied("learner rank", e) from e
+
+
 class StatefulRoleDied(RuntimeError):
     """A learner rank, the buffer or the scheduler died or answers nothing: the run resumes from its
     latest checkpoint."""
@@ -132,7 +145,8 @@ class Trainer:
         self.recoveries = _load_recoveries(self.run_dir)
         self._generator_restarts = 0
         self._pending_recovery: dict[str, dict[str, Any]] = {}  # generator name -> its open recovery record
-        self._stateless_pids: dict[str, int] = {}
+        self._stateless_pids: dict[str, int] = {}  # interpreter-i / scorer-i -> the pid that last answered
+        self._stateless_probes: dict[str, tuple[Any, float, bool]] = {}  # as _probes, per stateless actor
         self._probes: dict[int, tuple[Any, float, bool]] = {}  # generator -> (health check out, sent at, ever answered)
         self._cache_totals: dict[int, dict[str, int]] = {}  # each pool's cache counters when it last answered
         self.pending_resume: dict[str, Any] | None = None  # an automatic resume, closed by the first step
@@ -316,6 +330,7 @@ class Trainer:
                 t0 = time.monotonic()
                 self._check_workers()  # every step, not only while waiting: a dead generator is healed at once
                 batch = self._wait_batch(version, t0, dropped_total)
+                self._settle_publication()
                 t_batch = time.monotonic()
                 learner_wait += t_batch - t0
                 try:
@@ -366,6 +381,7 @@ class Trainer:
                     print(self._progress(row, total), flush=True)
                 if cfg.learner.save_every and version % cfg.learner.save_every == 0 and version < total:
                     self.save_checkpoint(version)
+            self._settle_publication()  # the last version reaches every generator
         finally:
             metrics_file.close()
         # The final checkpoint comes first: a late failure below loses nothing that was trained.
@@ -422,6 +438,36 @@ class Trainer:
                     f"buffer {json.dumps({k: buf[k] for k in ('partial_groups', 'ready_groups', 'dropped_groups')})}"
                 )
 
+    def _settle_publication(self) -> None:
+        """Under `learner.publish: broadcast`, before the learner moves on: wait for the last
+        publication while healing generators (one collective over all of them: a hung generator
+        stalls it for everyone until the health check finds and kills it), and send a version that
+        did not reach every generator again through the object store. Nothing to do otherwise."""
+        if self.cfg.learner.publish != "broadcast":
+            return
+        deadline = time.monotonic() + self.cfg.recovery.learner_timeout_s
+        with _learner_calls():
+            while not self.learner.publication_done(timeout_s=1.0):
+                self._check_workers()
+                if time.monotonic() > deadline:
+                    raise LearnerHung(f"the learner's broadcast publication did not finish within "
+                                      f"{self.cfg.recovery.learner_timeout_s:.0f} s (recovery.learner_timeout_s)")
+            failed = self.learner.take_failed_publication()
+        if failed is not None or self._get(self.scheduler.broadcast_failures.remote(), "scheduler"):
+            self._republish(failed)
+
+    def _republish(self, failed: dict[str, Any] | None) -> None:
+        """The current version's broadcast did not reach every generator: dissolve the group (the
+        next publication forms a new one) and send this version through the object store."""
+        with _learner_calls():
+            self.learner.reset_broadcast("republished through the object store")
+            update = self.learner.publish(via="object_store")
+        receivers = self._get(self.scheduler.broadcast_failures.remote(), "scheduler")
+        self._get(self.scheduler.republish.remote(update), "scheduler")
+        why = failed["cause"] if failed else "; ".join(f"{k}: {v}" for k, v in receivers.items())
+        log.warning("version %d did not reach every generator by broadcast (%s); sent again through the object store",
+                    update.version, why)
+
     def _check_workers(self) -> None:
         """Heal dead generators, end the run on a persistent weight-push failure, and close the
         recovery records of generators that are serving again."""
@@ -442,9 +488,13 @@ class Trainer:
         for i, why in self._hung_generators():
             if i not in healed:
                 self._heal_generator(i, TimeoutError(f"generator-{i} is alive but {why}"))
+        self._watch_stateless()
         failures = self._get(self.scheduler.push_failures.remote(), "scheduler")
         if failures:
             raise RuntimeError(next(iter(failures.values())))
+        if (self.cfg.learner.publish == "broadcast" and self.learner.publication_done()
+                and self._get(self.scheduler.broadcast_failures.remote(), "scheduler")):
+            self._republish(None)
         if self._pending_recovery:
             state = self._get(self.scheduler.state.remote(), "scheduler")
             for name, rec in list(self._pending_recovery.items()):
@@ -478,6 +528,43 @@ class Trainer:
                 hung.append((i, named[actor_id(w)]))
         return hung
 
+    def _watch_stateless(self) -> None:
+        """Interpreter pools and scorers: count a restart by Ray (a new pid answers the health
+        check), and kill one that is alive but has answered no health check for
+        `recovery.stateless_hang_s` (judged only once it has answered one): Ray restarts it, and
+        the calls stuck in it fail over to the other replicas at once instead of at their deadlines.
+        Never blocks: a health check is sent, and read at a later call."""
+        import ray
+
+        hang_s, now = self.cfg.recovery.stateless_hang_s, time.monotonic()
+        actors = [("interpreter", i, a) for i, a in enumerate(self.interpreters)]
+        actors += [("scorer", i, a) for i, a in enumerate(self.scorers)]
+        for role, i, actor in actors:
+            key = f"{role}-{i}"
+            ref, sent, answered = self._stateless_probes.get(key, (None, now, False))
+            if ref is not None and not ray.wait([ref], timeout=0)[0]:
+                if answered and now - sent > hang_s:
+                    cause = f"TimeoutError: {key} is alive but answered no health check for {now - sent:.0f} s"
+                    log.warning("recovery: %s killed (%s); Ray restarts it", key, cause)
+                    ray.kill(actor, no_restart=False)
+                    self._stateless_probes.pop(key)
+                    self._stateless_pids.pop(key, None)  # its restart is this record, not another
+                    self._record_recovery({"role": role, "name": key, "healed_by": "ray", "cause": cause})
+                continue
+            if ref is not None:
+                try:
+                    pid = ray.get(ref)["pid"]
+                except Exception:  # noqa: BLE001 - restarting now: judged again once it answers
+                    answered = False
+                else:
+                    answered = True
+                    old = self._stateless_pids.get(key)
+                    if old is not None and old != pid:
+                        self._record_recovery({"role": role, "name": key, "healed_by": "ray"})
+                        log.warning("recovery: %s was restarted by Ray (pid %d -> %d)", key, old, pid)
+                    self._stateless_pids[key] = pid
+            self._stateless_probes[key] = (actor.health.remote(), now, answered)
+
     def _heal_generator(self, i: int, err: BaseException) -> None:
         """Generator i died: release its in-flight groups (their prompts are admitted again),
         restart it under the same name and send it the current weights; the scheduler admits it
@@ -504,10 +591,15 @@ class Trainer:
         ray.kill(self.workers[i], no_restart=True)
         self._probes.pop(i, None)
         update = self._get(self.scheduler.current_update.remote(), "scheduler")
+        broadcast_failed = None
         if self.cfg.learner.publish == "broadcast":
-            # A broadcast group's membership is fixed when it forms: the next one re-forms with the new actor.
-            self.learner.reset_broadcast()
-            update = self.learner.publish(via="object_store")
+            # A broadcast group's membership is fixed when it forms: the next one re-forms with the new
+            # actor. The killed one fails a publication still under way; the others then get its
+            # version through the object store, like the new actor.
+            with _learner_calls():
+                self.learner.reset_broadcast(f"{name} is being replaced")
+                update = self.learner.publish(via="object_store")
+                broadcast_failed = self.learner.take_failed_publication()
         self.workers[i] = self._new_generator(i, None)
         if self.cfg.learner.publish == "shared_memory":
             node = ray.get(self.workers[i].node_id.remote(), timeout=300)
@@ -516,6 +608,10 @@ class Trainer:
             if update.shared_memory is not None and update.weights is None and node != update.shared_memory.node_id:
                 update = self.learner.publish()  # the new actor is on another node: with an object-store copy
         self._get(self.scheduler.register_generator.remote(name, self.workers[i], update), "scheduler")
+        if broadcast_failed is not None or self._get(self.scheduler.broadcast_failures.remote(), "scheduler"):
+            self._get(self.scheduler.republish.remote(update, [name]), "scheduler")
+            log.warning("recovery: version %d sent again to the other generators through the object store "
+                        "(the broadcast under way when %s was killed failed)", update.version, name)
         self.runs[i] = self.workers[i].run.remote()
         self._pending_recovery[name] = {"role": "generator", "name": name, "cause": one_line(err),
                                         "at_version": update.version,
@@ -532,8 +628,6 @@ class Trainer:
 
     def _conservation_row(self) -> dict[str, Any]:
         """Check both conservation identities at one instant and return them for metrics.jsonl."""
-        import ray
-
         snap = self._get(self.buffer.snapshot.remote(), "buffer")
         groups, traj = snap["groups"], snap["trajectories"]
         if not groups["ok"]:
@@ -543,19 +637,6 @@ class Trainer:
         if not traj["ok"]:
             raise ConservationError(f"trajectories: added {traj['added']} != trained {traj['trained']} + "
                                     f"dropped {traj['dropped']} + partial {traj['partial']} + ready {traj['ready']}")
-        # Stateless roles restarted by Ray since the last step (a new pid answers).
-        actors = [("interpreter", i, a) for i, a in enumerate(self.interpreters)]
-        actors += [("scorer", i, a) for i, a in enumerate(self.scorers)]
-        for role, i, actor in actors:
-            try:
-                pid = ray.get(actor.health.remote(), timeout=10)["pid"]
-            except Exception:  # noqa: BLE001, S112 - restarting now: counted when it answers again
-                continue
-            key = f"{role}-{i}"
-            if key in self._stateless_pids and self._stateless_pids[key] != pid:
-                self._record_recovery({"role": role, "name": key, "healed_by": "ray"})
-                log.warning("recovery: %s was restarted by Ray (pid %d -> %d)", key, self._stateless_pids[key], pid)
-            self._stateless_pids[key] = pid
         restarts = Counter(r["role"] for r in self.recoveries)
         last_s: dict[str, float] = {}
         for r in self.recoveries:

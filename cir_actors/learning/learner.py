@@ -130,6 +130,11 @@ class Learner:
         self.num_params = info[0]["num_params"]
         self._step = 0
         self._pending: list[Any] = []  # an unfinished broadcast publication
+        self._pending_address = ""  # its group's address (to abort it while it forms)
+        # The latest broadcast publication that failed (a generator died or was killed during it):
+        # {"version", "cause"}, until the trainer takes it (`take_failed_publication`) and publishes
+        # that version again another way.
+        self.failed_publication: dict[str, Any] | None = None
         # Ray node ids of the generators, for learner.publish shared_memory (set by the trainer;
         # None: unknown, see shared_weights.plan_shared_publication).
         self.receiver_nodes: list[str] | None = None
@@ -158,10 +163,38 @@ class Learner:
         return self._step
 
     def _wait_pending(self) -> None:
-        if self._pending:
-            pending, self._pending = self._pending, []
+        """Wait for the unfinished broadcast publication. One that failed while the ranks are alive
+        (a receiver died mid-collective, or the group was aborted) is recorded in
+        `failed_publication`, not raised: a generator's death is the trainer's to heal, and rank 0
+        has already dissolved the group (the next publication forms a new one)."""
+        import ray
+
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        try:
             send_s = self._get(pending, "broadcast publication")[0]
-            self.last_publish.update(send_s=send_s, total_s=time.perf_counter() - self._pending_t0)
+        except ray.exceptions.RayTaskError as e:  # the rank is alive (a dead one raises RayActorError)
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            self.failed_publication = {"version": self.version,
+                                       "cause": f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"}
+            log.warning("broadcast publication of version %d failed: %s", self.version,
+                        self.failed_publication["cause"])
+            return
+        self.last_publish.update(send_s=send_s, total_s=time.perf_counter() - self._pending_t0)
+
+    def publication_done(self, timeout_s: float = 0.0) -> bool:
+        """Whether no broadcast publication is unfinished, waiting up to `timeout_s` for it."""
+        import ray
+
+        return not self._pending or bool(ray.wait(self._pending, num_returns=len(self._pending), timeout=timeout_s)[0])
+
+    def take_failed_publication(self) -> dict[str, Any] | None:
+        """Wait for the unfinished broadcast publication; the failed one (see `failed_publication`),
+        once, or None."""
+        self._wait_pending()
+        failed, self.failed_publication = self.failed_publication, None
+        return failed
 
     def train_step(self, groups: list[list[Any]], record: int = 0) -> dict:
         """One RL step on complete groups (each a list of ScoredTrajectory or ObjectRefs to them).
@@ -258,7 +291,7 @@ class Learner:
             [r.prepare_broadcast.remote(self.num_receivers) for r in involved], "publication")[0]
         self.last_publish = {"via": via, "prepare_s": time.perf_counter() - t0, **timings}
         self._pending = [r.publish_broadcast.remote(self.version) for r in involved]
-        self._pending_t0 = t0
+        self._pending_t0, self._pending_address = t0, address
         return PolicyUpdate(version=self.version, budget=budget, checksum=checksum, broadcast_group=address)
 
     def _publish_shared(self, budget: int, involved: list[Any], t0: float) -> PolicyUpdate:
@@ -291,16 +324,25 @@ class Learner:
 
         ray.get([r.close_shared_memory.remote() for r in self.ranks[:1]], timeout=10)
 
-    def reset_broadcast(self) -> None:
+    def reset_broadcast(self, reason: str = "the learner dissolved the group") -> None:
         """Dissolve the broadcast group; the next broadcast publication opens a new one (a new
         address) that every generator joins afresh. Call it when a generator was replaced: a group's
-        membership is fixed when it forms."""
+        membership is fixed when it forms. An unfinished publication is aborted if its group is
+        still forming (a member that will never join is not waited for) and otherwise waited for
+        (kill a hung member first: its death fails the collective at once); if it failed, it is in
+        `failed_publication`."""
+        from cir_actors.learning.weight_sync import abort_broadcast
+
+        if self._pending and not self.publication_done():
+            abort_broadcast(self._pending_address, reason)
         self._wait_pending()
         self._get(self.ranks[0].close_broadcast.remote(), "broadcast reset")
 
     def wait_published(self) -> None:
-        """Block until a broadcast publication has been received by every generator."""
-        self._wait_pending()
+        """Block until a broadcast publication has been received by every generator; raises if it failed."""
+        failed = self.take_failed_publication()
+        if failed is not None:
+            raise RuntimeError(f"broadcast publication of version {failed['version']} failed: {failed['cause']}")
 
     def save_checkpoint(self, path: str | Path) -> None:
         self._wait_pending()

@@ -18,6 +18,10 @@ Two transports (`learner.publish`):
   hosts. Rank 0 is the sender, ranks 1..G the generators. Each publication is a small header
   (version and the list of (name, dtype, shape)) followed by the tensors packed into flat byte
   buckets, so per-tensor latency is paid once per bucket.
+  A broadcast is one collective: a member that dies fails it for everyone (its sockets close), and
+  the group is formed anew by the next publication. While the group forms, every member waits for
+  the others in `_rendezvous`, which `abort_broadcast` (anyone who can reach the sender's store,
+  e.g. the driver replacing a generator that will never join) ends at once with `BroadcastAborted`.
 This module does not decide *when* to publish: that is the scheduler's.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -179,6 +184,40 @@ def _make_group(backend: str, store: dist.Store, rank: int, world: int, host: st
     return dist.ProcessGroupNCCL(prefixed, rank, world, opts)
 
 
+_JOINED, _ABORT = "cir-joined", "cir-abort"
+
+
+class BroadcastAborted(RuntimeError):
+    """The group was dissolved before it formed (`abort_broadcast`): the publication did not happen."""
+
+
+def _rendezvous(store: dist.Store, world: int, timeout: timedelta) -> None:
+    """Count this member in and wait until all `world` members are, or the group is aborted, or
+    `timeout` passes (naming how many joined), before any collective can block on a missing one."""
+    store.add(_JOINED, 1)
+    deadline = time.monotonic() + timeout.total_seconds()
+    while (joined := store.add(_JOINED, 0)) < world:
+        if store.check([_ABORT]):
+            raise BroadcastAborted(f"weight broadcast aborted before it formed: {store.get(_ABORT).decode()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"weight broadcast group: {joined} of {world} members joined within "
+                               f"{timeout.total_seconds():.0f} s")
+        time.sleep(0.05)
+
+
+def abort_broadcast(address: str, reason: str, timeout_s: float = 10.0) -> bool:
+    """Dissolve the group at `address` before it forms: its members waiting in the rendezvous raise
+    `BroadcastAborted` with `reason`. False when the sender's store cannot be reached (it is gone:
+    nobody waits in it). A group already formed is not affected (a dead member fails its collectives)."""
+    _, host, port, world = parse_group_address(address)
+    try:
+        store = dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=timeout_s))
+        store.set(_ABORT, reason)
+    except (RuntimeError, OSError):  # torch raises DistNetworkError (a RuntimeError) when unreachable
+        return False
+    return True
+
+
 def _broadcast(pg: Any, tensor: torch.Tensor, wait: bool = True) -> Any:
     """Broadcast from rank 0; with wait=False the caller waits on the returned work (and keeps
     `tensor` alive until then), so that the next bucket is packed or consumed meanwhile."""
@@ -230,6 +269,7 @@ class BroadcastSender:
         copied into a bucket as it comes). With `checksum`, returns the fingerprint of what was
         sent (one more pass over the weights; the learner, which computes it before publishing, passes False)."""
         if self._pg is None:
+            _rendezvous(self._store, self.world_size, self._timeout)
             self._pg = _make_group(self.backend, self._store, 0, self.world_size, self.host, self._timeout)
         header = msgpack.packb(
             {
@@ -300,9 +340,18 @@ def receive_broadcast(
     if key not in _RECEIVER_GROUPS:
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+        _rendezvous(store, world, timeout)
         _RECEIVER_GROUPS[key] = (store, _make_group(backend, store, rank, world, node_ip(), timeout))
-    pg = _RECEIVER_GROUPS[key][1]
+    try:
+        yield from _receive(_RECEIVER_GROUPS[key][1], update, specs, dev)
+    except BaseException:
+        _RECEIVER_GROUPS.pop(key, None)  # a failed collective leaves the group unusable: the next publication forms a new one
+        raise
 
+
+def _receive(
+    pg: Any, update: Any, specs: list[TensorSpec] | None, dev: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
     length = torch.zeros(1, dtype=torch.int64, device=dev)
     _broadcast(pg, length)
     raw = torch.empty(int(length.item()), dtype=torch.uint8, device=dev)

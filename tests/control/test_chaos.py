@@ -277,6 +277,53 @@ def test_a_generator_alive_but_answering_nothing_is_restarted(ray_session, tmp_p
     _assert_no_leftovers(before)
 
 
+def test_a_generator_answering_nothing_is_restarted_under_broadcast(ray_session, tmp_path):
+    """`learner.publish=broadcast` (the 7B recipes' transport): a weight broadcast is one collective
+    over the learner and every generator, so a SIGSTOPped generator stalls it for everyone. The
+    driver must still find the hung generator within `recovery.generator_hang_s` (not wait on the
+    stalled publication for `recovery.learner_timeout_s` and blame the learner), restart it, and
+    re-form the group without it; the run finishes every step with conservation at each, no group
+    trained twice, and no resume from a checkpoint."""
+    before = _our_processes()
+    run_dir = tmp_path / "run"
+    steps = 12
+    summary = _train_with(run_dir, steps, [(2, "sigstop:generator-0", False)],
+                          extra=["learner.publish=broadcast", "recovery.generator_hang_s=5",
+                                 "recovery.learner_timeout_s=60", "learner.save_every=100"])
+    _check_run(run_dir, steps)
+    # Both generators, the restarted one and the one whose broadcast failed with it, serve the last version.
+    assert {n: (r["version"], r["error"]) for n, r in summary["served"].items()} == {
+        "generator-0": (steps, None), "generator-1": (steps, None)}, summary["served"]
+    recs = _recoveries(run_dir)
+    assert not [r for r in recs if "resumed_after_s" in r], recs  # healed in place, not resumed
+    gens = [r for r in recs if r["role"] == "generator"]
+    assert [r["name"] for r in gens] == ["generator-0"], recs
+    assert "generator-0 is alive but" in gens[0]["cause"], recs
+    _assert_no_leftovers(before)
+
+
+def test_an_interpreter_pool_and_a_scorer_answering_nothing_are_restarted(ray_session, tmp_path):
+    """An interpreter pool and then a scorer SIGSTOPped mid-run: alive to Ray, so Ray restarts
+    neither by itself, and each call that lands on one waits for its deadline. The driver's health
+    check finds each within `recovery.stateless_hang_s` and kills it; Ray restarts it. Every step
+    finishes with conservation at each, no group trained twice, no resume, and both stopped
+    processes are gone when the run ends."""
+    before = _our_processes()
+    run_dir = tmp_path / "run"
+    steps = 10
+    _train_with(run_dir, steps, [(2, "sigstop:interpreter-0", False), (3, "sigstop:scorer-1", False)],
+                extra=["recovery.stateless_hang_s=5", "learner.save_every=100"])
+    rows = _check_run(run_dir, steps)
+    recs = _recoveries(run_dir)
+    assert not [r for r in recs if "resumed_after_s" in r], recs
+    hung = {r["name"]: r["cause"] for r in recs if "cause" in r}
+    assert set(hung) == {"interpreter-0", "scorer-1"}, recs
+    for name, cause in hung.items():
+        assert f"{name} is alive but answered no health check" in cause, cause
+    assert rows[-1]["recovery/restarts_interpreter"] == rows[-1]["recovery/restarts_scorer"] == 1, rows[-1]
+    _assert_no_leftovers(before)
+
+
 def test_a_learner_rank_answering_nothing_is_resumed_from(ray_session, tmp_path):
     """A learner rank SIGSTOPped mid-run: the driver's call to it passes
     `recovery.learner_timeout_s`, which is treated like the rank's death — every actor is restarted

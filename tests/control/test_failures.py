@@ -296,6 +296,35 @@ def test_push_to_a_dead_generator_is_left_to_the_driver():
     assert s.try_admit("g0", 1) is None
 
 
+def test_a_failed_broadcast_push_is_not_retried_and_the_republication_reaches_everyone_once():
+    """A broadcast is one collective: a receiver cannot retry it alone. Its failure is reported
+    (`broadcast_failures`), not made a run-ending push failure, and the generator is not admitted;
+    `republish` sends the version through the object store to every live generator but the one
+    skipped, and supersedes the broadcast (its late failure changes nothing)."""
+
+    async def go():
+        s = BudgetScheduler(_cfg(), _tasks(4))
+        failing, fine, fresh = _FlakyGenerator(fail=1), _FlakyGenerator(), _FlakyGenerator()
+        for name, gen in (("g0", failing), ("g1", fine), ("g2", fresh)):
+            await s.register_generator(name, gen)
+        await s.advance(PolicyUpdate(version=1, budget=0, checksum="abc", broadcast_group="gloo://h:1?world=4"))
+        await asyncio.gather(*s._pushes)
+        assert failing.calls == 1 and s.push_failures() == {}, "a broadcast push was retried or ended the run"
+        assert list(s.broadcast_failures()) == ["g0"] and "connection reset" in s.broadcast_failures()["g0"]
+        assert s.try_admit("g0", 1) is None and s.try_admit("g1", 1) is not None
+        with pytest.raises(ValueError, match="current version is 1"):
+            await s.republish(PolicyUpdate(version=0, budget=0, checksum="old", weights={}))
+        await s.republish(PolicyUpdate(version=1, budget=0, checksum="abc", weights={}), skip=["g2"])
+        await asyncio.gather(*s._pushes)
+        assert (failing.calls, fine.calls, fresh.calls) == (2, 2, 1)
+        assert s.broadcast_failures() == {} and s.current_update().broadcast_group is None
+        served = s.state()["served"]["g0"]
+        assert (served["version"], served["checksum"], served["error"]) == (1, "abc", None), served
+        assert s.try_admit("g0", 1) is not None
+
+    asyncio.run(go())
+
+
 class _Pool:
     def __init__(self, behaviour):
         self.behaviour = behaviour  # list of "ok" | "crash" | "dead", consumed per call
