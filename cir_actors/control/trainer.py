@@ -521,6 +521,13 @@ class Trainer:
             ref, sent, answered = self._probes.get(i, (None, now, False))
             if ref is None or ray.wait([ref], timeout=0)[0]:  # answered (or failed: the run's ref tells)
                 self._probes[i] = (w.health.remote(), now, answered or ref is not None)
+                try:
+                    silent = ray.get(ref)["engine_silent_s"] if ref is not None else 0.0
+                except Exception:  # noqa: BLE001 - it died: the run's ref tells
+                    silent = 0.0
+                if silent > hang_s:
+                    hung.append((i, f"its engine produced nothing for {silent:.0f} s while requests waited on it"))
+                    continue
             elif answered and now - sent > hang_s:
                 hung.append((i, f"answered no health check for {now - sent:.0f} s"))
                 continue

@@ -31,12 +31,13 @@ scheduler do) or score anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +97,18 @@ class _EngineStream:
         self._outputs = self._gen._engine.generate(
             TokensPrompt(prompt_token_ids=self._token_ids), self._params, self.request_id
         )
-        async for out in self._outputs:
-            c = out.outputs[0]
-            ids = list(c.token_ids)
-            logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs or [], strict=True)] if ids else []
-            end = None
-            if out.finished:
-                end = self._gen._segment_end(self.request_id, c.finish_reason)
-            yield Delta(ids, logprobs, c.text, end)
-            if end is not None:
-                return
+        with self._gen._engine_owes():
+            async for out in self._outputs:
+                self._gen._engine_progress_t = time.monotonic()
+                c = out.outputs[0]
+                ids = list(c.token_ids)
+                logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs or [], strict=True)] if ids else []
+                end = None
+                if out.finished:
+                    end = self._gen._segment_end(self.request_id, c.finish_reason)
+                yield Delta(ids, logprobs, c.text, end)
+                if end is not None:
+                    return
 
     async def aclose(self) -> None:
         if self._closed:
@@ -194,6 +197,26 @@ class Generator:
             ev.set()
         self._update_lock = asyncio.Lock()
         self.stats = {"requests": 0, "interrupted_requests": 0, "updates": 0, "update_s": 0.0}
+        self._engine_owed = 0  # requests and weight loads waiting on the engine process now
+        self._engine_progress_t = time.monotonic()  # when it last answered one of them
+
+    @contextlib.contextmanager
+    def _engine_owes(self) -> Iterator[None]:
+        """Around a wait on the engine process (a request's outputs, a weight load): see `engine_silent_s`."""
+        if self._engine_owed == 0:
+            self._engine_progress_t = time.monotonic()
+        self._engine_owed += 1
+        try:
+            yield
+        finally:
+            self._engine_owed -= 1
+            self._engine_progress_t = time.monotonic()
+
+    def engine_silent_s(self) -> float:
+        """Seconds the engine process has produced nothing while something waits on it (0 when
+        nothing does). The actor can answer its health check while its engine core is stopped or
+        wedged; this is how the driver tells (`recovery.generator_hang_s`)."""
+        return time.monotonic() - self._engine_progress_t if self._engine_owed else 0.0
 
     def _start_engine(self) -> Any:
         check_vllm_api()
@@ -331,8 +354,9 @@ class Generator:
                 self._open.clear()
                 await self._no_requests.wait()  # one-off requests (sample, compute_logprobs) finish
             try:
-                checksum = await self._load(update)
-                await self._engine.reset_prefix_cache()
+                with self._engine_owes():
+                    checksum = await self._load(update)
+                    await self._engine.reset_prefix_cache()
                 self._version, self._budget, self._checksum = update.version, update.budget, checksum
             except WeightMismatchError:
                 raise  # refused before anything was loaded: the old weights are still served

@@ -124,11 +124,12 @@ class RolloutWorker:
         return self._gen.served_policy()
 
     def health(self) -> dict[str, Any]:
-        """This actor's process id, the version it serves and its trajectories in flight."""
+        """This actor's process id, the version it serves, its trajectories in flight, and how long
+        its engine process has produced nothing while something waited on it (`engine_silent_s`)."""
         import os
 
         return {"pid": os.getpid(), "served_version": self._gen.served_version(),
-                "inflight_trajectories": self._active_trajectories}
+                "inflight_trajectories": self._active_trajectories, "engine_silent_s": self._gen.engine_silent_s()}
 
     def stats(self) -> dict[str, Any]:
         idle = self._idle_s + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)

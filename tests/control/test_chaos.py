@@ -183,9 +183,12 @@ class _Killer(threading.Thread):
                             time.sleep(0.02)
                             continue
                         name = crashed
-                    elif name.startswith("sigstop:"):  # alive but answering nothing
-                        actor = ray.get_actor(name.removeprefix("sigstop:"), namespace=NAMESPACE)
+                    elif name.startswith(("sigstop:", "sigstop-engine:")):  # alive but answering nothing
+                        kind, actor_name = name.split(":", 1)
+                        actor = ray.get_actor(actor_name, namespace=NAMESPACE)
                         pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=120)
+                        if kind == "sigstop-engine":  # the actor answers; its vLLM engine core does not
+                            (pid,) = [c for c in _children(pid) if "EngineCore" in _cmdline(c)]
                         os.kill(pid, signal.SIGSTOP)
                         self.stopped.append(pid)
                     else:
@@ -198,6 +201,24 @@ class _Killer(threading.Thread):
                 except ValueError:
                     pass  # not (yet) there: an earlier recovery is still starting it
             time.sleep(0.3)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -274,6 +295,27 @@ def test_a_generator_alive_but_answering_nothing_is_restarted(ray_session, tmp_p
     assert healed_at < steps, recs  # found while the run went on, not at its end
     gaps = [b["time/elapsed_s"] - a["time/elapsed_s"] for a, b in itertools.pairwise(rows)]
     assert max(gaps[2:]) < 30, gaps  # no step waited 30 s per call on the hung generator, as rows once did
+    _assert_no_leftovers(before)
+
+
+def test_a_generator_whose_engine_core_is_stopped_is_restarted(ray_session, tmp_path):
+    """generator-0's vLLM engine core process SIGSTOPped mid-run: the actor still answers its
+    health check, but its requests get no tokens. The health answer says how long the engine has
+    produced nothing while requests waited on it; past `recovery.generator_hang_s` the driver kills
+    and restarts the generator like a dead one. Every step finishes, conservation at each, no group
+    trained twice, no resume, and the stopped engine core is gone when the run ends."""
+    before = _our_processes()
+    run_dir = tmp_path / "run"
+    steps = 30  # the other generator alone makes a step in ~1 s: enough of them to outlast the deadline
+    _train_with(run_dir, steps, [(2, "sigstop-engine:generator-0", False)],
+                extra=["recovery.generator_hang_s=5", "learner.save_every=100"])
+    _check_run(run_dir, steps)
+    recs = _recoveries(run_dir)
+    assert not [r for r in recs if "resumed_after_s" in r], recs
+    gens = [r for r in recs if r["role"] == "generator"]
+    assert [r["name"] for r in gens] == ["generator-0"], recs
+    assert "generator-0 is alive but its engine produced nothing for" in gens[0]["cause"], recs
+    assert gens[0]["at_version"] < steps, gens  # found while the run went on, not at its end
     _assert_no_leftovers(before)
 
 
