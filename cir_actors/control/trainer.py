@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from cir_actors.config import Config, dump_config
-from cir_actors.types import LearnerHung
+from cir_actors.types import LearnerHung, PolicyUpdate
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ def cache_step_counts(last: dict[int, dict[str, int]], answered: dict[int, dict[
 def one_line(err: BaseException) -> str:
     """`Type: first line of the message`, for logs and recovery records."""
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
+SLOT_WAIT_S = 5.0  # one round of a shared-memory publication's wait for a slot (Trainer._publish)
 
 
 @contextlib.contextmanager
@@ -247,7 +250,6 @@ class Trainer:
     def _maybe_resume(self) -> int | None:
         """Restore learner, buffer, scheduler and counters from the latest checkpoint, if any."""
         from cir_actors.serialization import decode_partial, decode_scored, read_frames
-        from cir_actors.types import PolicyUpdate
 
         self._initial_update = None
         latest = self.ckpt_dir / "latest"
@@ -349,11 +351,7 @@ class Trainer:
                                 version + 1, len(lost_ids))
                 self._get(self.scheduler.groups_trained.remote(trained_ids), "scheduler")
                 t_train = time.monotonic()
-                try:
-                    update = self.learner.publish()
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, LearnerHung) as e:
-                    raise StatefulRoleDied("learner rank", e) from e
-                update = self._get(self.scheduler.advance.remote(update), "scheduler")
+                update = self._get(self.scheduler.advance.remote(self._publish()), "scheduler")
                 version = update.version
                 t_pub = time.monotonic()
                 self._step_times.append(t_pub - t0)
@@ -437,6 +435,26 @@ class Trainer:
                     f"scheduler {json.dumps({k: sched[k] for k in ('inflight_groups', 'capacity', 'verified', 'dead_generators', 'served')}, default=str)}; "
                     f"buffer {json.dumps({k: buf[k] for k in ('partial_groups', 'ready_groups', 'dropped_groups')})}"
                 )
+
+    def _publish(self) -> PolicyUpdate:
+        """The learner's new version. Under `learner.publish: shared_memory` a generator whose engine
+        is stuck in a load holds the slot this version goes into: wait for it in short rounds while
+        healing generators (the health check finds the stuck one, and its death frees the slot), up
+        to `recovery.push_timeout_s`, instead of blocking where no health check runs."""
+        from cir_actors.learning.shared_weights import SlotBusy
+
+        rounds = self.cfg.learner.publish == "shared_memory"
+        deadline = time.monotonic() + self.cfg.recovery.push_timeout_s
+        while True:
+            try:
+                with _learner_calls():
+                    return self.learner.publish(slot_wait_s=SLOT_WAIT_S if rounds else None)
+            except SlotBusy as e:  # raised by rank 0: Ray's error is also a SlotBusy, `cause` the original
+                if time.monotonic() > deadline:
+                    cause = getattr(e, "cause", e)
+                    raise RuntimeError(f"{(str(cause).splitlines() or [''])[0]}: no generator freed it within "
+                                       f"recovery.push_timeout_s ({self.cfg.recovery.push_timeout_s:.0f} s)") from e
+                self._check_workers()
 
     def _settle_publication(self) -> None:
         """Under `learner.publish: broadcast`, before the learner moves on: wait for the last

@@ -268,10 +268,12 @@ class Learner:
         involved = self.ranks if self.cfg.learner.zero_stage == 3 else self.ranks[:1]
         return self._get([r.compute_logprobs.remote(list(token_ids_B), temperature) for r in involved], "log-probs")[0]
 
-    def publish(self, via: str | None = None) -> PolicyUpdate:
+    def publish(self, via: str | None = None, slot_wait_s: float | None = None) -> PolicyUpdate:
         """Publish the current weights as version `self.version` (`via`: "object_store",
         "broadcast" or "shared_memory", default from the config). The object-store and the
-        shared-memory paths return once the weights are in the store or the region. The broadcast
+        shared-memory paths return once the weights are in the store or the region; the latter
+        raises `SlotBusy` when a generator holds the slot longer than `slot_wait_s` (default
+        `recovery.push_timeout_s`). The broadcast
         path returns at once with the group address: rank 0 sends when the generators call
         `weight_sync.receive_broadcast`; the next learner call waits for that to finish. `budget` is the schedule's value at this version (the scheduler owns it)."""
         self._wait_pending()
@@ -284,7 +286,7 @@ class Learner:
             self.last_publish = {"via": via, "total_s": time.perf_counter() - t0, **timings}
             return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum)
         if via == "shared_memory":
-            return self._publish_shared(budget, involved, t0)
+            return self._publish_shared(budget, involved, t0, slot_wait_s)
         if via != "broadcast":
             raise ValueError(f"publish via '{via}': expected 'object_store', 'broadcast' or 'shared_memory'")
         address, checksum, timings = self._get(
@@ -294,7 +296,7 @@ class Learner:
         self._pending_t0, self._pending_address = t0, address
         return PolicyUpdate(version=self.version, budget=budget, checksum=checksum, broadcast_group=address)
 
-    def _publish_shared(self, budget: int, involved: list[Any], t0: float) -> PolicyUpdate:
+    def _publish_shared(self, budget: int, involved: list[Any], t0: float, slot_wait_s: float | None) -> PolicyUpdate:
         """Write the shared-memory region for the generators on rank 0's node; put the state dict
         into the object store too when some generator is (or may be) on another node."""
         import ray
@@ -311,7 +313,8 @@ class Learner:
         self._logged_elsewhere = elsewhere
         where, ref, checksum, timings = None, None, "", {}
         if shared:
-            where, checksum, timings = self._get([r.publish_shared_memory.remote(self.version) for r in involved], "publication")[0]
+            where, checksum, timings = self._get(
+                [r.publish_shared_memory.remote(self.version, slot_wait_s) for r in involved], "publication")[0]
         if elsewhere or not shared:
             (ref,), checksum, put = self._get([r.publish_object_store.remote() for r in involved], "publication")[0]
             timings = {**timings, **put}

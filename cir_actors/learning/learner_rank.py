@@ -639,10 +639,12 @@ class LearnerRank:
 
         return local_node_id()
 
-    def publish_shared_memory(self, version: int) -> tuple[Any, str, dict] | None:
+    def publish_shared_memory(self, version: int, lock_timeout_s: float | None = None) -> tuple[Any, str, dict] | None:
         """Rank 0: write the current weights into the shared-memory region (created, for the whole
-        run, at the first call); (SharedWeights, fingerprint, timings). Other ranks (ZeRO-3 only) help gather."""
-        from cir_actors.learning.shared_weights import SharedWeightsWriter
+        run, at the first call); (SharedWeights, fingerprint, timings). `SlotBusy` when a reader holds
+        the slot longer than `lock_timeout_s` (default `recovery.push_timeout_s`). Other ranks
+        (ZeRO-3 only) help gather."""
+        from cir_actors.learning.shared_weights import SharedWeightsWriter, SlotBusy
 
         t0 = time.perf_counter()
         weights = (t for _, t in self.iter_full_weights(clone=False))  # copied into the slot one at a time
@@ -653,7 +655,12 @@ class LearnerRank:
         if self.shm_writer is None:
             self.shm_writer = SharedWeightsWriter(self.weight_specs(), lock_timeout_s=self.cfg.recovery.push_timeout_s)
         t1 = time.perf_counter()
-        where, checksum = self.shm_writer.write(version, weights, checksum=True)
+        try:
+            where, checksum = self.shm_writer.write(version, weights, checksum=True, lock_timeout_s=lock_timeout_s)
+        except SlotBusy:
+            for _ in weights:  # the other ranks gather with this one (ZeRO-3): take part, then say so
+                pass
+            raise
         return where, checksum, {"create_s": t1 - t0, "write_s": time.perf_counter() - t1}
 
     def close_shared_memory(self) -> None:

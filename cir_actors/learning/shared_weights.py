@@ -70,6 +70,11 @@ class TornRead(RuntimeError):
 _POOL: ThreadPoolExecutor | None = None
 
 
+class SlotBusy(TimeoutError):
+    """A reader held the slot the next version goes into for as long as the writer would wait
+    (a generator's engine stuck in a load): nothing was written."""
+
+
 def _hash_pool() -> ThreadPoolExecutor:
     """Two threads for fingerprinting beside a copy (two cores here; more would only contend)."""
     global _POOL
@@ -220,12 +225,19 @@ class SharedWeightsWriter:
     def nbytes(self) -> int:
         return _HEADER + 2 * self.slot_bytes
 
-    def write(self, version: int, tensors: Iterable[torch.Tensor], *, checksum: bool = False) -> tuple[SharedWeights, str]:
+    def write(
+        self, version: int, tensors: Iterable[torch.Tensor], *, checksum: bool = False,
+        lock_timeout_s: float | None = None,
+    ) -> tuple[SharedWeights, str]:
         """Copy `tensors` (in the order of the specs; a stream is fine) into the slot not holding the
-        previous version, once no reader holds it; (where it is, its fingerprint if `checksum`)."""
+        previous version, once no reader holds it, waiting for that at most `lock_timeout_s` (default
+        the writer's), else `SlotBusy`; (where it is, its fingerprint if `checksum`)."""
         slot = 1 - self._last_slot
-        _lock(self._fd, slot, fcntl.F_WRLCK, self.lock_timeout_s,
-              f"publishing version {version} into {self.path}: a generator still loads the version there")
+        try:
+            _lock(self._fd, slot, fcntl.F_WRLCK, self.lock_timeout_s if lock_timeout_s is None else lock_timeout_s,
+                  f"publishing version {version} into {self.path}: a generator still loads the version there")
+        except TimeoutError as e:
+            raise SlotBusy(str(e)) from None
         try:
             seq, _ = _SLOT_FIELDS.unpack_from(self._mm, 16 + 16 * slot)
             _SLOT_FIELDS.pack_into(self._mm, 16 + 16 * slot, seq + 1, -1)  # odd: a write is under way

@@ -581,3 +581,45 @@ def test_cache_counts_per_step_survive_a_silent_and_a_restarted_pool():
     assert cache_step_counts(last, {0: c(15, 6), 1: c(9, 3)}) == c(3, 2)  # pool 1's two steps, once
     assert cache_step_counts(last, {0: c(2, 1), 1: c(9, 3)}) == c(2, 1)  # pool 0 restarted
     assert sum(v["lookups"] for v in last.values()) == 11
+
+
+def test_a_shared_memory_publication_waits_for_its_slot_in_rounds_while_generators_are_healed():
+    """`Trainer._publish` under `learner.publish: shared_memory`: while a generator holds the slot
+    (`SlotBusy` from rank 0), the driver checks its generators between short rounds (that is how a
+    stuck one is found, and its death frees the slot), then publishes; past
+    `recovery.push_timeout_s` the run ends with one sentence naming the slot and the setting."""
+    from ray.exceptions import RayTaskError
+
+    from cir_actors.control.trainer import SLOT_WAIT_S, Trainer
+    from cir_actors.learning.shared_weights import SlotBusy
+
+    class _Learner:
+        def __init__(self, busy):
+            self.busy, self.waits = busy, []
+
+        def publish(self, slot_wait_s=None):
+            self.waits.append(slot_wait_s)
+            if len(self.waits) <= self.busy:
+                try:  # as it reaches the driver from rank 0
+                    raise SlotBusy("publishing version 4 into /dev/shm/x: slot 1 stayed locked for 5 s")
+                except SlotBusy as e:
+                    raise RayTaskError("publish_shared_memory", "traceback", e).as_instanceof_cause() from None
+            return PolicyUpdate(version=4, budget=1)
+
+    def trainer(busy, **over):
+        t = Trainer.__new__(Trainer)
+        t.cfg = _cfg(**{"learner.publish": "shared_memory", **over})
+        t.learner, t.checks = _Learner(busy), 0
+        t._check_workers = lambda: setattr(t, "checks", t.checks + 1)
+        return t
+
+    t = trainer(busy=2)
+    assert t._publish().version == 4
+    assert t.learner.waits == [SLOT_WAIT_S] * 3 and t.checks == 2
+    t = trainer(busy=10**9, **{"recovery.push_timeout_s": 0.01})
+    with pytest.raises(RuntimeError, match=r"slot 1 stayed locked for 5 s: no generator freed it within "
+                                           r"recovery.push_timeout_s \(0 s\)"):
+        t._publish()
+    assert t.checks >= 1
+    t = trainer(busy=0, **{"learner.publish": "object_store"})
+    assert t._publish().version == 4 and t.learner.waits == [None]  # other paths: no rounds

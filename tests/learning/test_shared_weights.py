@@ -15,6 +15,7 @@ from cir_actors.learning.shared_weights import (
     PREFIX,
     SHM_DIR,
     SharedWeightsWriter,
+    SlotBusy,
     SlotRefused,
     TornRead,
     plan_shared_publication,
@@ -90,8 +91,10 @@ def test_a_read_during_the_next_write_gets_the_old_version_whole(writer):
         got = {name: t.clone() for name, t in views}
         resume.set()
         thread.join(30)
-        with pytest.raises(TimeoutError, match="still loads"):  # slot 0 is held: not overwritten
+        with pytest.raises(SlotBusy, match="still loads"):  # slot 0 is held: not overwritten
             writer.write(3, v3.values())
+        with pytest.raises(SlotBusy, match="stayed locked for 0 s"):  # a shorter wait than the writer's
+            writer.write(3, v3.values(), lock_timeout_s=0.05)
         assert _same({name: t.clone() for name, t in views}, v1)
     assert _same(got, v1) and _same(_read(out["where"]), v2)
     where3, _ = writer.write(3, v3.values())  # released: now it goes in
@@ -146,6 +149,36 @@ def test_a_slot_that_changes_under_a_reader_is_reported_torn(writer):
     with pytest.raises(TornRead), read_slot(where, timeout_s=0.3):
         seq, version = struct.unpack_from("<Qq", writer._mm, 16)
         struct.pack_into("<Qq", writer._mm, 16, seq + 2, version)
+
+
+def test_a_reader_that_dies_holding_a_slot_frees_it(writer):
+    """A generator's engine killed in the middle of a load (the driver's cure for one stuck there)
+    leaves no lock behind: the kernel drops a dead process's locks, and the slot takes the next
+    version. While the process lives and holds it, the writer says `SlotBusy`."""
+    import json
+    import signal
+
+    where1, _ = writer.write(1, _state(1).values())
+    writer.write(2, _state(2).values())
+    w = where1
+    code = (
+        "import json, sys, time; from cir_actors.learning.shared_weights import read_slot; "
+        "from cir_actors.types import SharedWeights; a = json.loads(sys.argv[1]); "
+        "w = SharedWeights(a[0], a[1], a[2], a[3], tuple((n, d, tuple(s), o) for n, d, s, o in a[4])); "
+        "ctx = read_slot(w, timeout_s=5); ctx.__enter__(); print('holding', flush=True); time.sleep(600)"
+    )
+    arg = json.dumps([w.path, w.node_id, w.slot, w.version, [[n, d, list(sh), o] for n, d, sh, o in w.layout]])
+    reader = subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "holding"
+        with pytest.raises(SlotBusy):
+            writer.write(3, _state(3).values(), lock_timeout_s=0.2)
+        reader.send_signal(signal.SIGKILL)
+        reader.wait(timeout=10)
+        where3, _ = writer.write(3, _state(3).values(), lock_timeout_s=5.0)
+        assert where3.slot == where1.slot and _same(_read(where3), _state(3))
+    finally:
+        reader.kill()
 
 
 def test_close_frees_the_region_and_orphans_of_dead_processes_are_swept():
