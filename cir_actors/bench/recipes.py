@@ -7,7 +7,9 @@ the demo's RL run from that same warm start and the held-out accuracy of its res
 after − before on the same held-out problems, so recipes differ only in their RL. Both are
 evaluated the way the recipe generates: a recipe that changes `generator.*` settings (e.g.
 `generator.stop_at_answer`) has the warm start evaluated again under them, since a model trained
-under one generation rule says nothing about itself under another. Results are written after every
+under one generation rule says nothing about itself under another. The exception is
+`generator.temperature`, a setting of the exploration during training: both are evaluated at the
+base config's temperature (the demo's 1.0). Results are written after every
 run to `<out>/recipes.json` (a run that stops midway keeps what it measured).
 
     python entrypoints/bench.py recipes --seeds 0 1 2 \\
@@ -152,16 +154,19 @@ def run(argv: list[str]) -> dict[str, Any]:
                         trainer.shutdown()
                     rl_s, steps, buffer = time.monotonic() - t, summary.get("final_version"), summary.get("buffer")
                 final = ckpts / (ckpts / "latest").read_text().strip() / "learner" / "hf"
-                generation = sorted(o for o in extra if o.startswith("generator."))
+                generation = sorted(o for o in extra
+                                    if o.startswith("generator.") and not o.startswith("generator.temperature="))
+                eval_cfg = rl_cfg.model_copy(deep=True)
+                eval_cfg.generator.temperature = cfg.generator.temperature
                 before = row["before"]
-                if rl_cfg.generator != cfg.generator:  # the warm start, evaluated the way this recipe generates
+                if eval_cfg.generator != cfg.generator:  # the warm start, evaluated the way this recipe generates
                     befores = row.setdefault("before_by_generation", {})
                     key = ",".join(generation)
                     if key not in befores:
-                        befores[key] = held_out_accuracy(rl_cfg, warm, held_out, args.eval_n,
+                        befores[key] = held_out_accuracy(eval_cfg, warm, held_out, args.eval_n,
                                                          seed_dir / f"eval_warm_start_{name}")
                     before = befores[key]
-                after = held_out_accuracy(rl_cfg, final, held_out, args.eval_n, seed_dir / f"eval_{name}")
+                after = held_out_accuracy(eval_cfg, final, held_out, args.eval_n, seed_dir / f"eval_{name}")
                 row["runs"][name] = {"before": before, "after": after, "gain": after - before, "rl_s": rl_s,
                                      "steps": steps, "buffer": buffer, "generation": generation}
                 print(f"[recipes] seed {seed} {name}: {before:.1%} -> {after:.1%} "

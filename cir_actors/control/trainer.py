@@ -151,6 +151,7 @@ class Trainer:
         self._stateless_pids: dict[str, int] = {}  # interpreter-i / scorer-i -> the pid that last answered
         self._stateless_probes: dict[str, tuple[Any, float, bool]] = {}  # as _probes, per stateless actor
         self._probes: dict[int, tuple[Any, float, bool]] = {}  # generator -> (health check out, sent at, ever answered)
+        self._health: dict[int, dict[str, Any]] = {}  # generator -> its last health answer
         self._cache_totals: dict[int, dict[str, int]] = {}  # each pool's cache counters when it last answered
         self.pending_resume: dict[str, Any] | None = None  # an automatic resume, closed by the first step
 
@@ -540,9 +541,12 @@ class Trainer:
             if ref is None or ray.wait([ref], timeout=0)[0]:  # answered (or failed: the run's ref tells)
                 self._probes[i] = (w.health.remote(), now, answered or ref is not None)
                 try:
-                    silent = ray.get(ref)["engine_silent_s"] if ref is not None else 0.0
+                    health = ray.get(ref) if ref is not None else {}
                 except Exception:  # noqa: BLE001 - it died: the run's ref tells
-                    silent = 0.0
+                    health = {}
+                if health:
+                    self._health[i] = health
+                silent = health.get("engine_silent_s", 0.0)
                 if silent > hang_s:
                     hung.append((i, f"its engine produced nothing for {silent:.0f} s while requests waited on it"))
                     continue
@@ -590,6 +594,29 @@ class Trainer:
                     self._stateless_pids[key] = pid
             self._stateless_probes[key] = (actor.health.remote(), now, answered)
 
+    def _kill_engine_processes(self, i: int) -> None:
+        """SIGKILL generator i's vLLM engine processes (from its last health answer) by a task on its
+        node. Killing the actor alone leaves them to notice its death by themselves, which a
+        wedged or stopped engine core may not do soon: meanwhile it holds its sockets (a weight
+        broadcast waits on them) and, on a GPU, the memory its replacement needs."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from cir_actors.ops.processes import kill_processes
+
+        health = self._health.pop(i, {})
+        if not health.get("engine_processes"):
+            return
+        task = ray.remote(num_cpus=0, max_retries=0)(kill_processes).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(health["node_id"], soft=False))
+        try:
+            killed = ray.get(task.remote(health["engine_processes"]), timeout=60)
+        except Exception as e:  # noqa: BLE001 - the node may be gone with them; the actor's kill still follows
+            log.warning("recovery: could not kill generator-%d's engine processes: %s", i, one_line(e))
+            return
+        if killed:
+            log.warning("recovery: killed generator-%d's engine processes %s", i, killed)
+
     def _heal_generator(self, i: int, err: BaseException) -> None:
         """Generator i died: release its in-flight groups (their prompts are admitted again),
         restart it under the same name and send it the current weights; the scheduler admits it
@@ -613,6 +640,7 @@ class Trainer:
             samples = self._get(self.buffer.discard_groups.remote(lost, DropReason.GENERATOR_LOST), "buffer")
             log.warning("recovery: %s died (%s); %d groups in flight released (%d samples dropped), restarting it",
                         name, type(err).__name__, len(lost), samples)
+        self._kill_engine_processes(i)
         ray.kill(self.workers[i], no_restart=True)
         self._probes.pop(i, None)
         update = self._get(self.scheduler.current_update.remote(), "scheduler")

@@ -214,8 +214,9 @@ class Generator:
 
     def engine_silent_s(self) -> float:
         """Seconds the engine process has produced nothing while something waits on it (0 when
-        nothing does). The actor can answer its health check while its engine core is stopped or
-        wedged; this is how the driver tells (`recovery.generator_hang_s`)."""
+        nothing does): a request's next output, or a weight load other than a broadcast. The actor
+        can answer its health check while its engine core is stopped or wedged; this is how the
+        driver tells (`recovery.generator_hang_s`)."""
         return time.monotonic() - self._engine_progress_t if self._engine_owed else 0.0
 
     def _start_engine(self) -> Any:
@@ -354,7 +355,11 @@ class Generator:
                 self._open.clear()
                 await self._no_requests.wait()  # one-off requests (sample, compute_logprobs) finish
             try:
-                with self._engine_owes():
+                # A broadcast load waits on the learner and every other generator, not only on this
+                # engine: its silence says nothing about this engine (a stalled broadcast is healed
+                # by finding its stuck member, or by the group's deadline).
+                owes = self._engine_owes() if update.broadcast_group is None else contextlib.nullcontext()
+                with owes:
                     checksum = await self._load(update)
                     await self._engine.reset_prefix_cache()
                 self._version, self._budget, self._checksum = update.version, update.budget, checksum

@@ -70,6 +70,7 @@ class RolloutWorker:
         retries = cfg.recovery.call_retries
         self._interp = ReplicatedInterpreter(pools, retries=retries)
         self._gen = Generator(cfg, model_path, self._interp, name=name)
+        self._engine_processes: list[tuple[int, int]] = []  # see `health`
         self._scorer = ReplicatedScorer(list(scorers), retries=retries)
         self._buffer = buffer
         self._scheduler = scheduler
@@ -124,12 +125,19 @@ class RolloutWorker:
         return self._gen.served_policy()
 
     def health(self) -> dict[str, Any]:
-        """This actor's process id, the version it serves, its trajectories in flight, and how long
-        its engine process has produced nothing while something waited on it (`engine_silent_s`)."""
+        """This actor's process id, the version it serves, its trajectories in flight, how long
+        its engine process has produced nothing while something waited on it (`engine_silent_s`),
+        and, for the driver to kill them with it, its node and the (pid, start time) of the
+        processes it started (the vLLM engine core and workers)."""
         import os
 
+        from cir_actors.ops.processes import descendants
+
+        if not self._engine_processes:  # started with the engine, in the constructor: found once
+            self._engine_processes = descendants(os.getpid())
         return {"pid": os.getpid(), "served_version": self._gen.served_version(),
-                "inflight_trajectories": self._active_trajectories, "engine_silent_s": self._gen.engine_silent_s()}
+                "inflight_trajectories": self._active_trajectories, "engine_silent_s": self._gen.engine_silent_s(),
+                "node_id": self.node_id(), "engine_processes": self._engine_processes}
 
     def stats(self) -> dict[str, Any]:
         idle = self._idle_s + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)

@@ -32,6 +32,7 @@ import pytest
 
 from cir_actors.bench.partials import crash_mid_trajectory
 from cir_actors.config import load_config
+from cir_actors.ops.processes import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +170,7 @@ class _Killer(threading.Thread):
         while self.plan and not self.done.is_set():
             step, name, restart = self.plan[0]
             rows = _rows(self.run_dir)
-            stateful = name.startswith(STATEFUL)
+            stateful = name.split(":")[-1].startswith(STATEFUL)  # also `sigstop:<name>`
             resumed = sum("resumed_after_s" in r for r in _recoveries(self.run_dir))
             if stateful and resumed < stateful_kills:
                 time.sleep(0.3)
@@ -188,7 +189,7 @@ class _Killer(threading.Thread):
                         actor = ray.get_actor(actor_name, namespace=NAMESPACE)
                         pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=120)
                         if kind == "sigstop-engine":  # the actor answers; its vLLM engine core does not
-                            (pid,) = [c for c in _children(pid) if "EngineCore" in _cmdline(c)]
+                            (pid,) = [c for c, _ in descendants(pid) if "EngineCore" in _cmdline(c)]
                         os.kill(pid, signal.SIGSTOP)
                         self.stopped.append(pid)
                     else:
@@ -208,17 +209,6 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(d.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
 
 
 def _alive(pid: int) -> bool:
@@ -276,25 +266,35 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     _assert_no_leftovers(before)
 
 
-def test_a_generator_alive_but_answering_nothing_is_restarted(ray_session, tmp_path):
-    """A generator whose process is SIGSTOPped mid-run is alive to Ray but answers nothing: the
-    driver's health check finds it within `recovery.generator_hang_s`, kills it and restarts it
-    like a dead one, while the other generator keeps the run going (a step never waits on the hung
-    one for longer than a short deadline). Every step finishes with conservation at each, no group
-    is trained twice, and the stopped process is gone when the run ends (killed by the run)."""
+def test_a_generator_an_interpreter_pool_and_a_scorer_answering_nothing_are_restarted(ray_session, tmp_path):
+    """A generator, then an interpreter pool, then a scorer SIGSTOPped mid-run: alive to Ray but
+    answering nothing (Ray restarts only dead actors; a call landing on a stopped one waits for its
+    deadline). The driver's health checks find each within `recovery.generator_hang_s` /
+    `recovery.stateless_hang_s` and kill it; the driver restarts the generator like a dead one, Ray
+    the others, while the run goes on (a step never waits on a hung actor for longer than a short
+    deadline). Every step finishes with conservation at each, no group is trained twice, no resume,
+    and the stopped processes are gone when the run ends (killed by the run)."""
     before = _our_processes()
     run_dir = tmp_path / "run"
     steps = 30
-    _train_with(run_dir, steps, [(2, "sigstop:generator-0", False)],
-                extra=["recovery.generator_hang_s=5", "learner.save_every=100"])
+    _train_with(run_dir, steps, [(2, "sigstop:generator-0", False), (3, "sigstop:interpreter-0", False),
+                                 (4, "sigstop:scorer-1", False)],
+                extra=["recovery.generator_hang_s=5", "recovery.stateless_hang_s=5", "learner.save_every=100"])
     rows = _check_run(run_dir, steps)
-    recs = [r for r in _recoveries(run_dir) if r["role"] == "generator"]
+    all_recs = _recoveries(run_dir)
+    assert not [r for r in all_recs if "resumed_after_s" in r], all_recs
+    recs = [r for r in all_recs if r["role"] == "generator"]
     assert [r["name"] for r in recs] == ["generator-0"], recs
     assert "generator-0 is alive but answered no health check" in recs[0]["cause"], recs
     healed_at = recs[0]["at_version"]
     assert healed_at < steps, recs  # found while the run went on, not at its end
+    hung = {r["name"]: r["cause"] for r in all_recs if r["role"] != "generator"}
+    assert set(hung) == {"interpreter-0", "scorer-1"}, all_recs
+    for name, cause in hung.items():
+        assert f"{name} is alive but answered no health check" in cause, cause
+    assert rows[-1]["recovery/restarts_interpreter"] == rows[-1]["recovery/restarts_scorer"] == 1, rows[-1]
     gaps = [b["time/elapsed_s"] - a["time/elapsed_s"] for a, b in itertools.pairwise(rows)]
-    assert max(gaps[2:]) < 30, gaps  # no step waited 30 s per call on the hung generator, as rows once did
+    assert max(gaps[2:]) < 30, gaps  # no step waited 30 s per call on a hung actor, as rows once did
     _assert_no_leftovers(before)
 
 
@@ -344,61 +344,23 @@ def test_a_generator_answering_nothing_is_restarted_under_broadcast(ray_session,
     _assert_no_leftovers(before)
 
 
-def test_an_interpreter_pool_and_a_scorer_answering_nothing_are_restarted(ray_session, tmp_path):
-    """An interpreter pool and then a scorer SIGSTOPped mid-run: alive to Ray, so Ray restarts
-    neither by itself, and each call that lands on one waits for its deadline. The driver's health
-    check finds each within `recovery.stateless_hang_s` and kills it; Ray restarts it. Every step
-    finishes with conservation at each, no group trained twice, no resume, and both stopped
-    processes are gone when the run ends."""
+def test_a_learner_rank_then_the_buffer_answering_nothing_are_resumed_from(ray_session, tmp_path):
+    """A learner rank SIGSTOPped mid-run, then (once the run has resumed) the buffer: the driver's
+    call to each passes its deadline (`recovery.learner_timeout_s`, `recovery.call_timeout_s`),
+    which is treated like its death — every actor is restarted and the run resumes from its latest
+    checkpoint — instead of waiting forever or ending the run. Every step finishes, conservation
+    holds at each, no group is trained twice, and the stopped processes are gone when the run ends."""
     before = _our_processes()
     run_dir = tmp_path / "run"
-    steps = 10
-    _train_with(run_dir, steps, [(2, "sigstop:interpreter-0", False), (3, "sigstop:scorer-1", False)],
-                extra=["recovery.stateless_hang_s=5", "learner.save_every=100"])
-    rows = _check_run(run_dir, steps)
-    recs = _recoveries(run_dir)
-    assert not [r for r in recs if "resumed_after_s" in r], recs
-    hung = {r["name"]: r["cause"] for r in recs if "cause" in r}
-    assert set(hung) == {"interpreter-0", "scorer-1"}, recs
-    for name, cause in hung.items():
-        assert f"{name} is alive but answered no health check" in cause, cause
-    assert rows[-1]["recovery/restarts_interpreter"] == rows[-1]["recovery/restarts_scorer"] == 1, rows[-1]
-    _assert_no_leftovers(before)
-
-
-def test_a_learner_rank_answering_nothing_is_resumed_from(ray_session, tmp_path):
-    """A learner rank SIGSTOPped mid-run: the driver's call to it passes
-    `recovery.learner_timeout_s`, which is treated like the rank's death — every actor is restarted
-    and the run resumes from its latest checkpoint — instead of waiting forever. Every step
-    finishes, conservation holds at each, no group is trained twice, and the stopped process is gone
-    when the run ends."""
-    before = _our_processes()
-    run_dir = tmp_path / "run"
-    steps = 6
-    _train_with(run_dir, steps, [(3, "sigstop:learner-rank-0", False)], extra=["recovery.learner_timeout_s=20"])
+    steps = 8
+    _train_with(run_dir, steps, [(3, "sigstop:learner-rank-0", False), (5, "sigstop:buffer", False)],
+                extra=["recovery.learner_timeout_s=20", "recovery.call_timeout_s=20"])
     _check_run(run_dir, steps)
     resumes = [r for r in _recoveries(run_dir) if "resumed_after_s" in r]
-    assert [r["role"] for r in resumes] == ["learner"], resumes
-    assert resumes[0]["resumed_from"].startswith("step-"), resumes
+    assert [r["role"] for r in resumes] == ["learner", "buffer"], resumes
+    assert all(r["resumed_from"].startswith("step-") for r in resumes), resumes
     assert "LearnerHung" in resumes[0]["cause"] and "recovery.learner_timeout_s" in resumes[0]["cause"], resumes
-    _assert_no_leftovers(before)
-
-
-def test_a_buffer_answering_nothing_is_resumed_from(ray_session, tmp_path):
-    """The buffer SIGSTOPped mid-run: the driver's next call to it passes
-    `recovery.call_timeout_s`, which is treated like the buffer's death (every actor restarted, the
-    run resumed from its latest checkpoint) instead of ending the run or waiting forever. Every step
-    finishes, conservation holds at each, no group is trained twice, and the stopped process is gone
-    when the run ends."""
-    before = _our_processes()
-    run_dir = tmp_path / "run"
-    steps = 6
-    _train_with(run_dir, steps, [(3, "sigstop:buffer", False)], extra=["recovery.call_timeout_s=20"])
-    _check_run(run_dir, steps)
-    resumes = [r for r in _recoveries(run_dir) if "resumed_after_s" in r]
-    assert [r["role"] for r in resumes] == ["buffer"], resumes
-    assert resumes[0]["resumed_from"].startswith("step-"), resumes
-    assert "answered nothing for 20 s (recovery.call_timeout_s)" in resumes[0]["cause"], resumes
+    assert "answered nothing for 20 s (recovery.call_timeout_s)" in resumes[1]["cause"], resumes
     _assert_no_leftovers(before)
 
 
