@@ -594,7 +594,7 @@ class Trainer:
                     self._stateless_pids[key] = pid
             self._stateless_probes[key] = (actor.health.remote(), now, answered)
 
-    def _kill_engine_processes(self, i: int) -> None:
+    def _kill_engine_processes(self, i: int) -> list[int]:
         """SIGKILL generator i's vLLM engine processes (from its last health answer) by a task on its
         node. Killing the actor alone leaves them to notice its death by themselves, which a
         wedged or stopped engine core may not do soon: meanwhile it holds its sockets (a weight
@@ -606,16 +606,17 @@ class Trainer:
 
         health = self._health.pop(i, {})
         if not health.get("engine_processes"):
-            return
+            return []
         task = ray.remote(num_cpus=0, max_retries=0)(kill_processes).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(health["node_id"], soft=False))
         try:
             killed = ray.get(task.remote(health["engine_processes"]), timeout=60)
         except Exception as e:  # noqa: BLE001 - the node may be gone with them; the actor's kill still follows
             log.warning("recovery: could not kill generator-%d's engine processes: %s", i, one_line(e))
-            return
+            return []
         if killed:
             log.warning("recovery: killed generator-%d's engine processes %s", i, killed)
+        return killed
 
     def _heal_generator(self, i: int, err: BaseException) -> None:
         """Generator i died: release its in-flight groups (their prompts are admitted again),
@@ -640,7 +641,7 @@ class Trainer:
             samples = self._get(self.buffer.discard_groups.remote(lost, DropReason.GENERATOR_LOST), "buffer")
             log.warning("recovery: %s died (%s); %d groups in flight released (%d samples dropped), restarting it",
                         name, type(err).__name__, len(lost), samples)
-        self._kill_engine_processes(i)
+        engine_killed = self._kill_engine_processes(i)
         ray.kill(self.workers[i], no_restart=True)
         self._probes.pop(i, None)
         update = self._get(self.scheduler.current_update.remote(), "scheduler")
@@ -670,7 +671,7 @@ class Trainer:
                                         "at_version": update.version,
                                         "groups_released": len(lost), "samples_dropped": samples,
                                         "groups_continued": len(lost) if self.cfg.generator.continue_partials else 0,
-                                        "_t0": t0}
+                                        "engine_processes_killed": engine_killed, "_t0": t0}
 
     def _record_recovery(self, rec: dict[str, Any]) -> None:
         rec = {k: v for k, v in rec.items() if not k.startswith("_")}

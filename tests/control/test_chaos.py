@@ -316,6 +316,7 @@ def test_a_generator_whose_engine_core_is_stopped_is_restarted(ray_session, tmp_
     assert [r["name"] for r in gens] == ["generator-0"], recs
     assert "generator-0 is alive but its engine produced nothing for" in gens[0]["cause"], recs
     assert gens[0]["at_version"] < steps, gens  # found while the run went on, not at its end
+    assert gens[0]["engine_processes_killed"], gens  # the stopped engine core killed by the driver, not left behind
     _assert_no_leftovers(before)
 
 
