@@ -393,6 +393,11 @@ class RecoveryConfig(Section):
     """A generator that is alive but answers nothing this long (a health check the driver sends
     every step, or the hand-over of a sample the buffer takes) is killed and restarted like a dead
     one. Its answers before its first health check (engine start-up) are not judged."""
+    max_driver_restarts: int = Field(3, ge=0)
+    """`entrypoints/train.py` runs the driver as a child process and starts it again, resuming from
+    the latest checkpoint, when it is killed by a signal other than SIGINT/SIGTERM/SIGHUP (the
+    kernel's OOM killer, a segfault, `kill -9`); an error it reports is not retried. 0: the driver
+    runs in the entrypoint's own process."""
 
 
 class DumpsConfig(Section):

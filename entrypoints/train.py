@@ -2,7 +2,9 @@
 
 Runs locally (starts Ray) or under `ray job submit --working-dir . -- python entrypoints/train.py ...`
 (joins the running cluster when cluster.address is set or RAY_ADDRESS is in the environment).
-Re-running with the same logging.run_dir resumes from its latest checkpoint.
+Re-running with the same logging.run_dir resumes from its latest checkpoint. The driver runs as a
+child of this process, which starts it again (it resumes) when it is killed, e.g. by the OOM killer
+(`recovery.max_driver_restarts`, cir_actors/ops/driver.py).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from cir_actors.ops import driver
+
+    if cfg.recovery.max_driver_restarts and not driver.is_child():  # the run outlives its driver's death
+        return driver.supervise([str(Path(__file__).resolve()), *argv], cfg.recovery.max_driver_restarts)
     from cir_actors.control.trainer import train
 
     try:

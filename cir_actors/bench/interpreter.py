@@ -1,6 +1,6 @@
 """Interpreter benchmark: the sandboxed pool against a fresh interpreter per call and CIR's unisolated pool.
 
-`python entrypoints/bench.py interpreter [--calls 1000] [--fresh-calls 16] [--clients 2,8] [--code CODE]`
+`python entrypoints/bench.py interpreter [--calls 1000] [--fresh-calls 16] [--clients 2,8] [--rate 100] [--code CODE]`
 
 Measured side by side in one run, each at 2 and 8 concurrent clients (threads issuing blocking calls):
   (a) pool      InterpreterPool with every isolation layer on;
@@ -9,6 +9,11 @@ Measured side by side in one run, each at 2 and 8 concurrent clients (threads is
 Per row: p50/p99 latency, calls/s, and CPU ms per call (all processes involved: the bench process,
 the zygote and its children / the subprocesses / the workers). (b) is slow, so it runs fewer calls
 (--fresh-calls); the ratio (a) vs (b) compares p50 latency and throughput.
+Those rows are closed loop (each client calls again the moment its call returns): they measure the
+ceiling, and at 8 clients Little's law sets p50 = 8 / calls/s. A generator's tool calls instead
+arrive as trajectories reach a code block, so (a) and (c) are also driven open loop: calls arriving
+at --rate per second (Poisson), handed round-robin to the clients, latency counted from arrival
+(a call that waited for a busy client counts the wait). The `offered` column says which.
 
 Then the execution cache (`interpreter.cache`) on a rollout-like workload, side by side in one run:
 --groups prompt groups of --n samples each (asyncio, one task per sample, a group's samples at once,
@@ -26,6 +31,7 @@ import concurrent.futures as cf
 import contextlib
 import io
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -72,13 +78,41 @@ def _drive(call: Callable[[], None], calls: int, clients: int) -> tuple[list[flo
     return sorted(lat), time.perf_counter() - t0
 
 
-def _row(name: str, clients: int, lat: list[float], wall: float, cpu_s: float) -> dict:
+def _drive_paced(call: Callable[[], None], calls: int, clients: int, rate: float) -> tuple[list[float], float]:
+    """Open loop: `calls` calls arriving at `rate` per second (Poisson, fixed seed), the i-th handed
+    to client i mod `clients`; per-call latencies (ms) counted from the arrival, and the wall time."""
+    rng, t, arrivals = random.Random(0), 0.0, []
+    for _ in range(calls):
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    lat: list[float] = []
+    lock = threading.Lock()
+    start = time.perf_counter() + 0.05
+
+    def client(times: list[float]) -> None:
+        for a in times:
+            at = start + a
+            if (wait := at - time.perf_counter()) > 0:
+                time.sleep(wait)
+            call()
+            with lock:
+                lat.append((time.perf_counter() - at) * 1e3)
+
+    threads = [threading.Thread(target=client, args=(arrivals[i::clients],)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sorted(lat), time.perf_counter() - start
+
+
+def _row(name: str, clients: int, lat: list[float], wall: float, cpu_s: float, rate: float | None = None) -> dict:
     n = len(lat)
-    return {"impl": name, "clients": clients, "calls": n, "p50_ms": lat[n // 2],
+    return {"impl": name, "clients": clients, "offered_per_s": rate, "calls": n, "p50_ms": lat[n // 2],
             "p99_ms": lat[min(n - 1, int(n * 0.99))], "calls_per_s": n / wall, "cpu_ms_per_call": cpu_s / n * 1e3}
 
 
-def _bench_pool(code: str, calls: int, clients: int, pool: InterpreterPool) -> dict:
+def _bench_pool(code: str, calls: int, clients: int, pool: InterpreterPool, rate: float | None = None) -> dict:
     zygote = pool.isolation_report()["zygote_pid"]
     expected = pool.run(code).stdout
     for _ in range(20):
@@ -91,9 +125,9 @@ def _bench_pool(code: str, calls: int, clients: int, pool: InterpreterPool) -> d
 
     time.sleep(0.5)
     c0, s0 = _proc_cpu_s(zygote), time.process_time()
-    lat, wall = _drive(call, calls, clients)
+    lat, wall = _drive(call, calls, clients) if rate is None else _drive_paced(call, calls, clients, rate)
     time.sleep(0.5)  # let the last children be reaped (their CPU lands in the zygote's cutime)
-    return _row("pool (isolated)", clients, lat, wall, _proc_cpu_s(zygote) - c0 + time.process_time() - s0)
+    return _row("pool (isolated)", clients, lat, wall, _proc_cpu_s(zygote) - c0 + time.process_time() - s0, rate)
 
 
 def _bench_fresh(code: str, calls: int, clients: int) -> dict:
@@ -121,7 +155,7 @@ def _exec_unisolated(code: str) -> str:
     return out.getvalue()
 
 
-def _bench_unsafe(code: str, calls: int, clients: int, workers: int) -> dict:
+def _bench_unsafe(code: str, calls: int, clients: int, workers: int, rate: float | None = None) -> dict:
     with cf.ProcessPoolExecutor(max_workers=workers, initializer=_warm) as ex:
         list(ex.map(_exec_unisolated, [code] * (workers * 4)))
         pids = list(ex._processes)  # the worker processes, for their CPU time
@@ -130,9 +164,9 @@ def _bench_unsafe(code: str, calls: int, clients: int, workers: int) -> dict:
             ex.submit(_exec_unisolated, code).result()
 
         c0, s0 = sum(_proc_cpu_s(p, False) for p in pids), time.process_time()
-        lat, wall = _drive(call, calls, clients)
+        lat, wall = _drive(call, calls, clients) if rate is None else _drive_paced(call, calls, clients, rate)
         cpu = sum(_proc_cpu_s(p, False) for p in pids) - c0 + time.process_time() - s0
-    return _row("unisolated exec pool", clients, lat, wall, cpu)
+    return _row("unisolated exec pool", clients, lat, wall, cpu, rate)
 
 
 def _group_programs(groups: int, n: int) -> list[list[str]]:
@@ -203,6 +237,8 @@ def run(argv: list[str]) -> dict:
     ap.add_argument("--fresh-calls", type=int, default=16, help="calls per setting for (b), the slow one")
     ap.add_argument("--clients", default="2,8", help="comma-separated concurrent clients")
     ap.add_argument("--code", default="print(1)", help="the code each call runs")
+    ap.add_argument("--rate", type=float, default=100.0,
+                    help="calls/s offered in the open-loop rows (0: closed loop only)")
     ap.add_argument("--groups", type=int, default=16, help="prompt groups in the cache workload")
     ap.add_argument("--n", type=int, default=8, help="samples per group in the cache workload")
     ap.add_argument("--group-concurrency", type=int, default=2, help="groups in flight in the cache workload")
@@ -218,17 +254,25 @@ def run(argv: list[str]) -> dict:
         layers = pool.isolation_report()["layers"]
         for c in clients:
             rows.append(_bench_pool(args.code, args.calls, c, pool))
+        for c in clients if args.rate else []:
+            rows.append(_bench_pool(args.code, args.calls, c, pool, args.rate))
     for c in clients:
         rows.append(_bench_fresh(args.code, args.fresh_calls, c))
     for c in clients:
         rows.append(_bench_unsafe(args.code, args.calls, c, max(clients)))
-    print(f"{'implementation':<22}{'clients':>8}{'calls':>7}{'p50 ms':>9}{'p99 ms':>9}{'calls/s':>9}{'CPU ms/call':>13}")
+    for c in clients if args.rate else []:
+        rows.append(_bench_unsafe(args.code, args.calls, c, max(clients), args.rate))
+    print(f"{'implementation':<22}{'clients':>8}{'offered':>9}{'calls':>7}{'p50 ms':>9}{'p99 ms':>9}{'calls/s':>9}"
+          f"{'CPU ms/call':>13}")
     for r in rows:
-        print(f"{r['impl']:<22}{r['clients']:>8}{r['calls']:>7}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+        offered = "max" if r["offered_per_s"] is None else f"{r['offered_per_s']:.0f}/s"
+        print(f"{r['impl']:<22}{r['clients']:>8}{offered:>9}{r['calls']:>7}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
               f"{r['calls_per_s']:>9.1f}{r['cpu_ms_per_call']:>13.1f}")
+    if args.rate:
+        print(f"fresh python -c is not driven at {args.rate:.0f}/s: it cannot reach it (see its calls/s above)")
     ratios = {}
     for c in clients:
-        a = next(r for r in rows if r["impl"].startswith("pool") and r["clients"] == c)
+        a = next(r for r in rows if r["impl"].startswith("pool") and r["clients"] == c and r["offered_per_s"] is None)
         b = next(r for r in rows if r["impl"].startswith("fresh") and r["clients"] == c)
         ratios[c] = {"p50_speedup": b["p50_ms"] / a["p50_ms"], "throughput_ratio": a["calls_per_s"] / b["calls_per_s"]}
         print(f"pool vs fresh at {c} clients: p50 {ratios[c]['p50_speedup']:.0f}x faster, "

@@ -32,22 +32,13 @@ from typing import Any
 NAMESPACE = "cir-bench-partials"
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, grandchildren, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
+def _signal(pids: list[int], sig: int) -> None:
+    """Send `sig` to each of `pids` that still exists (an engine may end a helper process at any time)."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def crash_mid_trajectory(name: str, namespace: str, before_kill: Any = None, ready: Any = None) -> bool:
@@ -55,16 +46,19 @@ def crash_mid_trajectory(name: str, namespace: str, before_kill: Any = None, rea
     flight, what `ready` asks of `buffer.inflight_tokens` (default: some partial), call
     `before_kill(groups, held)`, crash it (the actor killed, its engine processes SIGKILLed) and
     return True; else thaw it and return False (try again). On the tiny model a trajectory lives a
-    fraction of a second, too short to hit by polling alone."""
+    fraction of a second, too short to hit by polling alone. Whatever happens, no engine process is
+    left stopped: a process that exits between being listed and being signalled is skipped."""
     import ray
+
+    from cir_actors.ops.processes import descendants, kill_processes
 
     ready = ready or (lambda held: held["partial_tokens"] > 0)
     actor = ray.get_actor(name, namespace=namespace)
     sched, buf = (ray.get_actor(n, namespace=namespace) for n in ("scheduler", "buffer"))
-    engine = descendants(ray.get(actor.health.remote(), timeout=30)["pid"])
-    for pid in engine:
-        os.kill(pid, signal.SIGSTOP)
+    processes = descendants(ray.get(actor.health.remote(), timeout=30)["pid"])
+    engine = [pid for pid, _ in processes]
     try:
+        _signal(engine, signal.SIGSTOP)
         groups = ray.get(sched.inflight_of.remote(name), timeout=30)
         held = ray.get(buf.inflight_tokens.remote(groups), timeout=30) if groups else None
         if held is None or not ready(held):
@@ -72,15 +66,10 @@ def crash_mid_trajectory(name: str, namespace: str, before_kill: Any = None, rea
         if before_kill is not None:
             before_kill(groups, held)
         ray.kill(actor, no_restart=True)
-        for pid in engine:
-            os.kill(pid, signal.SIGKILL)
+        kill_processes(processes)
         return True
     finally:
-        for pid in engine:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        _signal(engine, signal.SIGCONT)
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -6,7 +6,9 @@ is admitted; interpreter pool and scorer: a new process answers), kill -> traini
 rank, buffer: the run resumed from its latest checkpoint by itself); steps lost (trained after
 the checkpoint the run resumed from, trained again), groups and trajectories regenerated (dropped
 as `generator_lost` or `resumed`, their prompts admitted again), and throughput (trajectories/s)
-of the steps during each recovery against the steady steps.
+of the steps during each recovery against the steady steps. Then (unless --no-driver) a second
+short run under `entrypoints/train.py` whose driver is SIGKILLed: seconds until its supervisor
+starts it again, until it resumed, and until it trains again.
 """
 
 from __future__ import annotations
@@ -65,9 +67,62 @@ class _Killer(threading.Thread):
             time.sleep(0.2)
 
 
+def driver_kill(overrides: list[str], kill_after_step: int = 3, timeout_s: float = 900.0) -> dict[str, Any]:
+    """`entrypoints/train.py` in a subprocess (its supervisor) on the running Ray; its driver (the
+    child) SIGKILLed after `kill_after_step`: seconds from the kill to the supervisor's restart line,
+    to `resumed from`, and to the next step trained; and whether the run then finished."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    from cir_actors.ops.processes import descendants
+
+    run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("logging.run_dir=")))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log_path = run_dir.parent / "driver-stderr.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(root / "entrypoints" / "train.py"), *overrides], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None and len(_rows(run_dir)) < kill_after_step:
+        time.sleep(0.1)
+    if proc.poll() is not None or not descendants(proc.pid):
+        raise RuntimeError(f"the run ended before step {kill_after_step}: {log_path.read_text()[-2000:]}")
+    (driver, _), *_ = descendants(proc.pid)
+    at_step = _rows(run_dir)[-1]["step"]
+    os.kill(driver, signal.SIGKILL)
+    t0, out = time.monotonic(), {"killed_after_step": at_step}
+    seen = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = log_path.read_text()
+        if "restarted_s" not in out and "starting it again" in text:
+            out["restarted_s"] = round(time.monotonic() - t0, 2)
+        if "resumed_s" not in out and "resumed from" in text.split("starting it again", 1)[-1]:
+            out["resumed_s"] = round(time.monotonic() - t0, 2)
+            rows = _rows(run_dir)
+            seen = (len(rows), rows[-1] if rows else None)
+        if seen is not None:
+            rows = _rows(run_dir)
+            if (len(rows), rows[-1] if rows else None) != seen:
+                out["training_again_s"] = round(time.monotonic() - t0, 2)
+                break
+        time.sleep(0.1)
+    out["exit_code"] = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    rows = _rows(run_dir)
+    out["finished_all_steps"] = bool(rows) and rows[-1]["step"] == int(
+        next(o.split("=", 1)[1] for o in overrides if o.startswith("scheduler.total_steps=")))
+    return out
+
+
 def run(argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="bench.py recovery")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no-driver", action="store_true", help="skip the driver-kill run")
     args = p.parse_args(argv)
     from cir_actors.config import load_config
     from cir_actors.control.trainer import init_ray, train
@@ -95,6 +150,16 @@ def run(argv: list[str]) -> dict[str, Any]:
         wall = time.monotonic() - t0
         rows = _rows(run_dir)
         recs = [json.loads(line) for line in (run_dir / "recoveries.jsonl").read_text().splitlines()]
+        driver = None
+        if not args.no_driver:  # the driver itself: entrypoints/train.py's supervisor starts it again
+            driver = driver_kill([
+                f"logging.run_dir={Path(tmp) / 'driver' / 'run'}", "logging.wandb_mode=disabled",
+                "logging.progress=false", "scheduler.total_steps=6", "scheduler.max_staleness=1",
+                "learner.prompts_per_step=2", "learner.mini_batch_prompts=2", "generator.samples_per_prompt=4",
+                "generator.max_response_tokens=64", "generator.num_generators=1", "generator.num_cpus=0.25",
+                "interpreter.num_pools=1", "scorer.num_scorers=1", "learner.num_cpus=0.5", "learner.save_every=1",
+                f"cluster.namespace={NAMESPACE}-driver", "data.num_train=128",
+            ])
     n = cfg.generator.samples_per_prompt
     out_rows = []
     gen_recs = [r for r in recs if r["role"] == "generator"]
@@ -144,4 +209,10 @@ def run(argv: list[str]) -> dict[str, Any]:
           f"{result['conservation_ok_every_step']}")
     print(f"throughput (trajectories/s, median): steady {result['throughput_steady_traj_per_s']}, "
           f"during recovery {result['throughput_during_recovery_traj_per_s']}")
+    if driver is not None:
+        result["driver"] = driver
+        print(f"driver SIGKILLed after step {driver['killed_after_step']}: started again after "
+              f"{driver.get('restarted_s', '-')} s, resumed after {driver.get('resumed_s', '-')} s, training again "
+              f"after {driver.get('training_again_s', '-')} s; exit code {driver['exit_code']}, all steps "
+              f"finished: {driver['finished_all_steps']}")
     return result

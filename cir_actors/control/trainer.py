@@ -110,6 +110,9 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
+FINISH_ROUND_S = 2.0  # after the last step: one round of waiting for the generators (Trainer._finish_generators)
+FINISH_SERVED_S = 180.0  # ... for all of them to report serving the final version
+FINISH_RUN_S = 300.0  # ... for all of them to end their runs
 SLOT_WAIT_S = 5.0  # one round of a shared-memory publication's wait for a slot (Trainer._publish)
 
 
@@ -386,22 +389,11 @@ class Trainer:
         # The final checkpoint comes first: a late failure below loses nothing that was trained.
         self._get(self.scheduler.stop.remote(), "scheduler")
         self.save_checkpoint(version)
-        # Invariant 5: every generator reports the final version and the checksum it was sent.
-        served = self._get(self.scheduler.wait_served.remote(version), "scheduler", timeout=180)
-        for name, rep in served.items():
-            if rep.get("error") or rep.get("checksum") != rep.get("expected_checksum"):
-                log.error("%s did not load version %d cleanly: %s", name, version, rep)
+        served, worker_stats = self._finish_generators(version)
         for rec in self._pending_recovery.values():  # restarted, but the run ended before it served
             rec["serving_again_s"] = None
             self._record_recovery(rec)
         self._pending_recovery.clear()
-        worker_stats = []
-        for i, ref in enumerate(self.runs):
-            try:
-                worker_stats.append(ray.get(ref, timeout=300))
-            except Exception as e:  # noqa: BLE001 - training is done and saved; say which worker and go on
-                log.error("generator-%d did not finish cleanly after the last step: %s", i, e)
-                worker_stats.append({"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
         self._plot()
         summary = {"final_version": version, "steps": len(self.history), "wall_s": time.monotonic() - t_start,
                    "served": served, "recoveries": self.recoveries,
@@ -411,6 +403,74 @@ class Trainer:
         if self._wandb is not None:
             self._wandb.finish()
         return summary
+
+    def _finish_generators(self, version: int) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """After the last step (trained and saved): every generator reports serving `version` with
+        the checksum it was sent (invariant 5), then ends its run; (the serving reports, each run's
+        stats). Waited for in rounds of FINISH_ROUND_S under one deadline per phase, hangs judged
+        between rounds as during the run. A generator that died, or hangs, is neither restarted
+        (nothing is left to generate) nor waited for: it is killed with its engine processes and
+        named in one sentence in its report and its stats."""
+        import ray
+
+        n = len(self.workers)
+        given_up: dict[int, str] = {}
+
+        def give_up(i: int, why: str) -> None:  # killed with its engine processes, not waited for
+            given_up[i] = why
+            log.error("generator-%d %s; not waited for", i, why)
+            self._kill_engine_processes(i)
+            ray.kill(self.workers[i], no_restart=True)
+
+        def give_up_hung() -> None:
+            for i, why in self._hung_generators():
+                if i not in given_up:
+                    give_up(i, f"is alive but {why} after the last step (killed)")
+
+        def ended(i: int) -> dict[str, Any] | None:  # its run's result once it ended (died: given up)
+            if i in given_up or not ray.wait([self.runs[i]], timeout=0)[0]:
+                return None
+            try:
+                return ray.get(self.runs[i])
+            except Exception as e:  # noqa: BLE001 - training is done and saved; say which worker and go on
+                given_up[i] = f"died after the last step: {one_line(e)}"
+                log.error("generator-%d %s", i, given_up[i])
+                return None
+
+        stats: list[dict[str, Any] | None] = [None] * n
+        deadline = time.monotonic() + FINISH_SERVED_S
+        while True:
+            served = self._get(self.scheduler.wait_served.remote(version, timeout_s=FINISH_ROUND_S), "scheduler")
+            for i in range(n):
+                stats[i] = stats[i] or ended(i)
+            waiting = [i for i in range(n) if i not in given_up and stats[i] is None
+                       and not served.get(f"generator-{i}", {}).get("error")
+                       and (served.get(f"generator-{i}", {}).get("version") or -1) < version]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                for i in waiting:
+                    give_up(i, f"did not report serving version {version} within {FINISH_SERVED_S:.0f} s (killed)")
+                break
+            give_up_hung()
+        deadline = time.monotonic() + FINISH_RUN_S
+        while left := [i for i in range(n) if i not in given_up and stats[i] is None]:
+            ray.wait([self.runs[i] for i in left], num_returns=len(left), timeout=FINISH_ROUND_S)
+            for i in left:
+                stats[i] = ended(i)
+            if time.monotonic() > deadline:
+                for i in left:
+                    if stats[i] is None and i not in given_up:
+                        give_up(i, f"did not end its run within {FINISH_RUN_S:.0f} s of the last step (killed)")
+                break
+            give_up_hung()
+        for i, why in given_up.items():
+            stats[i] = {"error": f"generator-{i} {why}"}
+            served[f"generator-{i}"] = {**served.get(f"generator-{i}", {}), "error": f"generator-{i} {why}"}
+        for name, rep in served.items():
+            if rep.get("error") or rep.get("checksum") != rep.get("expected_checksum"):
+                log.error("%s did not load version %d cleanly: %s", name, version, rep)
+        return served, [s or {} for s in stats]
 
     def _wait_batch(self, version: int, t0: float, dropped_total: Counter[str]) -> Any:
         """The next batch; meanwhile heal generators, watch the weight pushes and the progress.
@@ -557,17 +617,32 @@ class Trainer:
                 hung.append((i, named[actor_id(w)]))
         return hung
 
-    def _watch_stateless(self) -> None:
+    def _watch_stateless(self, wait_s: float = 0.0) -> None:
         """Interpreter pools and scorers: count a restart by Ray (a new pid answers the health
         check), and kill one that is alive but has answered no health check for
         `recovery.stateless_hang_s` (judged only once it has answered one): Ray restarts it, and
         the calls stuck in it fail over to the other replicas at once instead of at their deadlines.
-        Never blocks: a health check is sent, and read at a later call."""
+        A health check is sent, and read at a later call. A step's row (`wait_s`) reads the answers
+        in, sends every actor a fresh check and gives them `wait_s`, together, to answer: an answer
+        sent just before a kill would otherwise hide the kill from that row, and a resume of the run
+        starting next would recreate the actor without its death ever being counted."""
         import ray
 
-        hang_s, now = self.cfg.recovery.stateless_hang_s, time.monotonic()
+        self._read_stateless()  # every answered check is read and a fresh one sent
+        if wait_s:
+            out = [p[0] for p in self._stateless_probes.values()]
+            ray.wait(out, num_returns=len(out), timeout=wait_s)
+            self._read_stateless()
+
+    def _read_stateless(self) -> None:
+        """One pass of `_watch_stateless`: read each answered health check, count a restart, judge
+        a hang, send the next check."""
+        import ray
+
+        hang_s = self.cfg.recovery.stateless_hang_s
         actors = [("interpreter", i, a) for i, a in enumerate(self.interpreters)]
         actors += [("scorer", i, a) for i, a in enumerate(self.scorers)]
+        now = time.monotonic()
         for role, i, actor in actors:
             key = f"{role}-{i}"
             ref, sent, answered = self._stateless_probes.get(key, (None, now, False))
@@ -583,8 +658,11 @@ class Trainer:
             if ref is not None:
                 try:
                     pid = ray.get(ref)["pid"]
-                except Exception:  # noqa: BLE001 - restarting now: judged again once it answers
+                except Exception:  # noqa: BLE001 - it died: Ray restarts it; judged again once it answers
                     answered = False
+                    if self._stateless_pids.pop(key, None) is not None:
+                        self._record_recovery({"role": role, "name": key, "healed_by": "ray"})
+                        log.warning("recovery: %s died and is restarted by Ray", key)
                 else:
                     answered = True
                     old = self._stateless_pids.get(key)
@@ -682,6 +760,7 @@ class Trainer:
 
     def _conservation_row(self) -> dict[str, Any]:
         """Check both conservation identities at one instant and return them for metrics.jsonl."""
+        self._watch_stateless(wait_s=5.0)  # restarts by Ray since the last step are counted in this row
         snap = self._get(self.buffer.snapshot.remote(), "buffer")
         groups, traj = snap["groups"], snap["trajectories"]
         if not groups["ok"]:
@@ -917,6 +996,8 @@ def train(cfg: Config) -> dict[str, Any]:
             if recoveries >= cfg.recovery.max_recoveries:
                 raise RuntimeError(f"{e}; recovery.max_recoveries ({cfg.recovery.max_recoveries}) spent") from e
             recoveries += 1
+            with contextlib.suppress(Exception):  # a pool or scorer that died just before is counted,
+                trainer._watch_stateless(wait_s=5.0)  # not absorbed unseen by the restart of every actor
             latest = trainer.ckpt_dir / "latest"
             where = latest.read_text().strip() if latest.is_file() else "the start (no checkpoint yet)"
             log.warning("recovery %d/%d: %s; restarting the run's actors and resuming from %s",

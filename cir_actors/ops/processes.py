@@ -23,6 +23,21 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), int(fields[19])
 
 
+def alive(pid: int) -> bool:
+    """`pid` exists and is not a zombie."""
+    return _stat(pid) is not None
+
+
+def wait_gone(pid: int, timeout_s: float) -> bool:
+    """Whether `pid` is gone (or a zombie) within `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not alive(pid)
+
+
 def descendants(pid: int) -> list[tuple[int, int]]:
     """(pid, start time) of every live process below `pid`, children first."""
     parents: dict[int, list[tuple[int, int]]] = {}
