@@ -30,7 +30,8 @@ already in and the latest partial of each other one. A continued group may see a
 dead generator's copy landed after the hand-over): one is kept, the other counted `duplicate`.
 
 Checkpoints: `checkpoint_cut()` returns the ready groups' data (fetched from the object store only
-then) with the scheduler's state of the same instant; `restore()` puts both back. With
+then; or their references, which the driver fetches itself) with the scheduler's state of the same
+instant; `restore()` puts both back. With
 `continue_partials`, the in-flight groups' finished samples and partials are part of the cut
 (`inflight`) and continue after the resume; without, they are not saved and their tasks re-queued.
 """
@@ -397,24 +398,17 @@ class ReplayBuffer:
             ledger = await self._ledger("conservation")
             return {"groups": ledger, "trajectories": self.trajectory_conservation(), "buffer": self.stats()}
 
-    async def checkpoint_cut(self) -> dict[str, Any]:
+    async def checkpoint_cut(self, fetch: bool = True) -> dict[str, Any]:
         """A consistent cut: the scheduler's checkpoint state, the ready groups' data and (with
         `continue_partials`) the in-flight groups' finished samples and partials, at one instant
-        (nothing completes or drops in between)."""
+        (nothing completes or drops in between). With `fetch=False` the data stays references
+        (`refs` of a group, `ref` of an item) for the caller to fetch under its own deadline and
+        put in with `fill_cut`: the driver does, so that this call answers at once and a buffer
+        stopped mid-checkpoint is found within `recovery.call_timeout_s`."""
         async with self._condition():
             scheduler = await self._ledger("checkpoint_state")
             groups = self.checkpoint_groups_refs()
             inflight = self._inflight_refs(scheduler.get("inflight", [])) if self._continue_partials else []
-            # one fetch for everything, in the order the loops below take the results back
-            refs = [r for g in groups for r in g["refs"]]
-            refs += [item["ref"] for g in inflight for item in g["finished"] + g["partials"]]
-            data = iter(await self._fetch(refs))
-            for g in groups:
-                g["samples"] = [next(data) for _ in g.pop("refs")]
-            for g in inflight:
-                for item in g["finished"] + g["partials"]:
-                    item["data"] = next(data)
-                    del item["ref"]
             lost_partials = 0 if self._continue_partials else sum(len(g.refs) for g in self._partial.values())
             counters = {
                 "served_groups": self._served_groups,
@@ -425,16 +419,10 @@ class ReplayBuffer:
                 "dropped_trajectories": dict(self._dropped_trajectories + Counter({DropReason.RESUMED: lost_partials})),
                 "served_staleness": {str(k): v for k, v in self._served_staleness.items()},
             }
-            return {"scheduler": scheduler, "groups": groups, "inflight": inflight, "counters": counters}
-
-    @staticmethod
-    async def _fetch(refs: list[Any]) -> list[Any]:
-        """Resolve object refs (plain objects, as in-process tests and restored partials hold, pass through)."""
-        import ray
-
-        fetch = [r for r in refs if isinstance(r, ray.ObjectRef)]
-        got = iter(await asyncio.to_thread(ray.get, fetch, timeout=300) if fetch else [])
-        return [next(got) if isinstance(r, ray.ObjectRef) else r for r in refs]
+            cut = {"scheduler": scheduler, "groups": groups, "inflight": inflight, "counters": counters}
+            if fetch:
+                fill_cut(cut, await asyncio.to_thread(_ray_get, cut_refs(cut), 300.0))
+            return cut
 
     def _inflight_refs(self, inflight: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The scheduler's in-flight groups with references to what this buffer holds of each."""
@@ -510,3 +498,36 @@ class ReplayBuffer:
                 g.min_versions[i] = d["min_versions"][i]
                 g.metas[i] = d.get("metas", [{}] * g.n)[i]
             self._ready[g.group_id] = g
+
+
+def cut_refs(cut: dict[str, Any]) -> list[Any]:
+    """The object references of a cut taken with `fetch=False`, in the order `fill_cut` takes their
+    data (restored partials are held as plain objects, as in-process tests hold everything: skipped)."""
+    import ray
+
+    refs = [r for g in cut["groups"] for r in g["refs"]]
+    refs += [item["ref"] for g in cut["inflight"] for item in g["finished"] + g["partials"]]
+    return [r for r in refs if isinstance(r, ray.ObjectRef)]
+
+
+def fill_cut(cut: dict[str, Any], fetched: list[Any]) -> dict[str, Any]:
+    """Put the data of `cut_refs(cut)` (`fetched`, in that order) into the cut in place of the references."""
+    import ray
+
+    data = iter(fetched)
+
+    def resolve(r: Any) -> Any:
+        return next(data) if isinstance(r, ray.ObjectRef) else r
+
+    for g in cut["groups"]:
+        g["samples"] = [resolve(r) for r in g.pop("refs")]
+    for g in cut["inflight"]:
+        for item in g["finished"] + g["partials"]:
+            item["data"] = resolve(item.pop("ref"))
+    return cut
+
+
+def _ray_get(refs: list[Any], timeout: float) -> list[Any]:
+    import ray
+
+    return ray.get(refs, timeout=timeout) if refs else []

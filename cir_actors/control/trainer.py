@@ -245,7 +245,7 @@ class Trainer:
         timeout = timeout or self.cfg.recovery.call_timeout_s
         try:
             return ray.get(ref, timeout=timeout)
-        except (rex.RayActorError, rex.ActorUnavailableError) as e:
+        except (rex.RayActorError, rex.ActorUnavailableError, rex.ObjectLostError) as e:  # lost: its owner died
             raise StatefulRoleDied(role, e) from e
         except rex.GetTimeoutError as e:
             hung = TimeoutError(f"the {role} answered nothing for {timeout:.0f} s{setting}")
@@ -863,6 +863,7 @@ class Trainer:
         saving leaves the previous checkpoint as the latest."""
         import shutil
 
+        from cir_actors.control.replay_buffer import cut_refs, fill_cut
         from cir_actors.serialization import encode_partial, encode_scored, write_frames
 
         step_dir = self.ckpt_dir / f"step-{version:06d}"
@@ -877,7 +878,10 @@ class Trainer:
             if isinstance(e, rex.RayActorError | rex.ActorUnavailableError | LearnerHung):
                 raise StatefulRoleDied("learner rank", e) from e
             raise
-        cut = self._get(self.buffer.checkpoint_cut.remote(), "buffer", timeout=600)
+        # The buffer answers with references at once; their data is fetched here, so a buffer that
+        # stops at any point of this is found within recovery.call_timeout_s.
+        cut = self._get(self.buffer.checkpoint_cut.remote(fetch=False), "buffer")
+        fill_cut(cut, self._get(cut_refs(cut), "buffer"))
         for g in cut["groups"]:
             g["samples"] = [encode_scored(s) for s in g["samples"]]
         with open(tmp_dir / "buffer.msgpack", "wb") as f:
