@@ -152,6 +152,7 @@ class BudgetScheduler:
         self._dead: set[str] = set()  # generators whose actor died (the driver restarts them)
         self._pushes: set[asyncio.Task] = set()
         self._waiting: dict[str, float] = {}  # generator -> since when it waits for admission
+        self._asked: set[str] = set()  # generators that asked for work since registered: past start-up
         self._wait_s: dict[str, float] = {}  # accumulated admission wait per generator
         self._stopped = False
         self._changed: asyncio.Condition | None = None
@@ -224,6 +225,7 @@ class BudgetScheduler:
         cond = self._condition()
         start = self._clock()
         self._waiting.setdefault(generator, start)
+        self._asked.add(generator)
         try:
             async with cond:
                 req = self.try_admit(generator, served_version)
@@ -311,6 +313,11 @@ class BudgetScheduler:
         self._counts.dropped["released"] += count
         await self._notify()
 
+    def asked(self) -> list[str]:
+        """The generators that have asked for work since they were registered: their run loop is
+        going, so their engine has started (the driver judges their health checks from then)."""
+        return sorted(self._asked)
+
     def inflight_of(self, generator: str) -> list[int]:
         return [gid for gid, (_, g) in self._inflight.items() if g == generator]
 
@@ -320,6 +327,7 @@ class BudgetScheduler:
         (reason generator_lost) with their prompts re-queued; the generator is admitted again only
         once registered anew and verified. Returns the group ids."""
         self._dead.add(generator)
+        self._asked.discard(generator)
         self._verified[generator] = False
         lost = self.inflight_of(generator)
         if self._continue:
@@ -353,6 +361,7 @@ class BudgetScheduler:
         push it and admit the generator only after it echoed the fingerprint."""
         self._generators[name] = handle
         self._dead.discard(name)
+        self._asked.discard(name)
         self._push_failures.pop(name, None)
         if update is None:
             self._verified.setdefault(name, True)

@@ -587,17 +587,25 @@ class Trainer:
     def _hung_generators(self) -> list[tuple[int, str]]:
         """Generators that are alive but answer nothing (an event loop stuck, a process stopped),
         with what they failed to do: a health check outstanding for `recovery.generator_hang_s`
-        (judged only once the generator has answered one, so an engine still starting is not hung),
-        or a sample the buffer could not take from them within that deadline."""
+        (judged only once the generator has answered one or asked the scheduler for work, so an
+        engine still starting is not hung), or a sample the buffer could not take from them within
+        that deadline."""
         import ray
 
         from cir_actors.control.replay_buffer import actor_id
 
         hang_s = self.cfg.recovery.generator_hang_s
         named = self._get(self.buffer.unresponsive.remote(), "buffer")
-        now, hung = time.monotonic(), []
+        now, hung, asked = time.monotonic(), [], None
         for i, w in enumerate(self.workers):
             ref, sent, answered = self._probes.get(i, (None, now, False))
+            if ref is not None and not answered and not ray.wait([ref], timeout=0)[0]:
+                # Stopped before its first answer was read (CI, 2026-12-06: found only by Ray, 8 min
+                # later)? Once its run loop has asked for work it has started: judged from then.
+                asked = asked if asked is not None else set(self._get(self.scheduler.asked.remote(), "scheduler"))
+                if f"generator-{i}" in asked:
+                    sent, answered = now, True
+                    self._probes[i] = (ref, sent, answered)
             if ref is None or ray.wait([ref], timeout=0)[0]:  # answered (or failed: the run's ref tells)
                 self._probes[i] = (w.health.remote(), now, answered or ref is not None)
                 try:

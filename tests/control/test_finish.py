@@ -32,6 +32,9 @@ def _stubs(ray):
 
     @ray.remote(num_cpus=0)
     class Sched:
+        def asked(self) -> list:
+            return ["generator-0", "generator-1", "generator-2"]
+
         async def wait_served(self, version: int, timeout_s: float = 120.0) -> dict:
             await asyncio.sleep(min(timeout_s, 0.2))
             ok = {"version": version, "checksum": "c", "expected_checksum": "c", "error": None}
