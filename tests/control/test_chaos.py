@@ -5,11 +5,11 @@ death, and no process left behind (vLLM engine cores, interpreter zygotes, math-
 
 - one run in which a generator (restarted by the driver) is killed while the buffer holds partials of
   its groups — the other generator continues them (nothing of them regenerated) —, an interpreter
-  pool and a scorer (restarted by Ray), then a learner rank is killed and the buffer SIGSTOPped (the
-  driver resumes by itself, twice);
+  pool and a scorer (restarted by Ray), then a learner rank is killed, then SIGSTOPped, then the
+  buffer SIGSTOPped (the driver resumes by itself, three times);
 - one in which generator-0, an interpreter pool and a scorer are SIGSTOPped (found by health checks,
   killed, restarted), then generator-1's vLLM engine core alone (its actor still answering);
-- the same generator SIGSTOP under `learner.publish=broadcast`, and a learner rank SIGSTOPped;
+- the same generator SIGSTOP under `learner.publish=broadcast`;
 - the driver SIGKILLed (`entrypoints/train.py` in a subprocess runs it as its child) and started again
   by that supervisor, as the same command run again would: the partials in the checkpoint are continued.
 
@@ -252,26 +252,32 @@ def _train_with(run_dir, steps, plan, extra=()):
 
 def test_every_role_killed_in_one_run(ray_session, tmp_path):
     """Stateless roles and generators heal in place (a generator, an interpreter pool, a scorer);
-    then a learner rank dies and the run resumes by itself; then the buffer is SIGSTOPped (alive
-    but answering nothing): the driver's call to it passes `recovery.call_timeout_s`, which is
-    treated like its death, and the run resumes again — instead of waiting forever or ending."""
+    then a learner rank dies and the run resumes by itself; then a learner rank is SIGSTOPped: the
+    driver's call to the ranks passes `recovery.learner_timeout_s` (`LearnerHung`), which is treated
+    like its death, and the run resumes again; then the buffer is SIGSTOPped (alive but answering
+    nothing): the driver's call to it passes `recovery.call_timeout_s`, likewise, and the run resumes
+    a third time — instead of waiting forever or ending. The stopped processes are gone when the
+    run ends (killed by the run)."""
     before = _our_processes()
     run_dir = tmp_path / "run"
-    # 12 steps: each kill waits for a step after the previous one (and the buffer's for the resume
-    # after the learner's), so the kills drift later than planned; the last must still land in the run.
-    steps = 12
+    # 15 steps: each kill waits for a step after the previous one (and each stateful one for the
+    # resume after the one before), so the kills drift later than planned; the last must still land
+    # in the run.
+    steps = 15
     summary = _train_with(run_dir, steps, [(1, "generator-*", False), (2, "interpreter-0", True),
                                            (3, "scorer-1", True), (4, "learner-rank-0", False),
-                                           (6, "sigstop:buffer", False)],
-                          extra=["recovery.call_timeout_s=20"])
+                                           (6, "sigstop:learner-rank-0", False), (8, "sigstop:buffer", False)],
+                          extra=["recovery.call_timeout_s=20", "recovery.learner_timeout_s=20"])
     _check_run(run_dir, steps)
     rec = _recoveries(run_dir)
     roles = [r["role"] for r in rec]
     assert roles.count("generator") >= 1 and "interpreter" in roles and "scorer" in roles, roles
     resumes = [r for r in rec if "resumed_after_s" in r]
-    assert [r["role"] for r in resumes] == ["learner", "buffer"], rec
+    assert [r["role"] for r in resumes] == ["learner", "learner", "buffer"], rec
     assert all(r["resumed_after_s"] > 0 and r["resumed_from"].startswith("step-") for r in resumes), rec
-    assert "answered nothing for 20 s (recovery.call_timeout_s)" in resumes[1]["cause"], resumes
+    assert "LearnerHung" not in resumes[0]["cause"], resumes  # the kill: a death, not a deadline
+    assert "LearnerHung" in resumes[1]["cause"] and "recovery.learner_timeout_s" in resumes[1]["cause"], resumes
+    assert "answered nothing for 20 s (recovery.call_timeout_s)" in resumes[2]["cause"], resumes
     # The generator's groups went on elsewhere: none dropped, its partials continued.
     (gen,) = [r for r in rec if r["role"] == "generator"][:1]
     assert gen["groups_continued"] == gen["groups_released"] >= 1 and gen["samples_dropped"] == 0, gen
@@ -345,24 +351,6 @@ def test_a_generator_answering_nothing_is_restarted_under_broadcast(ray_session,
     gens = [r for r in recs if r["role"] == "generator"]
     assert [r["name"] for r in gens] == ["generator-0"], recs
     assert "generator-0 is alive but" in gens[0]["cause"], recs
-    _assert_no_leftovers(before)
-
-
-def test_a_learner_rank_answering_nothing_is_resumed_from(ray_session, tmp_path):
-    """A learner rank SIGSTOPped mid-run: the driver's call to the ranks passes its deadline
-    (`recovery.learner_timeout_s`), which is treated like its death — every actor is restarted and
-    the run resumes from its latest checkpoint — instead of waiting forever or ending the run. Every
-    step finishes, conservation holds at each, no group is trained twice, and the stopped process is
-    gone when the run ends. (The buffer answering nothing: `test_every_role_killed_in_one_run`.)"""
-    before = _our_processes()
-    run_dir = tmp_path / "run"
-    steps = 6
-    _train_with(run_dir, steps, [(3, "sigstop:learner-rank-0", False)], extra=["recovery.learner_timeout_s=20"])
-    _check_run(run_dir, steps)
-    resumes = [r for r in _recoveries(run_dir) if "resumed_after_s" in r]
-    assert [r["role"] for r in resumes] == ["learner"], resumes
-    assert resumes[0]["resumed_from"].startswith("step-"), resumes
-    assert "LearnerHung" in resumes[0]["cause"] and "recovery.learner_timeout_s" in resumes[0]["cause"], resumes
     _assert_no_leftovers(before)
 
 
