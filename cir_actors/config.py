@@ -382,9 +382,15 @@ class RecoveryConfig(Section):
     this long (a process stopped or wedged) is treated like a dead one — the run's actors are
     restarted and it resumes from its latest checkpoint."""
     learner_timeout_s: float = Field(3600.0, gt=0)
-    """Deadline of each call to the learner ranks (a step, a publication, a checkpoint, start-up):
-    a rank that answers nothing this long (a collective stuck, a process stopped) is treated like a
-    dead rank — the run's actors are restarted and it resumes from its latest checkpoint."""
+    """Deadline of each call to the learner ranks after their start-up (a step, a publication, a
+    checkpoint): a rank that answers nothing this long (a collective stuck, a process stopped) is
+    treated like a dead rank — the run's actors are restarted and it resumes from its latest
+    checkpoint."""
+    learner_startup_timeout_s: float = Field(1800.0, gt=0)
+    """Deadline of the learner ranks' start-up (model load, DeepSpeed init). Separate from
+    `learner_timeout_s` because the first start on a machine or in a new environment compiles
+    DeepSpeed's CPU comm op (~30 s on 2 cores): a short step deadline must not kill that build,
+    whose lock file, left behind, would then stall every later start."""
     stateless_hang_s: float = Field(120.0, gt=0)
     """An interpreter pool or scorer that is alive but answers no health check (sent every step)
     this long is killed, and Ray restarts it; meanwhile its calls fail over to the other replicas

@@ -119,8 +119,9 @@ class Learner:
                     .remote(cfg, self.model_path, i, lcfg.num_ranks)
                 )
             try:
-                addr, port = self._get(self.ranks[0].address.remote(), "start-up")
-                info = self._get([r.setup.remote(addr, port) for r in self.ranks], "start-up")
+                startup_s = self.cfg.recovery.learner_startup_timeout_s
+                addr, port = self._get(self.ranks[0].address.remote(), "start-up", startup_s)
+                info = self._get([r.setup.remote(addr, port) for r in self.ranks], "start-up", startup_s)
                 break
             except BaseException as e:
                 self.shutdown()
@@ -141,17 +142,19 @@ class Learner:
         self._rank0_node: str | None = None
         self._logged_elsewhere: list[str] = []
 
-    def _get(self, refs: Any, what: str) -> Any:
-        """ray.get of calls to the ranks within `recovery.learner_timeout_s`; past it, `LearnerHung`
-        naming the call (the trainer treats it like a dead rank)."""
+    def _get(self, refs: Any, what: str, timeout: float | None = None) -> Any:
+        """ray.get of calls to the ranks within `recovery.learner_timeout_s` (start-up:
+        `recovery.learner_startup_timeout_s`); past it, `LearnerHung` naming the call (the trainer
+        treats it like a dead rank)."""
         import ray
 
-        timeout = self.cfg.recovery.learner_timeout_s
+        key = "learner_timeout_s" if timeout is None else "learner_startup_timeout_s"
+        timeout = self.cfg.recovery.learner_timeout_s if timeout is None else timeout
         try:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError as e:
             raise LearnerHung(f"the learner's {what} did not finish within {timeout:.0f} s "
-                              "(recovery.learner_timeout_s): a rank is stuck or stopped") from e
+                              f"(recovery.{key}): a rank is stuck or stopped") from e
 
     @property
     def version(self) -> int:
