@@ -488,14 +488,31 @@ class Trainer:
             if batch is not None and batch.groups:
                 return batch
             self._check_workers()
+            with _learner_calls():  # a rank stopped after the last step is found here, not at the next
+                self.learner.probe()
             if time.monotonic() - t0 > stall_s:
-                sched = self._get(self.scheduler.state.remote(), "scheduler")
-                buf = self._get(self.buffer.stats.remote(), "buffer")
-                raise RuntimeError(
-                    f"no batch for {time.monotonic() - t0:.0f} s at version {version} (watchdog: {stall_s:.0f} s); "
-                    f"scheduler {json.dumps({k: sched[k] for k in ('inflight_groups', 'capacity', 'verified', 'dead_generators', 'served')}, default=str)}; "
-                    f"buffer {json.dumps({k: buf[k] for k in ('partial_groups', 'ready_groups', 'dropped_groups')})}"
-                )
+                raise RuntimeError(f"no batch for {time.monotonic() - t0:.0f} s at version {version} "
+                                   f"(watchdog: {stall_s:.0f} s); {self._stall_report()}")
+
+    def _stall_report(self) -> str:
+        """What the scheduler, the buffer and each generator say, for the no-batch watchdog's error."""
+        import ray
+
+        sched = self._get(self.scheduler.state.remote(), "scheduler")
+        buf = self._get(self.buffer.stats.remote(), "buffer")
+        keys = ("version", "inflight_groups", "capacity", "admitted_groups", "waiting_generators", "dropped_groups",
+                "verified", "dead_generators", "served")
+        gens = {}
+        for i, w in enumerate(self.workers):
+            try:
+                h = ray.get(w.health.remote(), timeout=10)
+                gens[f"generator-{i}"] = {k: h[k] for k in ("served_version", "loading", "asking", "inflight_groups",
+                                                             "inflight_trajectories", "engine_silent_s")}
+            except Exception as e:  # noqa: BLE001 - a report: say what it answered
+                gens[f"generator-{i}"] = one_line(e)
+        return (f"scheduler {json.dumps({k: sched[k] for k in keys}, default=str)}; "
+                f"buffer {json.dumps({k: buf[k] for k in ('partial_groups', 'ready_groups', 'dropped_groups')})}; "
+                f"generators {json.dumps(gens, default=str)}")
 
     def _publish(self) -> PolicyUpdate:
         """The learner's new version. Under `learner.publish: shared_memory` a generator whose engine

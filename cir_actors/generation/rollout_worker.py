@@ -77,6 +77,8 @@ class RolloutWorker:
         self._initial_update = initial_update
         self._max_groups = max(1, cfg.generator.max_inflight_trajectories // cfg.generator.samples_per_prompt)
         self._inflight: set[asyncio.Task] = set()
+        self._asking = False  # the run loop waits in the scheduler's `admit` (see `health`)
+        self._loading: tuple[int, float] | None = None  # (version, since when) of a weight load under way
         self._active_trajectories = 0
         self._idle_since: float | None = time.monotonic()
         self._idle_s = 0.0
@@ -99,7 +101,11 @@ class RolloutWorker:
     # ---- what the scheduler and driver call ---------------------------------------------------
     async def update_weights(self, update: PolicyUpdate) -> ServedPolicy:
         t0 = time.monotonic()
-        served = await self._gen.update_weights(update)
+        self._loading = (update.version, t0)
+        try:
+            served = await self._gen.update_weights(update)
+        finally:
+            self._loading = None
         self._times["weight_load_s"] += time.monotonic() - t0
         if self._metrics is not None:
             self._metrics.served_version(served.version)
@@ -135,7 +141,10 @@ class RolloutWorker:
 
         if not self._engine_processes:  # started with the engine, in the constructor: found once
             self._engine_processes = descendants(os.getpid())
-        return {"pid": os.getpid(), "served_version": self._gen.served_version(),
+        loading = None if self._loading is None else {"version": self._loading[0],
+                                                      "for_s": round(time.monotonic() - self._loading[1], 1)}
+        return {"pid": os.getpid(), "served_version": self._gen.served_version(), "loading": loading,
+                "inflight_groups": len(self._inflight), "asking": self._asking,
                 "inflight_trajectories": self._active_trajectories, "engine_silent_s": self._gen.engine_silent_s(),
                 "node_id": self.node_id(), "engine_processes": self._engine_processes}
 
@@ -172,7 +181,11 @@ class RolloutWorker:
             if len(self._inflight) >= self._max_groups:
                 await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            req = await self._scheduler.admit.remote(self._name, self._gen.served_version())
+            self._asking = True
+            try:
+                req = await self._scheduler.admit.remote(self._name, self._gen.served_version())
+            finally:
+                self._asking = False
             if req is None:
                 if await self._scheduler.stopped.remote():
                     break

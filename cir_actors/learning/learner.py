@@ -55,6 +55,8 @@ from cir_actors.learning.learner_rank import MAX_SUMS, MEAN_DIAGS, LearnerRank, 
 from cir_actors.ops.cluster import Role, actor_options
 from cir_actors.types import LearnerHung, PolicyUpdate, Trajectory
 
+PROBE_EVERY_S = 5.0  # the driver's liveness pings to idle ranks while it waits for a batch (Learner.probe)
+
 __all__ = ["Learner", "LearnerRank", "plan_micro_batches"]
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,8 @@ class Learner:
         self.receiver_nodes: list[str] | None = None
         self._rank0_node: str | None = None
         self._logged_elsewhere: list[str] = []
+        self._probe: tuple[list[Any], float] | None = None  # pings outstanding, sent when (`probe`)
+        self._probe_answered = time.monotonic()
 
     def _get(self, refs: Any, what: str, timeout: float | None = None) -> Any:
         """ray.get of calls to the ranks within `recovery.learner_timeout_s` (start-up:
@@ -155,6 +159,37 @@ class Learner:
         except ray.exceptions.GetTimeoutError as e:
             raise LearnerHung(f"the learner's {what} did not finish within {timeout:.0f} s "
                               f"(recovery.{key}): a rank is stuck or stopped") from e
+
+    def probe(self, every_s: float = PROBE_EVERY_S) -> None:
+        """Find a dead or stopped rank while the driver waits on something else (a batch): called
+        in the driver's rounds, it never blocks. It pings the idle ranks every `every_s`; a ping
+        unanswered for `recovery.call_timeout_s` raises `LearnerHung` (a dead rank: Ray's error).
+        Between steps the ranks are idle and a ping is answered at once; while a broadcast
+        publication runs they are not, and that publication's own age is judged instead, against
+        `recovery.learner_timeout_s`. Without this, a rank stopped right after a step went unseen
+        until the next step's call, and a batch that never came because of it (a generator's weight
+        load waiting on the rank) ran into the no-batch watchdog, which ends the run."""
+        import ray
+
+        now, rcfg = time.monotonic(), self.cfg.recovery
+        if self._pending:
+            if not self.publication_done() and time.perf_counter() - self._pending_t0 > rcfg.learner_timeout_s:
+                raise LearnerHung(f"the learner's broadcast publication did not finish within "
+                                  f"{rcfg.learner_timeout_s:.0f} s (recovery.learner_timeout_s): a rank is stuck or stopped")
+            return
+        if self._probe is None:
+            if now - self._probe_answered >= every_s:
+                self._probe = ([r.ping.remote() for r in self.ranks], now)
+            return
+        refs, sent = self._probe
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(done) == len(refs):
+            ray.get(refs)  # a dead rank raises here
+            self._probe, self._probe_answered = None, now
+        elif now - sent > rcfg.call_timeout_s:
+            self._probe = None
+            raise LearnerHung(f"a learner rank answered no ping for {now - sent:.0f} s between steps "
+                              f"(recovery.call_timeout_s): a rank is stuck or stopped")
 
     @property
     def version(self) -> int:

@@ -634,6 +634,9 @@ class LearnerRank:
             self.sender.close()
             self.sender = None
 
+    def ping(self) -> None:
+        """Nothing: the driver's liveness probe while the ranks are idle (`Learner.probe`)."""
+
     def node_id(self) -> str:
         from cir_actors.learning.shared_weights import local_node_id
 

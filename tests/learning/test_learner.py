@@ -8,6 +8,9 @@ in another process, the shared-memory region and its cross-node fallback, checkp
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 
 import numpy as np
@@ -15,7 +18,15 @@ import pytest
 import torch
 
 from cir_actors.learning.learner import plan_micro_batches
-from cir_actors.types import FinishReason, PolicyUpdate, ScoredTrajectory, Trajectory, Verdict, VerdictReason
+from cir_actors.types import (
+    FinishReason,
+    LearnerHung,
+    PolicyUpdate,
+    ScoredTrajectory,
+    Trajectory,
+    Verdict,
+    VerdictReason,
+)
 
 # mini-batches of 4 groups (two optimizer updates for 6 groups: a separate proximal pass), micro-
 # batches of <= 64 padded tokens (several per rank, unequal counts between ranks), dual clip on.
@@ -499,3 +510,34 @@ def test_a_lost_object_is_a_counted_drop_not_a_crash(ray_session, learner1, hf_i
     metrics = learner1.train_step([kept, orphaned])
     assert metrics["lost_groups"] == [1]
     assert metrics["trajectories"] == len(groups[0])  # the kept group was trained on
+
+
+def test_the_probe_finds_a_stopped_rank_then_a_dead_one(ray_session, tiny_model_dir):
+    """While the driver waits for a batch it calls `probe()` every round: nothing while the ranks
+    answer its pings; `LearnerHung` naming `recovery.call_timeout_s` once a rank has answered none
+    for that long (SIGSTOPped: alive to Ray); Ray's own error once the rank is dead."""
+    import ray
+
+    from cir_actors.learning.learner import Learner
+
+    learner = Learner(_cfg(**{"recovery.call_timeout_s": 2}), tiny_model_dir, name="test-learner-probe")
+    pid = ray.get(learner.ranks[0].__ray_call__.remote(lambda _: os.getpid()), timeout=60)
+
+    def rounds(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            learner.probe(every_s=0.2)
+            time.sleep(0.1)
+
+    try:
+        rounds(1.5)  # pinged several times and answered: nothing raised
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(LearnerHung, match=r"answered no ping for \d+ s between steps \(recovery.call_timeout_s\)"):
+            rounds(30)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayActorError):
+            rounds(30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        learner.shutdown()
