@@ -308,9 +308,11 @@ def test_generators_an_interpreter_pool_and_a_scorer_answering_nothing_are_resta
     processes are gone when the run ends (killed by the run)."""
     before = _our_processes()
     run_dir = tmp_path / "run"
-    # generator-0 serves again ~25 steps after its kill, and only then is the engine core stopped
-    # (found ~15 steps later, on 2 cores): 70 leaves it a margin to be found before the end.
-    steps = 70
+    # generator-0 serves again ~25 steps after its kill (50 in one CI run: its engine restarted
+    # slowly while generator-1 alone made a step a second), and only then is the engine core
+    # stopped, found ~15 steps later on 2 cores; at 70 steps that CI run ended first. 90 leaves
+    # 35 steps after such a late return.
+    steps = 90
     _train_with(run_dir, steps, [(2, "sigstop:generator-0", False), (3, "sigstop:interpreter-0", False),
                                  (4, "sigstop:scorer-1", False), (6, "sigstop-engine:generator-1", False)],
                 # 10 s, not 5: on 2 loaded cores a starting engine was once silent for 6 s (restarted for it)
