@@ -413,6 +413,8 @@ class BudgetScheduler:
                 kind = "timed out" if isinstance(e, TimeoutError) else f"failed ({type(e).__name__}: {e})"
                 problem = f"{kind}; received fingerprint none"
             else:
+                if served.version > update.version:
+                    return  # superseded: the generator loaded a newer version first, whose push reports
                 self._served[name] = {"version": served.version, "budget": served.budget, "checksum": served.checksum,
                                       "expected_checksum": update.checksum, "error": None}
                 if not update.checksum or served.checksum == update.checksum:

@@ -13,6 +13,7 @@ On `update_weights`, by `generator.update_policy`:
 - "interrupt": new requests wait, running ones are aborted at a token boundary (their tokens so far
   are kept), the load happens, and the trajectories continue from where they were on the new
   weights (their per-token versions then show both versions).
+A version older than the one served is not loaded (updates can race: see `update_weights`).
 Weights travel into the engine process (vLLM's async engine runs its core in a child process)
 through a worker extension, `engine_weights.WeightLoader`: from the object store as packed bytes over vLLM's RPC,
 by the learner's collective broadcast received directly inside the engine process, or from the
@@ -333,6 +334,15 @@ class Generator:
         version, budget and checksum (in-flight trajectories per `generator.update_policy`)."""
         async with self._update_lock:
             t0 = time.perf_counter()
+            if update.version < self._version:
+                # Superseded: a newer version was loaded while this one waited for the lock. Loading
+                # it would take the engine back to older weights than the scheduler was told it
+                # serves. (A generator restarted with a resume gets its initial update from its own
+                # run loop and newer versions from the scheduler; once, in CI, the pushes came first
+                # and the initial update then took both generators back: never admitted again.)
+                log.info("%s: version %d not loaded: version %d is served already", self.name, update.version,
+                         self._version)
+                return self.served_policy()
             if update.weights is None and update.broadcast_group is None and update.shared_memory is None:
                 # Nothing to load: a budget (or version) change only.
                 self._version, self._budget = update.version, update.budget

@@ -290,6 +290,21 @@ def test_weight_push_that_keeps_failing_names_generator_version_and_fingerprints
     assert "g0" in msg and "version 1" in msg and "expected fingerprint abc" in msg and "connection reset" in msg
 
 
+def test_a_push_overtaken_by_a_newer_version_is_superseded_not_a_failure():
+    """The generator answers that it serves a newer version than the one pushed (it loaded that
+    first, and refuses to go back): the push is superseded, not a fingerprint mismatch retried into
+    a run-ending failure, and its answer does not overwrite the newer push's report."""
+
+    class _Newer(_FlakyGenerator):
+        async def _update(self, update):
+            self.calls += 1
+            return ServedPolicy("g0", update.version + 1, update.budget, "newer")
+
+    gen = _Newer()
+    s = _push(gen)
+    assert gen.calls == 1 and s.push_failures() == {} and "g0" not in s.state()["served"]
+
+
 def test_push_to_a_dead_generator_is_left_to_the_driver():
     s = _push(_FlakyGenerator(dies=True))
     assert s.push_failures() == {} and s.dead_generators() == ["g0"]

@@ -195,6 +195,26 @@ def test_checksum_mismatch_is_refused(tiny_generator, tiny_model_dir, task):
     np.testing.assert_array_equal(lp_before, lp_after)  # nothing was loaded
 
 
+def test_an_older_version_never_replaces_a_newer_one(tiny_generator, tiny_model_dir):
+    """Updates race: a generator restarted with a resume gets its initial update from its own run
+    loop and newer versions from the scheduler. The one that gets the lock after a newer version
+    was loaded is not loaded: the newer weights stay, and it answers what is served."""
+    gen = tiny_generator.gen
+    v = gen.served_version()
+    _, new = perturbed_state_dict(tiny_model_dir, seed=v + 11)
+    _, old = perturbed_state_dict(tiny_model_dir, seed=v + 12)
+
+    async def both():
+        newer = asyncio.create_task(gen.update_weights(PolicyUpdate(v + 2, 2, new, fingerprint(new.items()))))
+        await asyncio.sleep(0)  # the newer one takes the lock first
+        older = asyncio.create_task(gen.update_weights(PolicyUpdate(v + 1, 2, old, fingerprint(old.items()))))
+        return await newer, await older
+
+    first, second = tiny_generator.run(both(), timeout=120)
+    assert first.version == second.version == gen.served_version() == v + 2
+    assert second.checksum == gen.served_policy().checksum == fingerprint(new.items())
+
+
 def test_interrupted_trajectory_carries_both_versions(tiny_generator, tiny_model_dir, task):
     gen = tiny_generator.gen
     policy = gen.cfg.generator.update_policy
@@ -359,7 +379,7 @@ def test_update_through_shared_memory(tiny_generator, tiny_model_dir, task):
 
         where3, _ = writer.write(v + 3, sd1.values(), checksum=True)  # into v+1's slot
         with pytest.raises(WeightMismatchError, match="holds version"):
-            tiny_generator.run(gen.update_weights(PolicyUpdate(v + 1, 2, None, fp1, shared_memory=where1)), timeout=120)
+            tiny_generator.run(gen.update_weights(PolicyUpdate(v + 4, 2, None, fp1, shared_memory=where1)), timeout=120)
         with pytest.raises(WeightMismatchError, match="fingerprint"):
             tiny_generator.run(gen.update_weights(PolicyUpdate(v + 3, 2, None, fp2, shared_memory=where3)), timeout=120)
         assert gen.served_policy().checksum == fp2 and gen.served_version() == v + 2
