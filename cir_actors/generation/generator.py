@@ -438,6 +438,11 @@ class Generator:
         return self._version
 
     # ----------------------------------------------------------------------- helpers for tests
+    def forget_version(self) -> None:
+        """Serve the loaded weights as version -1, so that any version loads next (tests that share
+        one engine between learners whose versions each start at 0; see `update_weights`)."""
+        self._version = -1
+
     async def sample(self, token_ids: Sequence[int], max_tokens: int, **params: Any) -> tuple[list[int], list[float]]:
         """One plain request (no tools): the sampled ids and their log-probs (greedy unless
         `temperature` is given). For tests and benchmarks."""
