@@ -347,7 +347,9 @@ def test_a_generator_answering_nothing_is_restarted_under_broadcast(ray_session,
     run_dir = tmp_path / "run"
     steps = 12
     summary = _train_with(run_dir, steps, [(2, "sigstop:generator-0", False)],
-                          extra=["learner.publish=broadcast", "recovery.generator_hang_s=5",
+                          # 10 s, not 5: in a CI run generator-1's engine, starting its first
+                          # steps on 2 loaded cores, gave no token for over 5 s and was restarted for it
+                          extra=["learner.publish=broadcast", "recovery.generator_hang_s=10",
                                  "recovery.learner_timeout_s=60", "learner.save_every=100"])
     _check_run(run_dir, steps)
     # Both generators, the restarted one and the one whose broadcast failed with it, serve the last version.
