@@ -167,8 +167,8 @@ class Learner:
         Between steps the ranks are idle and a ping is answered at once; while a broadcast
         publication runs they are not, and that publication's own age is judged instead, against
         `recovery.learner_timeout_s`. Without this, a rank stopped right after a step went unseen
-        until the next step's call, and a batch that never came because of it (a generator's weight
-        load waiting on the rank) ran into the no-batch watchdog, which ends the run."""
+        until the next step's call; when no batch came meanwhile, the run ended at the no-batch
+        watchdog instead of resuming."""
         import ray
 
         now, rcfg = time.monotonic(), self.cfg.recovery
