@@ -271,6 +271,9 @@ class PolicyUpdate:
     through shared memory (`shared_memory`, for generators on the learner's node; when some
     generator is elsewhere, `weights` is set too and those read it).
     `checksum` is what the generator must echo back after loading.
+    `incarnation` counts the starts of the run's stateful roles within one driver (0, then +1 per
+    automatic resume): versions are ordered within an incarnation only, and a generator kept across
+    a resume loads no update of an earlier one (`Generator.update_weights`).
     """
 
     version: int
@@ -279,6 +282,7 @@ class PolicyUpdate:
     checksum: str = ""
     broadcast_group: str | None = None
     shared_memory: SharedWeights | None = None
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,10 @@ class ReplicatedInterpreter:
         self._next = itertools.count()
         self.faults = 0
 
+    def replace(self, handles: list[Any]) -> None:
+        """Call these pools from now on (a resume restarted them); sessions on the old ones are gone."""
+        self._handles, self._sessions = list(handles), {}
+
     async def run_async(self, code: str, *, timeout_s: float | None = None, session: str | None = None) -> ExecResult:
         deadline = self._timeout_s if timeout_s is None else timeout_s + self._timeout_s
         first = self._sessions.setdefault(session, next(self._next)) if session else next(self._next)
@@ -157,6 +161,10 @@ class ReplicatedScorer:
         self._timeout_s = timeout_s
         self._next = itertools.count()
         self.faults = 0
+
+    def replace(self, handles: list[Any]) -> None:
+        """Call these scorers from now on (a resume restarted them)."""
+        self._handles = list(handles)
 
     async def score(self, response: str, gold: str) -> Verdict:
         first = next(self._next)

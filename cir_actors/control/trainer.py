@@ -113,6 +113,7 @@ def one_line(err: BaseException) -> str:
 FINISH_ROUND_S = 2.0  # after the last step: one round of waiting for the generators (Trainer._finish_generators)
 FINISH_SERVED_S = 180.0  # ... for all of them to report serving the final version
 FINISH_RUN_S = 300.0  # ... for all of them to end their runs
+DETACH_S = 60.0  # an automatic resume's wait for each generator to detach from the replaced run (Trainer.shutdown)
 SLOT_WAIT_S = 5.0  # one round of a shared-memory publication's wait for a slot (Trainer._publish)
 
 
@@ -142,8 +143,12 @@ class ConservationError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, kept: list[Any] | None = None, incarnation: int = 0):
+        """`kept`, `incarnation`: an automatic resume's (see `train`): per generator index, the
+        actor kept from the replaced run (None: start a new one)."""
         self.cfg = cfg
+        self.kept = kept
+        self.incarnation = incarnation
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.history: list[dict[str, Any]] = []
@@ -175,7 +180,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         init_ray(cfg)
-        taken = wait_names_free(cfg, 60.0)
+        taken = wait_names_free(cfg, 60.0, skip=kept_names(self.kept))
         if taken:
             raise RuntimeError(f"actors named {', '.join(taken)} are alive in namespace '{cfg.cluster.namespace}': "
                                "another run of this config is going on (or use another cluster.namespace)")
@@ -185,6 +190,7 @@ class Trainer:
         log.info("%d training tasks; model %s", len(tasks), self.model_path)
 
         self.learner = Learner(cfg, self.model_path)
+        self.learner.incarnation = self.incarnation
         self.scheduler = ray.remote(BudgetScheduler).options(**actor_options("scheduler", cfg)).remote(cfg, tasks)
         self.buffer = ray.remote(ReplayBuffer).options(**actor_options("buffer", cfg)).remote(
             cfg.scheduler.max_staleness,
@@ -205,7 +211,20 @@ class Trainer:
         probe_interpreters(self.interpreters)  # a broken sandbox or scorer: one sentence (ProbeFailed) here,
         probe_scorers(self.scorers)  # not "3 groups in a row failed" later
         self.resumed_from = self._maybe_resume()
-        self.workers = [self._new_generator(i, self._initial_update) for i in range(cfg.generator.num_generators)]
+        self.workers = []
+        for i in range(cfg.generator.num_generators):
+            w = self.kept[i] if self.kept else None
+            if w is None:
+                self.workers.append(self._new_generator(i, self._initial_update))
+                continue
+            try:  # kept from the run this one resumes: its engine holds that run's weights, replaced first
+                ray.get(w.attach.remote(self._interpreters_for(i), self.scorers, self.buffer, self.scheduler,
+                                        self._initial_update), timeout=60)
+            except Exception as e:  # noqa: BLE001 - it died since it detached: a new one
+                log.warning("generator-%d kept for the resume did not attach (%s); starting a new one", i, one_line(e))
+                ray.kill(w, no_restart=True)
+                w = self._new_generator(i, self._initial_update)
+            self.workers.append(w)
         if cfg.learner.publish == "shared_memory":  # who can read rank 0's region, who needs the object store
             self.learner.receiver_nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=300)
         for i, w in enumerate(self.workers):
@@ -260,6 +279,8 @@ class Trainer:
         if not latest.is_file():
             # Nothing to resume: steps a run logged before dying without a checkpoint are not trained.
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if self.kept and any(w is not None for w in self.kept):  # they serve trained weights:
+                self._initial_update = self.learner.publish()  # back to the start's
             return None
         step_dir = self.ckpt_dir / latest.read_text().strip()
         cut = json.loads((step_dir / "cut.json").read_text())
@@ -268,8 +289,10 @@ class Trainer:
             groups = list(read_frames(f))
         for g in groups:
             g["samples"] = [decode_scored(s) for s in g["samples"]]
-        self._get(self.scheduler.restore.remote(cut["scheduler"], PolicyUpdate(version=self.learner.version, budget=0)),
-                  "scheduler")
+        # Generators start from the base model (or a kept one from the replaced run's weights): they
+        # get the restored weights first (RolloutWorker.run), and a restarted one from the scheduler.
+        self._initial_update = self.learner.publish()
+        self._get(self.scheduler.restore.remote(cut["scheduler"], self._initial_update), "scheduler")
         self._get(self.buffer.restore_groups.remote(groups), "buffer")
         inflight_file = step_dir / "inflight.msgpack"
         if inflight_file.is_file():  # in-flight groups' samples and partials (generator.continue_partials)
@@ -282,8 +305,6 @@ class Trainer:
                     item["data"] = decode_partial(item["data"])
             self._get(self.buffer.restore_inflight.remote(inflight), "buffer")
         self._get(self.buffer.restore_counters.remote(cut["counters"]), "buffer")
-        # Generators start from the base model: hand them the restored weights with the first admission.
-        self._initial_update = self.learner.publish()
         hist = self.run_dir / "metrics.jsonl"
         if hist.is_file():
             self.history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
@@ -945,16 +966,26 @@ class Trainer:
         fig.savefig(self.run_dir / "curves.png", dpi=100)
         plt.close(fig)
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep: bool = False) -> list[Any] | None:
         """Stop the engines and kill every actor this run created, then wait until their names are
-        free (an automatic resume creates them again under the same names)."""
+        free (an automatic resume creates them again under the same names). With `keep` (an
+        automatic resume), the generators that detach within DETACH_S are kept with their vLLM
+        engines for the next run instead (returned, None for one that did not): starting an engine
+        is the slowest part of a resume. Not under `learner.publish: broadcast`: an engine's
+        membership of the learner's collective group does not survive the learner."""
         import ray
 
         for rec in self._pending_recovery.values():  # restarted, but the run stopped (to resume) before it served
             rec["serving_again_s"] = None
             self._record_recovery(rec)
         self._pending_recovery.clear()
+        kept = None
+        if keep and self.cfg.learner.publish != "broadcast" and getattr(self, "workers", None):
+            kept = self._detach_generators()
+        keeping = [w for w in kept or [] if w is not None]
         for w in getattr(self, "workers", []):
+            if any(w is k for k in keeping):
+                continue
             try:
                 ray.get(w.shutdown.remote(), timeout=60)
             except Exception:  # noqa: BLE001, S110 - best effort at exit (the actor may be dead)
@@ -969,11 +1000,35 @@ class Trainer:
         actors = [a for name in ("workers", "interpreters", "scorers") for a in getattr(self, name, [])]
         actors += [getattr(self, name) for name in ("scheduler", "buffer") if hasattr(self, name)]
         for actor in actors:
+            if any(actor is k for k in keeping):
+                continue
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001, S110 - already gone
                 pass
-        wait_names_free(self.cfg, 30.0)
+        wait_names_free(self.cfg, 30.0, skip=kept_names(kept))
+        return kept
+
+    def _detach_generators(self) -> list[Any]:
+        """Detach every generator from this run (RolloutWorker.detach), in parallel under one
+        deadline; those that do not (dead, hung, or slower than DETACH_S) are killed with their
+        engine processes, None in the list returned."""
+        import ray
+
+        refs = [w.detach.remote(DETACH_S) for w in self.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=DETACH_S + 5.0)
+        kept: list[Any] = []
+        for i, (w, ref) in enumerate(zip(self.workers, refs, strict=True)):
+            try:
+                ray.get(ref, timeout=0)
+                kept.append(w)
+            except Exception as e:  # noqa: BLE001 - dead, hung or slow: it starts anew
+                log.warning("generator-%d not kept for the resume (%s): it is restarted", i, one_line(e))
+                self._kill_engine_processes(i)
+                with contextlib.suppress(Exception):
+                    ray.kill(w, no_restart=True)
+                kept.append(None)
+        return kept
 
 def actor_names(cfg: Config) -> list[str]:
     """The names of every actor a run creates (cir_actors/ops/cluster.py names them)."""
@@ -983,14 +1038,19 @@ def actor_names(cfg: Config) -> list[str]:
     return names + ["scheduler", "buffer"] + [f"learner-rank-{i}" for i in range(cfg.learner.num_ranks)]
 
 
-def wait_names_free(cfg: Config, timeout_s: float) -> list[str]:
-    """Wait until no live actor holds one of the run's names (a killed driver's actors die a moment
-    after it); returns the names still taken at the deadline."""
+def kept_names(kept: list[Any] | None) -> set[str]:
+    """The names of the generators a resume kept (Trainer.shutdown)."""
+    return {f"generator-{i}" for i, w in enumerate(kept or []) if w is not None}
+
+
+def wait_names_free(cfg: Config, timeout_s: float, skip: set[str] | None = None) -> list[str]:
+    """Wait until no live actor holds one of the run's names but `skip` (a killed driver's actors
+    die a moment after it); returns the names still taken at the deadline."""
     import ray
 
     deadline = time.monotonic() + timeout_s
     taken = []
-    for name in actor_names(cfg):
+    for name in [n for n in actor_names(cfg) if n not in (skip or set())]:
         while True:
             try:
                 ray.get_actor(name, namespace=cfg.cluster.namespace)
@@ -1016,9 +1076,11 @@ def train(cfg: Config) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recoveries = 0
     pending: dict[str, Any] | None = None
+    kept: list[Any] | None = None
     while True:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, kept, incarnation=recoveries)
         trainer.pending_resume = pending
+        resuming = False
         try:
             return trainer.run()
         except StatefulRoleDied as e:
@@ -1034,5 +1096,8 @@ def train(cfg: Config) -> dict[str, Any]:
             # The next Trainer resumes; its first step closes the record with the time to train again.
             pending = {"role": e.role.split()[0], "name": e.role, "cause": e.cause, "resumed_from": where,
                        "_t0": time.monotonic()}
+            resuming = True
         finally:
-            trainer.shutdown()
+            kept = trainer.shutdown(keep=resuming)
+            if pending is not None and resuming:
+                pending["generators_kept"] = sum(w is not None for w in kept or [])

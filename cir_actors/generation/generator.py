@@ -183,6 +183,7 @@ class Generator:
         log.info("%s: vLLM engine for %s up in %.1f s", name, self._model_path, time.perf_counter() - t0)
 
         self._version = 0
+        self._incarnation = 0  # of the updates this engine accepts (types.PolicyUpdate.incarnation)
         self._budget = cfg.scheduler.budget_at(0)
         self._checksum = ""  # '' until the first update: the weights the engine started with
         self._ids = itertools.count()
@@ -334,6 +335,14 @@ class Generator:
         version, budget and checksum (in-flight trajectories per `generator.update_policy`)."""
         async with self._update_lock:
             t0 = time.perf_counter()
+            if update.incarnation < self._incarnation:
+                # From the run's stateful roles before a resume that kept this engine (`retire`):
+                # its version numbers belong to weights the resumed run no longer has.
+                log.info("%s: version %d of incarnation %d not loaded: incarnation %d is served", self.name,
+                         update.version, update.incarnation, self._incarnation)
+                return self.served_policy()
+            if update.incarnation > self._incarnation:  # versions are ordered within an incarnation only
+                self._incarnation, self._version = update.incarnation, -1
             if update.version < self._version:
                 # Superseded: a newer version was loaded while this one waited for the lock. Loading
                 # it would take the engine back to older weights than the scheduler was told it
@@ -372,7 +381,9 @@ class Generator:
                 with owes:
                     checksum = await self._load(update)
                     await self._engine.reset_prefix_cache()
-                self._version, self._budget, self._checksum = update.version, update.budget, checksum
+                self._checksum = checksum
+                if update.incarnation == self._incarnation:  # else retired while it loaded: still version -1
+                    self._version, self._budget = update.version, update.budget
             except WeightMismatchError:
                 raise  # refused before anything was loaded: the old weights are still served
             except BaseException:
@@ -437,11 +448,19 @@ class Generator:
     def served_version(self) -> int:
         return self._version
 
+    def retire(self) -> None:
+        """The run's stateful roles are restarting and keep this engine (a resume): serve version
+        -1 until the next incarnation's first update, and load no update of this one from now on
+        (one its scheduler sent before it died may still arrive)."""
+        self._incarnation += 1
+        self._version = -1
+
     # ----------------------------------------------------------------------- helpers for tests
     def forget_version(self) -> None:
-        """Serve the loaded weights as version -1, so that any version loads next (tests that share
-        one engine between learners whose versions each start at 0; see `update_weights`)."""
-        self._version = -1
+        """Serve the loaded weights as version -1 of incarnation 0, so that any update loads next
+        (tests that share one engine between learners whose versions each start at 0; see
+        `update_weights`)."""
+        self._version, self._incarnation = -1, 0
 
     async def sample(self, token_ids: Sequence[int], max_tokens: int, **params: Any) -> tuple[list[int], list[float]]:
         """One plain request (no tools): the sampled ids and their log-probs (greedy unless

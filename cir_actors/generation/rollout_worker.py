@@ -77,6 +77,8 @@ class RolloutWorker:
         self._initial_update = initial_update
         self._max_groups = max(1, cfg.generator.max_inflight_trajectories // cfg.generator.samples_per_prompt)
         self._inflight: set[asyncio.Task] = set()
+        self._loop: asyncio.Task | None = None  # the run loop (`run`; `detach` cancels it)
+        self._detached = False
         self._asking = False  # the run loop waits in the scheduler's `admit` (see `health`)
         self._loading: tuple[int, float] | None = None  # (version, since when) of a weight load under way
         self._active_trajectories = 0
@@ -169,10 +171,54 @@ class RolloutWorker:
         return out
 
     async def run(self) -> dict[str, Any]:
-        """The loop: runs until the scheduler stops admitting and every group in flight is done."""
+        """The loop: runs until the scheduler stops admitting and every group in flight is done, or
+        until `detach` stops it (then its stats say `detached`)."""
         from cir_actors.ops import metrics
 
-        self._metrics = metrics.GeneratorMetrics(self._name)
+        if self._metrics is None:
+            self._metrics = metrics.GeneratorMetrics(self._name)
+        self._loop = loop = asyncio.create_task(self._run_loop())
+        try:
+            return await loop
+        except asyncio.CancelledError:
+            if self._detached:  # by `detach`, not by Ray cancelling this call
+                return {**self.stats(), "detached": True}
+            raise
+
+    async def detach(self, timeout_s: float) -> dict[str, Any]:
+        """The run's stateful roles (learner, buffer, scheduler) are restarting for a resume and
+        keep this actor and its engine: stop the run loop, cancel every group in flight (their
+        engine requests are aborted; the resumed checkpoint has their prompts), forget the samples
+        the old buffer did not take, and serve version -1 until `attach`'s update (`Generator.retire`).
+        Raises TimeoutError when that takes longer than `timeout_s` (the driver then restarts it)."""
+        self._gen.retire()
+        self._detached = True
+        tasks = [t for t in (self._loop, *self._inflight) if t is not None and not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            if pending:
+                raise TimeoutError(f"{self._name}: {len(pending)} tasks did not end within {timeout_s:.0f} s of "
+                                   "their cancellation")
+        self._loop = None
+        self._outbox.clear()
+        self._partial_outbox.clear()
+        self._consecutive_failures, self._last_error, self._asking = 0, None, False
+        return self.stats()
+
+    def attach(self, interpreters: list[Any], scorers: list[Any], buffer: Any, scheduler: Any,
+               initial_update: PolicyUpdate | None) -> None:
+        """After `detach`: work with the restarted interpreter pools, scorers, buffer and scheduler;
+        `run` loads `initial_update` (the resumed learner's weights) first."""
+        self._interp.replace(list(interpreters))
+        self._scorer.replace(list(scorers))
+        self._buffer, self._scheduler, self._initial_update = buffer, scheduler, initial_update
+        self._detached = False
+        self._times = dict.fromkeys(self._times, 0.0)
+        self._times_since = (time.monotonic(), self.stats()["idle_s"])
+
+    async def _run_loop(self) -> dict[str, Any]:
         if self._initial_update is not None:
             await self.update_weights(self._initial_update)
         while True:

@@ -104,6 +104,7 @@ class Learner:
         if cfg.model.device == "cpu":
             env["DS_ACCELERATOR"] = "cpu"
         self.last_publish: dict[str, Any] = {}
+        self.incarnation = 0  # stamped on every PolicyUpdate (types.PolicyUpdate; the driver sets it)
         self._pending_t0 = 0.0
         # The rendezvous port is picked free by rank 0 and bound a moment later by torch.distributed;
         # another process can take it in between (EADDRINUSE): then start the ranks again.
@@ -322,7 +323,8 @@ class Learner:
         if via == "object_store":
             (ref,), checksum, timings = self._get([r.publish_object_store.remote() for r in involved], "publication")[0]
             self.last_publish = {"via": via, "total_s": time.perf_counter() - t0, **timings}
-            return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum)
+            return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum,
+                                incarnation=self.incarnation)
         if via == "shared_memory":
             return self._publish_shared(budget, involved, t0, slot_wait_s)
         if via != "broadcast":
@@ -332,7 +334,8 @@ class Learner:
         self.last_publish = {"via": via, "prepare_s": time.perf_counter() - t0, **timings}
         self._pending = [r.publish_broadcast.remote(self.version) for r in involved]
         self._pending_t0, self._pending_address = t0, address
-        return PolicyUpdate(version=self.version, budget=budget, checksum=checksum, broadcast_group=address)
+        return PolicyUpdate(version=self.version, budget=budget, checksum=checksum, broadcast_group=address,
+                            incarnation=self.incarnation)
 
     def _publish_shared(self, budget: int, involved: list[Any], t0: float, slot_wait_s: float | None) -> PolicyUpdate:
         """Write the shared-memory region for the generators on rank 0's node; put the state dict
@@ -357,7 +360,8 @@ class Learner:
             (ref,), checksum, put = self._get([r.publish_object_store.remote() for r in involved], "publication")[0]
             timings = {**timings, **put}
         self.last_publish = {"via": "shared_memory", "total_s": time.perf_counter() - t0, **timings}
-        return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum, shared_memory=where)
+        return PolicyUpdate(version=self.version, budget=budget, weights=ref, checksum=checksum, shared_memory=where,
+                            incarnation=self.incarnation)
 
     def release_shared_memory(self) -> None:
         """Unlink the shared-memory region (the next shared-memory publication creates it again)."""

@@ -258,8 +258,9 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     batch, its pings pass `recovery.call_timeout_s` (`LearnerHung` either way), which is treated
     like its death, and the run resumes again; then the buffer is SIGSTOPped (alive but answering
     nothing): the driver's call to it passes `recovery.call_timeout_s`, likewise, and the run resumes
-    a third time — instead of waiting forever or ending. The stopped processes are gone when the
-    run ends (killed by the run)."""
+    a third time — instead of waiting forever or ending. Each resume keeps both generators and
+    their vLLM engines (detached from the replaced run, then attached to the new one). The stopped
+    processes are gone when the run ends (killed by the run)."""
     before = _our_processes()
     run_dir = tmp_path / "run"
     # 15 steps: each kill waits for a step after the previous one (and each stateful one for the
@@ -277,6 +278,8 @@ def test_every_role_killed_in_one_run(ray_session, tmp_path):
     resumes = [r for r in rec if "resumed_after_s" in r]
     assert [r["role"] for r in resumes] == ["learner", "learner", "buffer"], rec
     assert all(r["resumed_after_s"] > 0 and r["resumed_from"].startswith("step-") for r in resumes), rec
+    # Each resume restarted the stateful roles only: both generators detached and kept their engines.
+    assert [r["generators_kept"] for r in resumes] == [2, 2, 2], resumes
     assert "LearnerHung" not in resumes[0]["cause"], resumes  # the kill: a death, not a deadline
     # The stop is found by the step's call (learner_timeout_s) or, while a batch is awaited, by the
     # driver's pings (call_timeout_s): which one depends on whether a batch was ready at the stop.

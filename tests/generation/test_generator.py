@@ -215,6 +215,43 @@ def test_an_older_version_never_replaces_a_newer_one(tiny_generator, tiny_model_
     assert second.checksum == gen.served_policy().checksum == fingerprint(new.items())
 
 
+def test_a_retired_engine_loads_nothing_of_its_old_incarnation(tiny_generator, tiny_model_dir):
+    """A resume keeps the engine (RolloutWorker.detach retires it): it serves version -1, so it is
+    admitted to no work, until the next incarnation's first update loads, whatever that version's
+    number. An update of the old incarnation under way at the retirement leaves it at -1, and one
+    its dead scheduler sent late is not loaded, before or after the new incarnation's."""
+    gen = tiny_generator.gen
+    before = gen.served_version()
+    gen.forget_version()  # incarnation 0, whatever other tests loaded
+    v = 7
+    _, old = perturbed_state_dict(tiny_model_dir, seed=31)
+    _, late = perturbed_state_dict(tiny_model_dir, seed=32)
+    _, new = perturbed_state_dict(tiny_model_dir, seed=33)
+    try:
+        async def retired_while_loading():
+            loading = asyncio.create_task(gen.update_weights(PolicyUpdate(v, 2, old, fingerprint(old.items()))))
+            while not gen._update_lock.locked():  # it holds the update lock, loading
+                await asyncio.sleep(0)
+            gen.retire()
+            return await loading
+
+        under_way = tiny_generator.run(retired_while_loading(), timeout=120)
+        assert under_way.version == gen.served_version() == -1
+        assert under_way.checksum == fingerprint(old.items())  # loaded, but not served as any version
+        sent_late = tiny_generator.run(gen.update_weights(PolicyUpdate(v + 1, 2, late, fingerprint(late.items()))),
+                                       timeout=120)
+        assert sent_late.version == -1 and sent_late.checksum == fingerprint(old.items())
+        resumed = PolicyUpdate(v - 3, 2, new, fingerprint(new.items()), incarnation=1)  # a lower number
+        first = tiny_generator.run(gen.update_weights(resumed), timeout=120)
+        assert first.version == v - 3 and first.checksum == fingerprint(new.items())
+        after = tiny_generator.run(gen.update_weights(PolicyUpdate(v + 2, 2, late, fingerprint(late.items()))),
+                                   timeout=120)
+        assert after.version == v - 3 and after.checksum == fingerprint(new.items())
+    finally:  # the version the next tests expect (weights change in every test: they load their own)
+        gen.forget_version()
+        tiny_generator.run(gen.update_weights(PolicyUpdate(max(before, 0), 2)), timeout=60)
+
+
 def test_interrupted_trajectory_carries_both_versions(tiny_generator, tiny_model_dir, task):
     gen = tiny_generator.gen
     policy = gen.cfg.generator.update_policy
