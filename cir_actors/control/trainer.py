@@ -1015,6 +1015,7 @@ class Trainer:
         engine processes, None in the list returned."""
         import ray
 
+        t0 = time.monotonic()
         refs = [w.detach.remote(DETACH_S) for w in self.workers]
         ray.wait(refs, num_returns=len(refs), timeout=DETACH_S + 5.0)
         kept: list[Any] = []
@@ -1022,6 +1023,8 @@ class Trainer:
             try:
                 ray.get(ref, timeout=0)
                 kept.append(w)
+                log.info("generator-%d kept for the resume with its engine (all detached after %.1f s)", i,
+                         time.monotonic() - t0)
             except Exception as e:  # noqa: BLE001 - dead, hung or slow: it starts anew
                 log.warning("generator-%d not kept for the resume (%s): it is restarted", i, one_line(e))
                 self._kill_engine_processes(i)
