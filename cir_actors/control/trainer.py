@@ -971,8 +971,9 @@ class Trainer:
         free (an automatic resume creates them again under the same names). With `keep` (an
         automatic resume), the generators that detach within DETACH_S are kept with their vLLM
         engines for the next run instead (returned, None for one that did not): starting an engine
-        is the slowest part of a resume. Not under `learner.publish: broadcast`: an engine's
-        membership of the learner's collective group does not survive the learner."""
+        is the slowest part of a resume. Under `learner.publish: broadcast` an engine may be inside
+        a receive from the replaced learner: killing its ranks (below) fails that collective, and
+        the new learner's first publication forms a new group (`weight_sync.receive_broadcast`)."""
         import ray
 
         for rec in self._pending_recovery.values():  # restarted, but the run stopped (to resume) before it served
@@ -980,7 +981,7 @@ class Trainer:
             self._record_recovery(rec)
         self._pending_recovery.clear()
         kept = None
-        if keep and self.cfg.learner.publish != "broadcast" and getattr(self, "workers", None):
+        if keep and getattr(self, "workers", None):
             kept = self._detach_generators()
         keeping = [w for w in kept or [] if w is not None]
         for w in getattr(self, "workers", []):

@@ -344,12 +344,14 @@ def test_a_generator_answering_nothing_is_restarted_under_broadcast(ray_session,
     over the learner and every generator, so a SIGSTOPped generator stalls it for everyone. The
     driver must still find the hung generator within `recovery.generator_hang_s` (not wait on the
     stalled publication for `recovery.learner_timeout_s` and blame the learner), restart it, and
-    re-form the group without it; the run finishes every step with conservation at each, no group
-    trained twice, and no resume from a checkpoint."""
+    re-form the group without it. Then learner rank 0 is killed before the first checkpoint: the
+    run resumes from the start and keeps both generators' engines, which join the new learner's
+    broadcast group (one may have been inside a receive from the killed rank). The run finishes
+    every step with conservation at each and no group trained twice."""
     before = _our_processes()
     run_dir = tmp_path / "run"
     steps = 12
-    summary = _train_with(run_dir, steps, [(2, "sigstop:generator-0", False)],
+    summary = _train_with(run_dir, steps, [(2, "sigstop:generator-0", False), (5, "learner-rank-0", False)],
                           # 10 s, not 5: in a CI run generator-1's engine, starting its first
                           # steps on 2 loaded cores, gave no token for over 5 s and was restarted for it
                           extra=["learner.publish=broadcast", "recovery.generator_hang_s=10",
@@ -359,7 +361,9 @@ def test_a_generator_answering_nothing_is_restarted_under_broadcast(ray_session,
     assert {n: (r["version"], r["error"]) for n, r in summary["served"].items()} == {
         "generator-0": (steps, None), "generator-1": (steps, None)}, summary["served"]
     recs = _recoveries(run_dir)
-    assert not [r for r in recs if "resumed_after_s" in r], recs  # healed in place, not resumed
+    resumes = [r for r in recs if "resumed_after_s" in r]  # the generator healed in place, the learner resumed
+    assert [(r["role"], r["resumed_from"], r["generators_kept"]) for r in resumes] == [
+        ("learner", "the start (no checkpoint yet)", 2)], recs
     gens = [r for r in recs if r["role"] == "generator"]
     assert [r["name"] for r in gens] == ["generator-0"], recs
     assert "generator-0 is alive but" in gens[0]["cause"], recs
