@@ -980,11 +980,15 @@ class Trainer:
             rec["serving_again_s"] = None
             self._record_recovery(rec)
         self._pending_recovery.clear()
+        workers = list(getattr(self, "workers", []))
+        complete = len(workers) == self.cfg.generator.num_generators
+        # Generators kept for this run that set-up did not reach (it failed first) are not kept again.
+        workers += [w for w in self.kept or [] if w is not None and not any(w is x for x in workers)]
         kept = None
-        if keep and getattr(self, "workers", None):
+        if keep and complete:
             kept = self._detach_generators()
         keeping = [w for w in kept or [] if w is not None]
-        for w in getattr(self, "workers", []):
+        for w in workers:
             if any(w is k for k in keeping):
                 continue
             try:
@@ -998,7 +1002,7 @@ class Trainer:
                 log.warning("learner shutdown: %s", e)
                 for r in getattr(self.learner, "ranks", []):
                     ray.kill(r)
-        actors = [a for name in ("workers", "interpreters", "scorers") for a in getattr(self, name, [])]
+        actors = workers + [a for name in ("interpreters", "scorers") for a in getattr(self, name, [])]
         actors += [getattr(self, name) for name in ("scheduler", "buffer") if hasattr(self, name)]
         for actor in actors:
             if any(actor is k for k in keeping):
