@@ -387,18 +387,24 @@ def test_driver_sigkill_is_healed_by_its_supervisor(ray_session, tmp_path):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 900
     # Killed once the latest checkpoint holds partials of groups in flight (a step's groups are
-    # generated within ~1 s on the tiny model, so not every checkpoint does).
+    # generated within ~1 s on the tiny model, so not every checkpoint does). The driver is stopped
+    # while that is read again, so that it cannot write the next checkpoint (one step later, maybe
+    # without partials: CI, 2026-12-07) between the look and the kill.
+    driver = None
     while time.monotonic() < deadline and proc.poll() is None:
         if len(_rows(run_dir)) >= 2 and _saved_partials(run_dir) >= 1:
-            break
+            (driver, _), *_ = descendants(proc.pid)  # its one child: the driver (Ray's processes are below it)
+            os.kill(driver, signal.SIGSTOP)
+            if _saved_partials(run_dir) >= 1:
+                break
+            os.kill(driver, signal.SIGCONT)
         time.sleep(0.05)
-    assert proc.poll() is None, log_path.read_text()[-3000:]
-    (driver, _), *_ = descendants(proc.pid)  # its one child: the driver (Ray's processes are below it)
+    assert proc.poll() is None and driver is not None, log_path.read_text()[-3000:]
     assert "entrypoints/train.py" in _cmdline(driver), _cmdline(driver)
-    os.kill(driver, signal.SIGKILL)
     trained_before = len(_rows(run_dir))
     saved = _saved_partials(run_dir)
     ckpt_step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[-1])
+    os.kill(driver, signal.SIGKILL)
     assert proc.wait(timeout=900) == 0, log_path.read_text()[-3000:]
     text = log_path.read_text()
     assert f"recovery: the driver (pid {driver}) was killed by SIGKILL; starting it again (1/3)" in text, text[-3000:]
