@@ -36,8 +36,9 @@ browser:
 	else echo "make: chromium/chromium-driver missing and not installable here (needs root and apt-get):" \
 	  "tests/ops/test_viewer.py will fail saying so"; fi
 
+# Two pytest processes side by side: the chaos runs beside the rest (tests/run.py says why).
 test: venv browser
-	$(PY) -m pytest --durations=30 tests
+	$(PY) tests/run.py
 
 bench: venv
 	$(PY) entrypoints/bench.py all

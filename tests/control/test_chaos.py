@@ -68,9 +68,28 @@ def _raylet_pid() -> str:
     return ray.get(pid.remote(), timeout=60)
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _of_raylet(pid: int, raylet: str) -> bool | None:
+    """Whether the nearest of `pid` and its ancestors that is a raylet or a Ray worker is ours;
+    None when there is none (an orphan, its ancestry gone, or a process Ray did not start)."""
+    while pid > 1:
+        if str(pid) == raylet:
+            return True
+        env = [v for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if v.startswith(b"RAY_RAYLET_PID=")]
+        if env:
+            return env[0] == f"RAY_RAYLET_PID={raylet}".encode()
+        pid = _parent(pid)
+    return None
+
+
 def _our_processes() -> dict[int, str]:
-    """Engine cores, zygotes and math-verify workers of this checkout's runs on this Ray node (other
-    checkouts' runs on the same machine are not ours to judge)."""
+    """Engine cores, zygotes and math-verify workers of the runs on this test session's Ray node:
+    those descending from its raylet (zygotes have a clean environment, but their parent is a
+    worker), and orphans started from this checkout. Not those of the rest of `make test`, running
+    beside the chaos runs on a Ray of its own (tests/run.py), nor other checkouts' on the machine."""
     raylet = _raylet_pid()
     out = {}
     for d in Path("/proc").iterdir():
@@ -80,11 +99,10 @@ def _our_processes() -> dict[int, str]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             if not any(p in cmd for p in LEFTOVER_PATTERNS):
                 continue
-            env = (d / "environ").read_bytes().split(b"\0")
-        except OSError:
+            ours = _of_raylet(int(d.name), raylet)
+        except (OSError, ValueError, IndexError):  # gone while we looked
             continue
-        ours = f"RAY_RAYLET_PID={raylet}".encode() in env or str(PROJECT_ROOT) + "'" in cmd  # zygotes: clean env
-        if ours:
+        if ours or (ours is None and str(PROJECT_ROOT) + "'" in cmd):
             out[int(d.name)] = cmd[:120]
     return out
 
