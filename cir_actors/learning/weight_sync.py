@@ -338,6 +338,10 @@ def receive_broadcast(
     key = (update.broadcast_group, rank)
     dev = torch.device(device)
     if key not in _RECEIVER_GROUPS:
+        # One publisher at a time: a new group replaces this process's old ones (a learner that was
+        # replaced, or reset its group), which would otherwise hold a store client each for good.
+        for old in [k for k in _RECEIVER_GROUPS if k[0] != key[0]]:
+            _RECEIVER_GROUPS.pop(old)
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
         _rendezvous(store, world, timeout)

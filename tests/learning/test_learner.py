@@ -238,10 +238,10 @@ def test_broadcast_reaches_a_receiver_in_another_process(ray_session, learner3, 
         """Stands in for a generator process: joins the broadcast group and returns what arrived."""
 
         def receive(self, update, rank: int):
-            from cir_actors.learning.weight_sync import fingerprint, receive_broadcast
+            from cir_actors.learning.weight_sync import _RECEIVER_GROUPS, fingerprint, receive_broadcast
 
             got = {name: t.clone() for name, t in receive_broadcast(update, rank=rank)}
-            return fingerprint(got.items()), got
+            return fingerprint(got.items()), got, [address for address, _ in _RECEIVER_GROUPS]
 
     receiver = ray.remote(Receiver).options(num_cpus=0.1).remote()
     try:
@@ -250,15 +250,21 @@ def test_broadcast_reaches_a_receiver_in_another_process(ray_session, learner3, 
             update = learner3.publish(via="broadcast")
             assert update.weights is None and update.broadcast_group.startswith("gloo://")
             assert update.version == by_store.version and update.checksum == by_store.checksum
-            fp, got = ray.get(receiver.receive.remote(update, 1), timeout=120)
+            fp, got, groups = ray.get(receiver.receive.remote(update, 1), timeout=120)
             learner3.wait_published()
-            assert fp == update.checksum
+            assert fp == update.checksum and groups == [update.broadcast_group]
             expected = ray.get(by_store.weights)
             assert all(torch.equal(got[k], expected[k]) for k in expected) and got.keys() == expected.keys()
             learner3.train_step(batches["b"])
         first_group = update.broadcast_group
         learner3.reset_broadcast()  # the receiver leaves: the next publication forms a new group
         assert learner3.publish(via="object_store").broadcast_group is None
+        update = learner3.publish(via="broadcast")
+        fp, _, groups = ray.get(receiver.receive.remote(update, 1), timeout=120)
+        learner3.wait_published()
+        # ... which the receiver joins, dropping the old one (a kept engine after a resume does so)
+        assert fp == update.checksum and groups == [update.broadcast_group] != [first_group]
+        learner3.reset_broadcast()
     finally:
         ray.kill(receiver)
     _STATE["first_group"] = first_group
