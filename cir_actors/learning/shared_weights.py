@@ -20,7 +20,8 @@ middle); after its load it checks that the sequence number did not move. So a re
 version it asked for intact, or an error before anything was loaded, never a mix of two versions.
 
 What this does not do: cross nodes (the learner falls back to the object store for a generator
-on another node) or GPUs (CUDA IPC handles would take the place of the file; not built).
+on another node) or GPUs (CUDA IPC handles would take the place of the file; not built: docs/learner.md
+says why).
 """
 
 from __future__ import annotations
