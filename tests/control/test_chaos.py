@@ -74,7 +74,9 @@ def _parent(pid: int) -> int:
 
 def _of_raylet(pid: int, raylet: str) -> bool | None:
     """Whether the nearest of `pid` and its ancestors that is a raylet or a Ray worker is ours;
-    None when there is none (an orphan, its ancestry gone, or a process Ray did not start)."""
+    None for an orphan (its parent is init: its ancestry is gone); False when there is none (e.g. a
+    zygote of an interpreter pool in the other pytest process, which Ray did not start)."""
+    orphan = _parent(pid) == 1
     while pid > 1:
         if str(pid) == raylet:
             return True
@@ -82,7 +84,7 @@ def _of_raylet(pid: int, raylet: str) -> bool | None:
         if env:
             return env[0] == f"RAY_RAYLET_PID={raylet}".encode()
         pid = _parent(pid)
-    return None
+    return None if orphan else False
 
 
 def _our_processes() -> dict[int, str]:
