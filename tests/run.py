@@ -30,8 +30,11 @@ def main() -> int:
         # Its own process group: a chaos run that outlives its grace is killed with its children.
         chaos = subprocess.Popen([*pytest, "--durations=10", "-p", "no:cacheprovider", CHAOS],
                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        print(f"make test: {CHAOS} runs beside the rest; its output so far: {log.name}", flush=True)
         try:
             rest = subprocess.run([*pytest, "--durations=30", "--ignore", CHAOS, "tests"], cwd=ROOT, check=False)
+            if chaos.poll() is None:
+                print(f"\nmake test: waiting for {CHAOS} ({log.name})", flush=True)
             try:
                 chaos_rc = chaos.wait(timeout=CHAOS_GRACE_S)
             except subprocess.TimeoutExpired:
