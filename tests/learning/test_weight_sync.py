@@ -104,8 +104,8 @@ def test_a_group_still_forming_is_aborted_at_once_for_every_member_waiting():
     t0 = time.monotonic()
     assert abort_broadcast(sender.address, "generator-1 is being replaced")
     for th in threads:
-        th.join(timeout=10)
-    assert time.monotonic() - t0 < 1.0
+        th.join(timeout=30)
+    assert time.monotonic() - t0 < 10  # at once, not at the rendezvous' 60 s deadline (slack: a loaded machine)
     assert set(errors) == {"sender", "receiver"}, errors
     for e in errors.values():
         assert isinstance(e, BroadcastAborted) and "generator-1 is being replaced" in str(e)

@@ -127,24 +127,27 @@ def test_exits_crashes_and_interrupts_are_results(pool, code, ok, error, killed_
 
 def test_async_calls_run_concurrently(pool):
     async def main():
-        return await asyncio.gather(*(pool.run_async(f"import time; time.sleep(0.5); print({i})") for i in range(4)))
+        return await asyncio.gather(*(pool.run_async(f"import time; time.sleep(1.0); print({i})") for i in range(4)))
 
     t0 = time.monotonic()
     results = asyncio.run(main())
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(4)]
-    assert time.monotonic() - t0 < 1.9  # four 0.5 s sleeps on 4 workers overlap
+    assert time.monotonic() - t0 < 3.0  # four 1 s sleeps on 4 workers overlap (in turn: 4 s)
 
 
 # ---- what the code must not be able to do ---------------------------------------------------
 
-def test_timeout_even_when_signals_are_ignored(pool):
+def test_timeout_even_when_signals_are_ignored():
+    """Killed at the call's own 1 s deadline, not the pool's 30 s: the bound between them leaves room
+    for a loaded machine (a CI run beside the chaos runs took 2.6 s where 2.5 s was once asserted)."""
     code = ("import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGHUP):\n"
             "    signal.signal(s, signal.SIG_IGN)\nprint('spinning', flush=True)\nwhile True:\n    pass")
-    t0 = time.monotonic()
-    r = pool.run(code, timeout_s=1.0)
-    assert r.timed_out and r.error == "Timeout" and not r.ok and r.stdout == "spinning\n"
-    assert time.monotonic() - t0 < 2.5
-    _assert_alive(pool)
+    with InterpreterPool(timeout_s=30.0, max_workers=2) as pool:
+        t0 = time.monotonic()
+        r = pool.run(code, timeout_s=1.0)
+        assert r.timed_out and r.error == "Timeout" and not r.ok and r.stdout == "spinning\n"
+        assert 1.0 <= r.duration_s and time.monotonic() - t0 < 15
+        _assert_alive(pool)
 
 
 def test_fork_bomb_is_capped_and_cleaned_up(pool):
@@ -174,7 +177,7 @@ def test_output_flood_is_cut_and_killed(pool):
     r = pool.run("while True:\n    print('x' * 1000)", timeout_s=3.0)
     assert r.error == "OutputLimitExceeded" and r.truncated and not r.timed_out
     assert len(r.stdout) == pool.cfg.max_output_bytes
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 15  # cut by the output bound (not timed_out above), not left to flood
     _assert_alive(pool)
 
 
