@@ -564,11 +564,17 @@ def test_a_sample_whose_generator_hangs_is_not_waited_for_forever(ray_session):
                 await asyncio.sleep(3600)
             return True, f"sample {key}"
 
+        def ready(self):
+            return True
+
     async def go():
         sched = BudgetScheduler(_cfg(**{"generator.samples_per_prompt": 2}), _tasks(2))
         buf = ReplayBuffer(1, ledger=sched, continue_partials=True, take_timeout_s=1.0)
         gid = sched.try_admit("g0", 0).group_id
         hung, fine = Source.remote(), Source.remote()
+        # Both started first: a worker process starting on a loaded machine (CI beside the chaos
+        # runs) took longer than the 1 s take deadline, and the fine sample timed out too.
+        assert await asyncio.wait_for(asyncio.gather(hung.ready.remote(), fine.ready.remote()), 120)
         t0 = time.monotonic()
         assert not await buf.pull(gid, 2, 0, 0, hung, "hang", 1.0, 0)
         assert 1.0 <= time.monotonic() - t0 < 30
