@@ -182,8 +182,9 @@ class LocalHead:
         try:
             with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
                 return r.status == 200
-        except urllib.error.HTTPError:  # it answered (401 under token authentication): it is up
-            return True
+        except urllib.error.HTTPError as e:  # 401/403 under token authentication: it is up
+            # Anything else is another server on the port (a CI run once took a 404 for the dashboard).
+            return e.code in (401, 403)
         except OSError:
             return False
 
