@@ -40,8 +40,8 @@ test: venv browser
 	$(PY) -m pytest --durations=30 tests
 
 # The same tests as two pytest processes side by side, the chaos runs beside the rest (tests/run.py):
-# ~21 min instead of ~30, but the doubled load on 2 cores still makes a timing-sensitive test fail
-# now and then (docs/tests.md), so `make test` and CI keep one process.
+# ~21 min instead of ~30, but four of its five clean-clone runs failed on a test the second process
+# disturbed (docs/setup.md), so `make test` and CI keep one process.
 test-parallel: venv browser
 	$(PY) tests/run.py
 

@@ -183,7 +183,8 @@ class LocalHead:
             with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
                 return r.status == 200
         except urllib.error.HTTPError as e:  # 401/403 under token authentication: it is up
-            # Anything else is another server on the port (a CI run once took a 404 for the dashboard).
+            # Anything else is another server on the port (one picked free can be taken before the
+            # dashboard binds it: the likeliest cause of a CI failure on 2026-12-07).
             return e.code in (401, 403)
         except OSError:
             return False
