@@ -398,7 +398,13 @@ class RecoveryConfig(Section):
     generator_hang_s: float = Field(300.0, gt=0)
     """A generator that is alive but answers nothing this long (a health check the driver sends
     every step, or the hand-over of a sample the buffer takes) is killed and restarted like a dead
-    one. Its answers before its first health check (engine start-up) are not judged."""
+    one. Its answers before it has started serving (engine start-up) are not judged: that is
+    `generator_start_s`'s."""
+    generator_start_s: float = Field(1800.0, gt=0)
+    """Deadline of a generator's start (its vLLM engine's, and its first weights'): one that has not
+    asked the scheduler for work this long after it was started or restarted is killed and restarted
+    like a dead one. Meanwhile a weight broadcast waiting for it to join is not judged against
+    `learner_timeout_s`: that clock starts once every generator serves."""
     max_driver_restarts: int = Field(3, ge=0)
     """`entrypoints/train.py` runs the driver as a child process and starts it again, resuming from
     the latest checkpoint, when it is killed by a signal other than SIGINT/SIGTERM/SIGHUP (the

@@ -160,6 +160,7 @@ class Trainer:
         self._stateless_probes: dict[str, tuple[Any, float, bool]] = {}  # as _probes, per stateless actor
         self._probes: dict[int, tuple[Any, float, bool]] = {}  # generator -> (health check out, sent at, ever answered)
         self._health: dict[int, dict[str, Any]] = {}  # generator -> its last health answer
+        self._starting: dict[int, float] = {}  # generator -> when it was started, until it asks for work
         self._cache_totals: dict[int, dict[str, int]] = {}  # each pool's cache counters when it last answered
         self.pending_resume: dict[str, Any] | None = None  # an automatic resume, closed by the first step
 
@@ -225,6 +226,7 @@ class Trainer:
                 ray.kill(w, no_restart=True)
                 w = self._new_generator(i, self._initial_update)
             self.workers.append(w)
+        self._starting = {i: time.monotonic() for i in range(len(self.workers))}
         if cfg.learner.publish == "shared_memory":  # who can read rank 0's region, who needs the object store
             self.learner.receiver_nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=300)
         for i, w in enumerate(self.workers):
@@ -510,7 +512,7 @@ class Trainer:
                 return batch
             self._check_workers()
             with _learner_calls():  # a rank stopped after the last step is found here, not at the next
-                self.learner.probe()
+                self.learner.probe(receivers_starting=bool(self._starting))
             if time.monotonic() - t0 > stall_s:
                 raise RuntimeError(f"no batch for {time.monotonic() - t0:.0f} s at version {version} "
                                    f"(watchdog: {stall_s:.0f} s); {self._stall_report()}")
@@ -566,6 +568,8 @@ class Trainer:
         with _learner_calls():
             while not self.learner.publication_done(timeout_s=1.0):
                 self._check_workers()
+                if self._starting:  # it waits for that engine to join, bounded by recovery.generator_start_s
+                    deadline = time.monotonic() + self.cfg.recovery.learner_timeout_s
                 if time.monotonic() > deadline:
                     raise LearnerHung(f"the learner's broadcast publication did not finish within "
                                       f"{self.cfg.recovery.learner_timeout_s:.0f} s (recovery.learner_timeout_s)")
@@ -626,16 +630,27 @@ class Trainer:
         """Generators that are alive but answer nothing (an event loop stuck, a process stopped),
         with what they failed to do: a health check outstanding for `recovery.generator_hang_s`
         (judged only once the generator has answered one or asked the scheduler for work, so an
-        engine still starting is not hung), or a sample the buffer could not take from them within
-        that deadline."""
+        engine still starting is not hung), a sample the buffer could not take from them within
+        that deadline, or no request for work `recovery.generator_start_s` after they were started
+        (an engine start that never ends)."""
         import ray
 
         from cir_actors.control.replay_buffer import actor_id
 
-        hang_s = self.cfg.recovery.generator_hang_s
+        hang_s, start_s = self.cfg.recovery.generator_hang_s, self.cfg.recovery.generator_start_s
         named = self._get(self.buffer.unresponsive.remote(), "buffer")
         now, hung, asked = time.monotonic(), [], None
+        if self._starting:
+            asked = set(self._get(self.scheduler.asked.remote(), "scheduler"))
+            for i, started in list(self._starting.items()):
+                if f"generator-{i}" in asked:
+                    del self._starting[i]
+                elif now - started > start_s:
+                    why = f"has not started serving {now - started:.0f} s after it was started (recovery.generator_start_s)"
+                    hung.append((i, why))
         for i, w in enumerate(self.workers):
+            if any(i == j for j, _ in hung):
+                continue
             ref, sent, answered = self._probes.get(i, (None, now, False))
             if ref is not None and not answered and not ray.wait([ref], timeout=0)[0]:
                 # Stopped before its first answer was read (CI, 2026-12-06: found only by Ray, 8 min
@@ -779,6 +794,7 @@ class Trainer:
                 update = self.learner.publish(via="object_store")
                 broadcast_failed = self.learner.take_failed_publication()
         self.workers[i] = self._new_generator(i, None)
+        self._starting[i] = time.monotonic()
         if self.cfg.learner.publish == "shared_memory":
             node = ray.get(self.workers[i].node_id.remote(), timeout=300)
             if self.learner.receiver_nodes is not None:

@@ -105,7 +105,7 @@ class Learner:
             env["DS_ACCELERATOR"] = "cpu"
         self.last_publish: dict[str, Any] = {}
         self.incarnation = 0  # stamped on every PolicyUpdate (types.PolicyUpdate; the driver sets it)
-        self._pending_t0 = 0.0
+        self._pending_t0 = self._pending_judged_from = 0.0
         # The rendezvous port is picked free by rank 0 and bound a moment later by torch.distributed;
         # another process can take it in between (EADDRINUSE): then start the ranks again.
         for attempt in range(3):
@@ -161,20 +161,24 @@ class Learner:
             raise LearnerHung(f"the learner's {what} did not finish within {timeout:.0f} s "
                               f"(recovery.{key}): a rank is stuck or stopped") from e
 
-    def probe(self, every_s: float = PROBE_EVERY_S) -> None:
+    def probe(self, every_s: float = PROBE_EVERY_S, receivers_starting: bool = False) -> None:
         """Find a dead or stopped rank while the driver waits on something else (a batch): called
         in the driver's rounds, it never blocks. It pings the idle ranks every `every_s`; a ping
         unanswered for `recovery.call_timeout_s` raises `LearnerHung` (a dead rank: Ray's error).
         Between steps the ranks are idle and a ping is answered at once; while a broadcast
         publication runs they are not, and that publication's own age is judged instead, against
-        `recovery.learner_timeout_s`. Without this, a rank stopped right after a step went unseen
-        until the next step's call; when no batch came meanwhile, the run ended at the no-batch
-        watchdog instead of resuming."""
+        `recovery.learner_timeout_s`, counted from when no receiver is starting any more
+        (`receivers_starting`: a generator's engine is still starting, and the broadcast waits for
+        it to join; the driver bounds that by `recovery.generator_start_s`). Without this, a rank
+        stopped right after a step went unseen until the next step's call; when no batch came
+        meanwhile, the run ended at the no-batch watchdog instead of resuming."""
         import ray
 
         now, rcfg = time.monotonic(), self.cfg.recovery
         if self._pending:
-            if not self.publication_done() and time.perf_counter() - self._pending_t0 > rcfg.learner_timeout_s:
+            if receivers_starting:
+                self._pending_judged_from = time.perf_counter()
+            if not self.publication_done() and time.perf_counter() - self._pending_judged_from > rcfg.learner_timeout_s:
                 raise LearnerHung(f"the learner's broadcast publication did not finish within "
                                   f"{rcfg.learner_timeout_s:.0f} s (recovery.learner_timeout_s): a rank is stuck or stopped")
             return
@@ -334,6 +338,7 @@ class Learner:
         self.last_publish = {"via": via, "prepare_s": time.perf_counter() - t0, **timings}
         self._pending = [r.publish_broadcast.remote(self.version) for r in involved]
         self._pending_t0, self._pending_address = t0, address
+        self._pending_judged_from = t0
         return PolicyUpdate(version=self.version, budget=budget, checksum=checksum, broadcast_group=address,
                             incarnation=self.incarnation)
 

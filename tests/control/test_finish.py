@@ -58,7 +58,7 @@ def test_the_end_names_and_kills_a_hung_or_dead_generator_instead_of_waiting(ray
     t.cfg = load_config(None, ["recovery.generator_hang_s=5"])  # 5 s: a live one on a loaded machine answers in time
     t.workers = [Gen.remote(True), Gen.remote(False), Gen.remote(False)]
     t.scheduler, t.buffer = Sched.remote(), Buf.remote()
-    t._probes, t._health = {}, {}
+    t._probes, t._health, t._starting = {}, {}, {}
     t.runs = [w.run.remote() for w in t.workers]
     stopped = ray.get(t.workers[1].pid.remote(), timeout=60)
     # generator-1 answered health checks during the run (so it is judged), then stopped answering
