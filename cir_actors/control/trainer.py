@@ -985,7 +985,7 @@ class Trainer:
     def shutdown(self, keep: bool = False) -> list[Any] | None:
         """Stop the engines and kill every actor this run created, then wait until their names are
         free (an automatic resume creates them again under the same names). With `keep` (an
-        automatic resume), the generators that detach within DETACH_S are kept with their vLLM
+        automatic resume), the generators that detach in time (`_detach_generators`) are kept with their vLLM
         engines for the next run instead (returned, None for one that did not): starting an engine
         is the slowest part of a resume. Under `learner.publish: broadcast` an engine may be inside
         a receive from the replaced learner: killing its ranks (below) fails that collective, and
@@ -1031,14 +1031,22 @@ class Trainer:
         return kept
 
     def _detach_generators(self) -> list[Any]:
-        """Detach every generator from this run (RolloutWorker.detach), in parallel under one
-        deadline; those that do not (dead, hung, or slower than DETACH_S) are killed with their
-        engine processes, None in the list returned."""
+        """Detach every generator from this run (RolloutWorker.detach), in parallel; those that do
+        not (dead, hung, or slower than their deadline) are killed with their engine processes,
+        None in the list returned. The deadline is DETACH_S, or for a generator still starting (it
+        has not asked for work: its engine may still be loading, and the detach waits behind it)
+        what is left of its `recovery.generator_start_s`, the time it would be given anyway:
+        killing it would cost the resume a whole engine start."""
         import ray
 
         t0 = time.monotonic()
         refs = [w.detach.remote(DETACH_S) for w in self.workers]
-        ray.wait(refs, num_returns=len(refs), timeout=DETACH_S + 5.0)
+        start_s = self.cfg.recovery.generator_start_s
+        for i, ref in enumerate(refs):  # absolute deadlines: the longest bounds the whole wait
+            deadline = t0 + DETACH_S + 5.0
+            if i in self._starting:
+                deadline = max(deadline, self._starting[i] + start_s)
+            ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
         kept: list[Any] = []
         for i, (w, ref) in enumerate(zip(self.workers, refs, strict=True)):
             try:

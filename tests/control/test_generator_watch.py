@@ -184,3 +184,38 @@ def test_the_learners_probe_does_not_judge_a_broadcast_while_a_receiver_starts(r
             lrn.probe()
     finally:
         ray.cancel(ref, force=True)
+
+
+def test_a_resume_waits_for_a_starting_generator_to_detach_until_its_start_deadline(ray_session, monkeypatch):
+    """An automatic resume keeps the generators that detach in time. One still starting (its engine
+    loading, so the detach call waits behind its constructor) is given what is left of
+    `recovery.generator_start_s` rather than DETACH_S: killing it would cost a whole engine start.
+    One that has served is killed at DETACH_S (+5 s) as before."""
+    import ray
+
+    from cir_actors.control import trainer as trainer_mod
+
+    @ray.remote(num_cpus=0)
+    class Starting:
+        def __init__(self, start_s: float) -> None:
+            time.sleep(start_s)  # the engine loading
+
+        def detach(self, timeout_s: float) -> dict:
+            return {}
+
+    monkeypatch.setattr(trainer_mod, "DETACH_S", 0.5)
+    t = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    t.cfg = load_config(None, ["recovery.generator_start_s=60"])
+    t._health = {}
+    t.workers = [Starting.remote(8.0), Starting.remote(40.0)]
+    t._starting = {0: time.monotonic()}  # generator-1 has served: its deadline is DETACH_S + 5 s
+    t0 = time.monotonic()
+    try:
+        kept = t._detach_generators()
+        waited = time.monotonic() - t0
+        assert kept[0] is t.workers[0], kept  # waited for past DETACH_S + 5 s
+        assert kept[1] is None, kept  # not detached by its deadline: killed
+        assert 7.0 < waited < 30.0, waited
+    finally:
+        for w in t.workers:
+            ray.kill(w, no_restart=True)
