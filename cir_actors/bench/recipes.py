@@ -5,11 +5,12 @@ For each seed (`data.seed`, which sets the task stream, the SFT order and the ch
 warm start (SFT to the demo's stop rule), its held-out accuracy with tools, then for each recipe
 the demo's RL run from that same warm start and the held-out accuracy of its result. The gain is
 after − before on the same held-out problems, so recipes differ only in their RL. Both are
-evaluated the way the recipe generates: a recipe that changes `generator.*` settings (e.g.
-`generator.stop_at_answer`) has the warm start evaluated again under them, since a model trained
-under one generation rule says nothing about itself under another. The exception is
-`generator.temperature`, a setting of the exploration during training: both are evaluated at the
-base config's temperature (the demo's 1.0). Results are written after every
+evaluated the way the recipe generates: a recipe that changes what one response is (the
+`generator.*` settings in RESPONSE_RULE, e.g. `generator.stop_at_answer`) has the warm start
+evaluated again under them, since a model trained under one generation rule says nothing about
+itself under another. Every other generator setting (the temperature and the group size of the
+exploration during training, the engines' sizes) is the base config's in both evaluations (the
+demo's temperature 1.0, `--eval-n` samples). Results are written after every
 run to `<out>/recipes.json` (a run that stops midway keeps what it measured).
 
     python entrypoints/bench.py recipes --seeds 0 1 2 \\
@@ -38,6 +39,20 @@ def parse_recipe(spec: str) -> tuple[str, list[str]]:
         if "=" not in o:
             raise ValueError(f"recipe {spec!r}: override {o!r} is not key=value")
     return name, overrides
+
+
+RESPONSE_RULE = ("top_p", "max_prompt_tokens", "max_response_tokens", "stop_at_answer")
+"""The generator settings that decide what one evaluated response is."""
+
+
+def evaluation_config(base: Any, trained: Any, extra: list[str]) -> tuple[Any, list[str]]:
+    """The config a recipe's warm start and result are evaluated under: the recipe's (`trained`)
+    with the base config's generator settings but for RESPONSE_RULE, and the recipe's overrides
+    among RESPONSE_RULE (the key of its warm start's evaluation). Pure; tested."""
+    cfg = trained.model_copy(deep=True)
+    cfg.generator = base.generator.model_copy(update={k: getattr(trained.generator, k) for k in RESPONSE_RULE})
+    rule = sorted(o for o in extra if o.partition("=")[0] in {f"generator.{k}" for k in RESPONSE_RULE})
+    return cfg, rule
 
 
 def held_out_accuracy(cfg: Any, model: Path, held_out: dict[str, Any], n: int, out_dir: Path) -> float:
@@ -154,10 +169,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                         trainer.shutdown()
                     rl_s, steps, buffer = time.monotonic() - t, summary.get("final_version"), summary.get("buffer")
                 final = ckpts / (ckpts / "latest").read_text().strip() / "learner" / "hf"
-                generation = sorted(o for o in extra
-                                    if o.startswith("generator.") and not o.startswith("generator.temperature="))
-                eval_cfg = rl_cfg.model_copy(deep=True)
-                eval_cfg.generator.temperature = cfg.generator.temperature
+                eval_cfg, generation = evaluation_config(cfg, rl_cfg, extra)
                 before = row["before"]
                 if eval_cfg.generator != cfg.generator:  # the warm start, evaluated the way this recipe generates
                     befores = row.setdefault("before_by_generation", {})
