@@ -1032,8 +1032,9 @@ class Trainer:
 
     def _detach_generators(self) -> list[Any]:
         """Detach every generator from this run (RolloutWorker.detach), in parallel; those that do
-        not (dead, hung, or slower than their deadline) are killed with their engine processes,
-        None in the list returned. The deadline is DETACH_S, or for a generator still starting (it
+        not by the end of the wait (dead, hung, or slow) are killed with their engine processes,
+        None in the list returned. The wait ends at the latest deadline of those not yet detached
+        (one that detaches late while the wait goes on for another is kept). The deadline is DETACH_S, or for a generator still starting (it
         has not asked for work: its engine may still be loading, and the detach waits behind it)
         what is left of its `recovery.generator_start_s`, the time it would be given anyway:
         killing it would cost the resume a whole engine start."""
