@@ -141,6 +141,11 @@ def run_child(z: ChildHost, slot: int, fds: tuple[int, int, int], stage: dict) -
         os.dup2(high[name], dst)
     stage["res"] = 3
     os.closerange(6, 1 << 16)
+    if not z.is_root and on["namespaces"]:
+        # RLIMIT_NPROC counts the processes of one uid in one user namespace: without root every
+        # child has the same uid, so without a namespace of its own a child's forks would count
+        # against every other child's limit (and the zygote's).
+        L.enter_user_namespace(0, 0)
     if on["private_workdir"]:
         if on["filesystem_jail"]:
             L.unshare(L.CLONE_NEWNS)
@@ -165,6 +170,8 @@ def run_child(z: ChildHost, slot: int, fds: tuple[int, int, int], stage: dict) -
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
+    elif on["unprivileged_uid"]:
+        L.drop_capabilities()
     if on["cleared_env"]:
         os.environ.clear()
         os.environ.update(CHILD_ENV)

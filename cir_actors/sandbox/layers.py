@@ -10,6 +10,7 @@ applied or what happens if it fails: that is `sandbox/zygote.py`'s job.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 from pathlib import Path
@@ -58,6 +59,24 @@ def prctl(option: int, arg2: int = 0) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0), f"prctl({option})")
 
 
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAPBSET_DROP = 24
+
+
+def drop_capabilities() -> None:
+    """Clear the effective, permitted and inheritable sets and the bounding set. As root, the
+    switch to an unprivileged uid does this; in a user namespace the child stays its root, with
+    every capability over its own namespaces, which its code needs none of."""
+    for cap in range(64):  # up to the kernel's last capability, the first one it does not know
+        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) < 0:
+            if ctypes.get_errno() == errno.EINVAL and cap > 0:
+                break
+            _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # {effective, permitted, inheritable} x {low, high} 32 bits: all 0
+    _check(_libc.capset(header, data), "capset")
+
+
 # ---- filesystem jail -------------------------------------------------------------------------
 
 def interpreter_paths() -> list[str]:
@@ -73,6 +92,16 @@ def interpreter_paths() -> list[str]:
         if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in kept):
             kept.append(p)
     return kept
+
+
+def enter_user_namespace(uid: int, gid: int) -> None:
+    """unshare a new user namespace whose root is `uid`/`gid` of the current one (the only mapping a
+    process may write for itself: its own ids, with setgroups denied). It gains every capability
+    over the namespaces it then creates, and none over the host's."""
+    unshare(CLONE_NEWUSER)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
 
 
 def build_jail(root: str, ro_paths: list[str], work: str = "work") -> None:
@@ -182,8 +211,6 @@ DENIED_SYSCALLS = [
 
 def compile_seccomp() -> bytes:
     """The deny-list filter as raw BPF (compiled once; loading it per child is one prctl)."""
-    import errno
-
     import pyseccomp as sc
 
     f = sc.SyscallFilter(defaction=sc.ALLOW)

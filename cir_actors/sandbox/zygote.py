@@ -1,13 +1,15 @@
 """The zygote: a warm, jailed Python that forks one sandboxed child per interpreter call.
 
 Started by `InterpreterPool` as a subprocess and spoken to over one unix socket in msgpack frames.
-Once, at start: new mount/network/IPC/UTS namespaces (plus a user namespace when not root), a
-read-only filesystem jail holding only this interpreter's files, the seccomp filter compiled to BPF,
-sympy and numpy imported, then a probe call through the whole path. Per call, in the child: a new
-PID namespace (the code is pid 1, so everything it starts dies with it), a new mount namespace with
-a size-limited tmpfs as working dir, chroot into the jail, rlimits, an unprivileged uid of its own,
-cleared environment, no_new_privs, landlock and seccomp. The zygote enforces the wall-clock deadline
-(SIGKILL to pid 1 tears down the namespace) and the output bound, reaps, and replies.
+Once, at start: new mount/network/IPC/UTS namespaces (when not root: inside a user namespace, and
+the zygote goes on as pid 1 of a PID namespace of its own), a read-only filesystem jail holding only
+this interpreter's files, the seccomp filter compiled to BPF, sympy and numpy imported, then a probe
+call through the whole path. Per call, in the child: a new PID namespace (the code is pid 1, so
+everything it starts dies with it), a new mount namespace with a size-limited tmpfs as working dir,
+chroot into the jail, rlimits, an unprivileged uid of its own (without root: a user namespace of its
+own, every capability dropped), cleared environment, no_new_privs, landlock and seccomp. The zygote
+enforces the wall-clock deadline (SIGKILL to pid 1 tears down the namespace) and the output bound,
+reaps, and replies.
 
 Not here: the supervisor side, result formatting (`sandbox/pool.py`), the child's side of each call
 (`sandbox/child.py`), and the syscalls (`sandbox/layers.py`).
@@ -118,11 +120,8 @@ class Zygote:
             if self.is_root:
                 L.unshare(flags)
             else:  # a user namespace gives the capabilities the rest needs, over nothing of the host's
-                uid, gid = os.getuid(), os.getgid()
-                L.unshare(flags | L.CLONE_NEWUSER)
-                for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-                    with open(f"/proc/self/{name}", "w") as f:
-                        f.write(text)
+                L.enter_user_namespace(os.getuid(), os.getgid())
+                L.unshare(flags)
             L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
 
         def jail() -> None:
@@ -135,6 +134,10 @@ class Zygote:
             L.build_jail(self.jail, self.ro_paths, WORKDIR.lstrip("/"))
 
         def pidns() -> None:
+            if not self.is_root:
+                if not self.active["namespaces"]:
+                    raise RuntimeError("needs the user namespace")
+                self._become_init_of_own_pid_namespace()
             self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
         def landlock() -> None:
@@ -166,6 +169,22 @@ class Zygote:
             self.base_vm_bytes = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmSize:"))
         gc.collect()
         gc.freeze()  # children's collections then leave the shared pages alone (fewer copy-on-write faults)
+
+    def _become_init_of_own_pid_namespace(self) -> None:
+        """Without root: go on as pid 1 of a new PID namespace that the zygote's user namespace owns.
+        After forking each child into a namespace of its own, `_spawn` moves back into the zygote's
+        (setns), which needs CAP_SYS_ADMIN over it: over the host's, only root has that. The process
+        the supervisor started stays behind only to wait, and exits with the zygote's status; the
+        zygote dies with it (PR_SET_PDEATHSIG), and everything it forked dies with the zygote."""
+        L.unshare(L.CLONE_NEWPID)
+        pid = os.fork()
+        if pid:
+            self.ctl.close()  # the supervisor must see the zygote's end of the socket close with it
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(code if code >= 0 else 128 - code)
+        # Had the waiter died before this line, the zygote would still end: at the socket's close.
+        L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
 
     def probe(self) -> str | None:
         """Run one call through every active layer; None when it behaved, else what went wrong."""
@@ -465,7 +484,7 @@ class Zygote:
             return
         report = {"layers": dict(self.active), "problems": self.problems, "root": self.is_root,
                   "uid_range": [self.uid_base, self.uid_base + self.num_slots] if self.is_root else None,
-                  "landlock_abi": self.landlock_abi, "jail_paths": self.ro_paths, "zygote_pid": os.getpid(),
+                  "landlock_abi": self.landlock_abi, "jail_paths": self.ro_paths, "zygote_pid": _host_pid(),
                   "scratch": self.scratch}
         self.ctl.sendall(L.pack_frame({"op": "ready", "report": report}))
         self.sel.register(self.ctl.fileno(), selectors.EVENT_READ)
@@ -479,6 +498,13 @@ class Zygote:
         while self.children and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.01)
+
+
+def _host_pid() -> int:
+    """This process's pid as the supervisor sees it (the zygote is pid 1 of its own PID namespace
+    when not root): the first of /proc's NSpid, /proc being the host's."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("NSpid:"))
 
 
 def main(ctl_fd: int) -> None:

@@ -1,7 +1,9 @@
 """The interpreter pool: formatting, results of every way code can end, and the adversarial suite.
 
 Real sandbox throughout (this machine runs as root with user namespaces, landlock and seccomp, as CI
-does). One pool per module for the stateless tests; a second, small one for sessions.
+does). One pool per module for the stateless tests; a second, small one for sessions. The same
+module runs again as an unprivileged user (`test_unprivileged.py`): every test here must hold on
+both of the sandbox's ways in.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ def pool():
 
 
 def _leftovers(pool: InterpreterPool) -> list[int]:
-    """Host pids running under the pool's per-child uids that are not the zygote's own children
-    (those are the pre-forked children waiting for a call): anything the code started."""
+    """Host pids of what the code started and left running: as root, processes under the pool's
+    per-child uids; without root (every child runs as the user's one mapped uid), descendants of the
+    zygote. The zygote's own children (pre-forked, waiting for a call) do not count."""
     report = pool.isolation_report()
-    lo, hi = report["uid_range"]
-    found = []
+    procs = {}  # pid -> (uid, parent pid)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -45,10 +47,18 @@ def _leftovers(pool: InterpreterPool) -> list[int]:
         except OSError:
             continue
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-        uid, ppid = int(fields["Uid"].split()[0]), int(fields["PPid"])
-        if lo <= uid < hi and not fields["State"].startswith("Z") and ppid != report["zygote_pid"]:
-            found.append(int(entry))
-    return found
+        if not fields["State"].startswith("Z"):
+            procs[int(entry)] = (int(fields["Uid"].split()[0]), int(fields["PPid"]))
+    zygote = report["zygote_pid"]
+    if report["uid_range"] is not None:
+        lo, hi = report["uid_range"]
+        started = {pid for pid, (uid, _) in procs.items() if lo <= uid < hi}
+    else:
+        started, frontier = set(), {zygote}
+        while frontier:
+            frontier = {pid for pid, (_, parent) in procs.items() if parent in frontier} - started
+            started |= frontier
+    return sorted(pid for pid in started if procs[pid][1] != zygote)
 
 
 def _wait_no_leftovers(pool: InterpreterPool) -> list[int]:
@@ -94,6 +104,7 @@ def test_all_layers_active(pool):
     report = pool.isolation_report()
     assert report["off"] == [], report
     assert all(report["layers"].values())
+    assert report["root"] == (os.geteuid() == 0)  # the path taken: root, or a user namespace
 
 
 def test_stdout_errors_and_warm_imports(pool):
@@ -154,9 +165,12 @@ def test_fork_bomb_is_capped_and_cleaned_up(pool):
     code = ("import os, time\nn = 0\nfor _ in range(200):\n    try:\n        if os.fork() == 0:\n"
             "            time.sleep(30)\n            os._exit(0)\n        n += 1\n    except OSError:\n        pass\n"
             "print(n)")
-    r = pool.run(code, timeout_s=5.0)
-    assert r.ok, r
-    assert 0 < int(r.stdout) < 16  # RLIMIT_NPROC (max_processes=16) on the child's own uid
+    # RLIMIT_NPROC (max_processes=16) counts the child and what it forks, and nothing else: as root
+    # each child has a uid of its own; without root, a user namespace of its own. Twice, the second
+    # while the first call's processes may still be going: the limit is no other call's business.
+    counts = [pool.run(code, timeout_s=5.0) for _ in range(2)]
+    assert all(r.ok for r in counts), counts
+    assert [int(r.stdout) for r in counts] == [15, 15]
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     r = pool.run(bomb, timeout_s=1.0)
     assert r.timed_out
@@ -207,6 +221,20 @@ def test_cannot_read_host_files(pool):
     assert not r.ok or r.stdout == "['.pyenv']\n", r  # at most the interpreter's own files
     r = pool.run("import os\nprint(sorted(os.listdir('/')))")
     assert not r.ok or ("proc" not in r.stdout and "home" not in r.stdout), r
+
+
+def test_code_holds_no_capability(pool):
+    """As root the child switches to a uid of its own; without root it is the root of its own user
+    namespace and drops every capability, bounding set included, before the code runs."""
+    code = ("import ctypes\nhdr = (ctypes.c_uint32 * 2)(0x20080522, 0)\ndata = (ctypes.c_uint32 * 6)()\n"
+            "assert ctypes.CDLL(None).capget(hdr, data) == 0\nlibc = ctypes.CDLL(None)\n"
+            "bounding = sum(libc.prctl(23, c, 0, 0, 0) == 1 for c in range(41))\n"
+            "print(list(data), bounding)")
+    r = pool.run(code)
+    assert r.ok, r
+    held, bounding = r.stdout.rsplit(" ", 1)
+    assert held == str([0] * 6), r.stdout
+    assert int(bounding) == 0 or pool.isolation_report()["root"], r.stdout  # as root: no_new_privs instead
 
 
 def test_cannot_see_parent_environment(pool):
@@ -384,3 +412,40 @@ def test_dead_zygote_is_replaced():
         assert r.ok and r.stdout == "1\n", r
         assert p.isolation_report()["zygote_pid"] != zygote
 
+
+
+def test_nothing_forked_outlives_the_process_the_pool_started():
+    """The supervisor can only kill the process it started. As root that is the zygote; without root
+    the zygote is pid 1 of a PID namespace of its own, a fork of that process, which only waits for
+    it: killed, it takes the zygote with it, and the zygote its children."""
+    with InterpreterPool(timeout_s=3.0, max_workers=2) as p:
+        report = p.isolation_report()
+        zygote = report["zygote_pid"]
+        started = p._zygote.proc.pid
+        assert (started == zygote) == report["root"], (started, zygote)
+        forked = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == zygote]
+        assert forked, "no pre-forked child to watch"
+        os.kill(started, 9)
+        deadline = time.monotonic() + 5
+        while any(_running(pid) for pid in (zygote, *forked)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_running(pid) for pid in (zygote, *forked)), "the zygote or a child outlived it"
+        r = p.run("print(1)")
+        if r.error == "InterpreterCrashed":  # raced the reader noticing; the next call restarts it
+            r = p.run("print(1)")
+        assert r.ok and r.stdout == "1\n", r
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed process's parent may not have reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
