@@ -40,17 +40,21 @@ class CheckedInputs:
 
 def check_model_path(cfg: Config) -> str:
     """model.path as a Hugging Face model directory (InputError if it is not); None builds (or reuses)
-    the tiny model."""
-    if cfg.model.path is None:
-        from cir_actors.data.tiny_model import build_tiny_model
+    the tiny model in model.cache_dir. A directory this user may not read or write is one sentence too."""
+    where = f"model.path '{cfg.model.path}'" if cfg.model.path else f"model.cache_dir '{cfg.model.cache_dir}'"
+    try:
+        if cfg.model.path is None:
+            from cir_actors.data.tiny_model import build_tiny_model
 
-        return str(build_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
-    p = Path(cfg.model.path)
-    if not p.exists():
-        raise InputError(f"model.path '{p}' does not exist (expected a Hugging Face model directory)")
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise InputError(f"model.path '{p}' is not a Hugging Face model directory (no config.json in it)")
-    return str(p)
+            return str(build_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+        p = Path(cfg.model.path)
+        if not p.exists():
+            raise InputError(f"{where} does not exist (expected a Hugging Face model directory)")
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise InputError(f"{where} is not a Hugging Face model directory (no config.json in it)")
+        return str(p)
+    except OSError as e:
+        raise InputError(f"{where}: {type(e).__name__}: {e.strerror or e} ({e.filename})") from None
 
 
 def load_checked_tokenizer(model_path: str) -> Any:

@@ -95,6 +95,10 @@ def build_tiny_model(cfg: TinyModelConfig | None = None, cache_dir: str | Path |
                 indent=2,
             )
         )
+        umask = os.umask(0o022)
+        os.umask(umask)
+        for made in (tmp, *tmp.iterdir()):  # mkdtemp's (and a temporary file's) 0700 / 0600 -> the umask's
+            made.chmod((0o777 if made.is_dir() else 0o666) & ~umask)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -82,6 +82,13 @@ def test_bad_model_path_is_one_sentence_and_exit_2_before_ray(tmp_path, which):
     _assert_one_sentence_before_ray(proc, elapsed, f"model.path '{path}'", needle)
 
 
+def test_a_model_cache_that_cannot_be_written_is_one_sentence(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match=r"model.cache_dir '.*a-file/models': NotADirectoryError"):
+        check_inputs(load_config(None, [f"model.cache_dir={blocker / 'models'}"]))
+
+
 def test_good_inputs_pass_the_checks(tmp_path, tiny_model_dir):
     data = _rows(tmp_path / "data.jsonl", GOOD)
     cfg = load_config(None, ["data.source=file", f"data.train_path={data}", f"model.path={tiny_model_dir}"])

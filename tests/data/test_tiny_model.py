@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,10 @@ def test_build_is_deterministic_and_reused(tmp_path):
     assert build_tiny_model(cfg, tmp_path / "a") == a  # reused, not rebuilt
     assert (a / "model.safetensors").stat().st_mtime_ns == mtime
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temp dir left
+    umask = os.umask(0o022)
+    os.umask(umask)  # readable by whoever the umask lets read (another user's Ray workers), not 0700
+    assert {p.name: p.stat().st_mode & 0o777 for p in (a, *a.iterdir())} == {
+        p.name: (0o777 if p.is_dir() else 0o666) & ~umask for p in (a, *a.iterdir())}
     other = build_tiny_model(cfg.model_copy(update={"seed": 4}), tmp_path / "a")
     assert other != a and (other / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
 
