@@ -6,6 +6,8 @@ capabilities, no supplementary groups) in a private mount namespace where every 
 way to this interpreter and to the project is traversable (a pyenv under /root, mode 0700, is the
 usual obstacle: a tmpfs over /root holds a bind of only what is needed; nothing on the host
 changes; /tmp is a tmpfs of its own), then execs CMD. Run as anyone else, it execs CMD as that user.
+With --no-user-namespaces, CMD cannot create a user namespace either, as in a container under its
+runtime's default seccomp profile.
 """
 
 from __future__ import annotations
@@ -45,9 +47,26 @@ def _open_the_way_to(path: Path, scratch: Path) -> None:
         L.mount(str(keep / entry.name), str(entry), None, L.MS_BIND | L.MS_REC)
 
 
+def _refuse_user_namespaces() -> None:
+    """What a container runtime's default seccomp profile does to a process without CAP_SYS_ADMIN:
+    unshare and clone with CLONE_NEWUSER fail with EPERM (clone3 with ENOSYS, so libc falls back)."""
+    import errno
+
+    import pyseccomp as sc
+
+    f = sc.SyscallFilter(defaction=sc.ALLOW)
+    for call in ("unshare", "clone"):
+        f.add_rule(sc.ERRNO(errno.EPERM), call, sc.Arg(0, sc.MASKED_EQ, L.CLONE_NEWUSER, L.CLONE_NEWUSER))
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+    f.load()
+
+
 def main(argv: list[str]) -> None:
+    no_userns = argv[:1] == ["--no-user-namespaces"]
+    argv = argv[1:] if no_userns else argv
     if not argv:
-        raise SystemExit("usage: as_unprivileged.py CMD [ARGS...]")
+        raise SystemExit("usage: as_unprivileged.py [--no-user-namespaces] CMD [ARGS...]")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     if os.geteuid() == 0:
         L.unshare(L.CLONE_NEWNS)
@@ -62,6 +81,8 @@ def main(argv: list[str]) -> None:
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)  # from uid 0 to another: every capability is dropped
         env.update(HOME="/tmp", USER="nobody")
+    if no_userns:
+        _refuse_user_namespaces()
     os.execvpe(argv[0], argv, env)
 
 

@@ -33,3 +33,17 @@ def test_the_adversarial_suite_passes_without_root():
     assert out.returncode == 0, tail
     summary = re.search(r"(\d+) passed(.*) in ", out.stdout)
     assert summary and int(summary.group(1)) >= 30 and "skipped" not in summary.group(2), tail
+
+
+def test_without_root_or_user_namespaces_the_pool_refuses_in_one_sentence():
+    """A non-root container under its runtime's default seccomp profile (KubeRay's pods, unless
+    configured): no layer needing a namespace can be applied, and the pool says which and why."""
+    probe = ("from cir_actors.sandbox.pool import InterpreterPool, SandboxUnavailable\n"
+             "try:\n    InterpreterPool(max_workers=1)\nexcept SandboxUnavailable as e:\n    print(e)\n"
+             "else:\n    print('started')")
+    out = subprocess.run([sys.executable, LAUNCHER, "--no-user-namespaces", sys.executable, "-c", probe],
+                         capture_output=True, text=True, timeout=120, check=True, cwd=HERE.parents[1])
+    message = out.stdout.strip()
+    assert message.startswith("interpreter sandbox cannot start with full isolation on this machine"), out
+    assert "namespaces: PermissionError" in message and "allow_weaker_isolation" in message, message
+    assert len(message.splitlines()) == 1, message
