@@ -38,3 +38,23 @@ def test_a_recipe_that_changes_what_a_response_is_is_evaluated_under_it():
     assert cfg.generator.stop_at_answer and cfg.generator.max_response_tokens == 64
     assert cfg.generator.temperature == base.generator.temperature
     assert rule == ["generator.max_response_tokens=64", "generator.stop_at_answer=true"]
+
+
+def test_warm_starts_are_reused_only_under_the_config_they_were_measured_with():
+    from cir_actors.bench.recipes import ROOT, reuse_refusal
+
+    def setup(path: str, *overrides: str, eval_n: int = 2, settings: bool = True) -> dict:
+        row = {"config": path, "overrides": list(overrides), "eval_n": eval_n}
+        return row | ({"settings": load_config(path, list(overrides)).model_dump(mode="json")} if settings else {})
+
+    demo = str(ROOT / "configs" / "demo.yaml")
+    relative = "configs/demo.yaml"  # the same file written another way (the tests run from ROOT)
+    assert reuse_refusal(setup(demo), setup(relative)) is None
+    assert reuse_refusal(setup(demo, settings=False), setup(relative)) is None
+    # the same path and overrides, but the file's content changed: named by the settings that changed
+    measured = setup(demo) | {"settings": load_config(demo, ["learner.entropy_coef=0.01"]).model_dump(mode="json")}
+    why = reuse_refusal(measured, setup(demo))
+    assert why is not None and "learner.entropy_coef" in why and "generator" not in why
+    assert "config" in reuse_refusal(setup(demo, settings=False), setup(str(ROOT / "configs" / "tiny_cpu.yaml")))
+    assert "overrides" in reuse_refusal(setup(demo), setup(demo) | {"overrides": ["data.seed=3"]})
+    assert "--eval-n 2, not 4" in reuse_refusal(setup(demo), setup(demo, eval_n=4))

@@ -55,6 +55,33 @@ def evaluation_config(base: Any, trained: Any, extra: list[str]) -> tuple[Any, l
     return cfg, rule
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{prefix}{key}.").items()} if d else {prefix: d}
+
+
+def reuse_refusal(earlier: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why the warm starts recorded in `earlier` (a recipes.json) cannot be reused by a run set up
+    as `now` (same keys: config, settings, overrides, eval_n), or None. The config is compared by
+    what it loads to (`settings`, the base config with the overrides), not by how its path was
+    written; a recipes.json from before `settings` was recorded is compared by its resolved path.
+    Pure; tested."""
+    if earlier.get("settings") is not None:
+        old, new = _flat(earlier["settings"]), _flat(now["settings"])
+        changed = sorted(k.rstrip(".") for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            return (f"the base config differs from the one its warm starts were measured with in "
+                    f"{', '.join(changed[:5])}{' and more' if len(changed) > 5 else ''}")
+    elif Path(earlier["config"]).resolve() != Path(now["config"]).resolve():
+        return f"its warm starts were measured with config {earlier['config']}, not {now['config']}"
+    if earlier.get("overrides") != now["overrides"]:
+        return f"its warm starts were measured with overrides {earlier.get('overrides')}, not {now['overrides']}"
+    if earlier.get("eval_n") != now["eval_n"]:
+        return f"its warm starts were evaluated with --eval-n {earlier.get('eval_n')}, not {now['eval_n']}"
+    return None
+
+
 def held_out_accuracy(cfg: Any, model: Path, held_out: dict[str, Any], n: int, out_dir: Path) -> float:
     """Mean accuracy with tools of `model` on the held-out problems, n samples each."""
     from cir_actors.scoring.evaluation import EvalRunner
@@ -114,20 +141,22 @@ def run(argv: list[str]) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "eval_n": args.eval_n,
+    base_cfg = load_config(args.config, args.overrides)
+    results: dict[str, Any] = {"config": args.config, "settings": base_cfg.model_dump(mode="json"),
+                               "overrides": args.overrides, "eval_n": args.eval_n,
                                "recipes": dict(recipes), "seeds": {}}
     earlier = json.loads((out / "recipes.json").read_text()) if (out / "recipes.json").is_file() else None
     if args.reuse_warm_start and earlier is not None:
-        if (earlier["config"], earlier["overrides"], earlier["eval_n"]) != (args.config, args.overrides, args.eval_n):
-            raise SystemExit(f"--reuse-warm-start: {out / 'recipes.json'} was measured with another config, "
-                             "overrides or --eval-n")
+        why = reuse_refusal(earlier, results)
+        if why is not None:
+            raise SystemExit(f"--reuse-warm-start: cannot reuse {out / 'recipes.json'}: {why} "
+                             "(give another --out, or the same config)")
         results["recipes"] = {**earlier["recipes"], **results["recipes"]}
         results["seeds"] = earlier["seeds"]
 
     def save() -> None:
         (out / "recipes.json").write_text(json.dumps(results, indent=1))
 
-    base_cfg = load_config(args.config, args.overrides)
     init_ray(base_cfg)
     try:
         base = build_tiny_model(base_cfg.model.tiny, base_cfg.model.cache_dir)
