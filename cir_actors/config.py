@@ -299,6 +299,11 @@ class LearnerConfig(Section):
     """KL penalty against the reference model (CIR: 0)."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus (CIR: 0)."""
+    entropy_groups: Literal["all", "informative"] = "all"
+    """Which samples the entropy bonus is taken over. all: every sample, so the groups whose rewards
+    were all equal (advantage 0) are run and trained for the bonus alone, and their tokens count in
+    the token mean. informative: only samples with a nonzero advantage, so those groups are skipped
+    as they are without a bonus (a cheaper update; the same token mean as without a bonus)."""
     publish: Literal["object_store", "broadcast", "shared_memory"] = "object_store"
     """How new weights reach the generators. shared_memory: a region under /dev/shm on learner rank
     0's node that generators there load from (the object store for a generator on another node);

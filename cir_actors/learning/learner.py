@@ -14,7 +14,8 @@ A training step, for a batch of complete GRPO groups:
    whitening of REINFORCE++-baseline are those of the full batch whatever the sharding. (Groups
    go to ranks round-robin, not by token count: the driver never sees the trajectories.)
 3. Samples with advantage exactly 0 (their groups' rewards were all equal) are not run when no
-   KL or entropy term is configured: their policy-gradient term is exactly zero. They are not in
+   KL term, and no entropy bonus over all groups (`learner.entropy_groups`), is configured: their
+   policy-gradient term is exactly zero. They are not in
    the token-mean denominator either (as if the buffer had dropped those groups, DAPO-style).
 4. Proximal log-probs (the weights at the start of the step) are computed once per step, no grad.
    With a single optimizer update per step they are the first forward's own values, detached

@@ -400,7 +400,8 @@ class LearnerRank:
             num_tokens_list=[np.asarray(merged[g][1]) for g in order],
         )
         adv_of = dict(zip(order, advs))
-        extra_terms = self.lcfg.kl_coef > 0 or self.lcfg.entropy_coef > 0
+        # A KL term, or an entropy bonus over every group, trains the zero-advantage samples too.
+        extra_terms = self.lcfg.kl_coef > 0 or (self.lcfg.entropy_coef > 0 and self.lcfg.entropy_groups == "all")
         void = Counter(void_turn_reason(st) for _, sts in groups.values() for st in sts)  # counted even unfiltered
         every = [
             (st, _Sample(st.trajectory, float(a), mb, group=g))

@@ -407,6 +407,23 @@ def test_published_weights_in_vllm_reproduce_learner_logprobs(
         tiny_generator.run(gen.update_weights(restore), timeout=180)
 
 
+def _advantage_and_entropy_sums(samples, model) -> tuple[float, int, float]:
+    """(sum of A x masked tokens, masked tokens, sum of the model's token entropy over them) for
+    (advantage, scored trajectory) pairs: the parts of a first update's token-mean loss."""
+    num, den, ent = 0.0, 0, 0.0
+    for a, st in samples:
+        t = st.trajectory
+        mask = t.loss_mask_T.astype(bool)
+        mask[0] = False
+        with torch.no_grad():
+            logits = model(torch.from_numpy(t.token_ids_T.astype(np.int64))[None]).logits[0, :-1]
+        h = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).numpy()
+        num += float(a) * mask.sum()
+        den += int(mask.sum())
+        ent += float(h[mask[1:]].sum())
+    return num, den, ent
+
+
 def test_entropy_bonus_and_kl_to_reference(ray_session, tiny_model_dir, hf_init, batches):
     """With both optional terms on, every sample is trained (zero-advantage ones included), the
     first update's loss is -(A token mean) - entropy_coef x (token-mean entropy, as transformers
@@ -422,23 +439,34 @@ def test_entropy_bonus_and_kl_to_reference(ray_session, tiny_model_dir, hf_init,
     finally:
         learner.shutdown()
     advs, _ = compute_advantages([np.array(r, float) for r in REWARDS], "grpo")
-    num, den, ent = 0.0, 0, 0.0
-    for g, group in enumerate(batches["a"]):
-        for a, st in zip(advs[g], group):
-            t = st.trajectory
-            mask = t.loss_mask_T.astype(bool)
-            mask[0] = False
-            with torch.no_grad():
-                logits = hf_init(torch.from_numpy(t.token_ids_T.astype(np.int64))[None]).logits[0, :-1]
-            h = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).numpy()
-            num += float(a) * mask.sum()
-            den += int(mask.sum())
-            ent += float(h[mask[1:]].sum())
+    every = [(a, st) for g, group in enumerate(batches["a"]) for a, st in zip(advs[g], group)]
+    num, den, ent = _advantage_and_entropy_sums(every, hf_init)
     assert first["trained_trajectories"] == sum(len(r) for r in REWARDS) and first["tokens"] == den
     assert first["entropy"] == pytest.approx(ent / den, rel=1e-5)
     assert first["kl_ref"] == pytest.approx(0.0, abs=1e-6)
     assert first["update_losses"][0] == pytest.approx(-num / den - 0.01 * ent / den, rel=1e-5)
     assert second["kl_ref"] > 1e-4
+
+
+def test_entropy_bonus_over_informative_groups_skips_zero_advantage(ray_session, tiny_model_dir, hf_init, batches):
+    """learner.entropy_groups=informative: the zero-advantage samples are not run (as without a
+    bonus), and the first update's loss is -(A token mean) - entropy_coef x (token-mean entropy),
+    both over the nonzero-advantage samples' tokens only."""
+    from cir_actors.learning.advantages import compute_advantages
+    from cir_actors.learning.learner import Learner
+
+    over = {"learner.entropy_coef": 0.01, "learner.entropy_groups": "informative"}
+    learner = Learner(_cfg(**over), tiny_model_dir, name="test-learner-entropy-informative")
+    try:
+        first = learner.train_step(batches["a"])
+    finally:
+        learner.shutdown()
+    advs, _ = compute_advantages([np.array(r, float) for r in REWARDS], "grpo")
+    first_minibatch = [(a, st) for g in range(4) for a, st in zip(advs[g], batches["a"][g]) if a != 0]
+    num, den, ent = _advantage_and_entropy_sums(first_minibatch, hf_init)
+    assert first["zero_adv_groups"] == 2
+    assert first["trained_trajectories"] == sum(len(r) for r in REWARDS) - 4
+    assert first["update_losses"][0] == pytest.approx(-num / den - 0.01 * ent / den, rel=1e-5)
 
 
 def test_step_without_signal_leaves_weights_alone(learner1, hf_init):
