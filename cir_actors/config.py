@@ -374,6 +374,12 @@ class RecoveryConfig(Section):
     call_retries: int = Field(2, ge=0)
     """Retries of an interpreter call or verdict that failed for infrastructure reasons (on another
     replica when there is one); then the trajectory is dropped with reason `infra`."""
+    interpreter_call_s: float = Field(60.0, gt=0)
+    """How long an interpreter call may go unanswered beyond its own time limit (queueing in the pool
+    included) before it counts as an infrastructure fault and is retried like one (a session's call
+    cannot be: its trajectory is dropped with reason `infra`). It bounds how long a lost call holds
+    its trajectory and a weight update waiting for that trajectory; on the demo once, 26 calls went
+    unanswered until the former fixed 300 s passed (docs/failures.md)."""
     push_retries: int = Field(2, ge=0)
     """Retries of a failed weight push to a live generator; then the run ends naming it."""
     push_timeout_s: float = Field(600.0, gt=0)

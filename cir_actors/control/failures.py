@@ -126,11 +126,15 @@ class ReplicatedInterpreter:
                 if not is_infra_error(e):
                     raise
                 last = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if isinstance(e, TimeoutError):
+                    last = f"no answer in {deadline:.3g} s (timeout + recovery.interpreter_call_s)"
             else:
                 if result.error != INTERPRETER_CRASHED:
                     return result
                 last = INTERPRETER_CRASHED
             self.faults += 1
+            log.warning("interpreter call failed for an infrastructure reason (attempt %d of %d): %s",
+                        attempt + 1, self._retries + 1, last)
             if session is not None:
                 raise InfraFault(f"interpreter session {session} lost its pool ({last}); its state cannot be rebuilt")
             await asyncio.sleep(min(0.2 * 2**attempt, 2.0))

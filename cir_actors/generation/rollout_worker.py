@@ -68,7 +68,7 @@ class RolloutWorker:
         self._name = name
         pools = list(interpreters) if isinstance(interpreters, list | tuple) else [interpreters]
         retries = cfg.recovery.call_retries
-        self._interp = ReplicatedInterpreter(pools, retries=retries)
+        self._interp = ReplicatedInterpreter(pools, retries=retries, timeout_s=cfg.recovery.interpreter_call_s)
         self._gen = Generator(cfg, model_path, self._interp, name=name)
         self._engine_processes: list[tuple[int, int]] = []  # see `health`
         self._scorer = ReplicatedScorer(list(scorers), retries=retries)

@@ -353,7 +353,10 @@ class _Pool:
         return b
 
     async def _run(self, code, timeout_s=None, session=None):
-        if self._next() == "crash":
+        b = self._next()
+        if b == "silent":  # alive, but the call is never answered (lost in the pool or on the way)
+            await asyncio.Event().wait()
+        if b == "crash":
             return ExecResult(False, "", "InterpreterCrashed")
         return ExecResult(True, "2\n")
 
@@ -383,6 +386,22 @@ def test_interpreter_faults_are_retried_on_another_pool_then_raised():
     bug.run_async = _Remote(bug._run)
     with pytest.raises(ZeroDivisionError):
         asyncio.run(ReplicatedInterpreter([bug]).run_async("x"))
+
+
+def test_an_unanswered_interpreter_call_is_retried_at_its_deadline(caplog):
+    """A call the pool never answers counts as an infrastructure fault at recovery.interpreter_call_s
+    past its own time limit, is retried on the next pool, and the warning names the deadline; a
+    session's call is not retried (its state is in the silent pool)."""
+    import time
+
+    interp = ReplicatedInterpreter([_Pool(["silent"]), _Pool([])], retries=2, timeout_s=0.3)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="cir_actors.control.failures"):
+        r = asyncio.run(interp.run_async("print(1+1)", timeout_s=0.1))
+    assert r.ok and interp.faults == 1 and 0.4 <= time.monotonic() - t0 < 5
+    assert "no answer in 0.4 s (timeout + recovery.interpreter_call_s)" in caplog.text
+    with pytest.raises(InfraFault, match="session s1 lost its pool .no answer in"):
+        asyncio.run(ReplicatedInterpreter([_Pool(["silent"]), _Pool([])], timeout_s=0.2).run_async("x", session="s1"))
 
 
 def test_scorer_faults_are_retried_then_raised():
