@@ -55,6 +55,11 @@ def test_warm_starts_are_reused_only_under_the_config_they_were_measured_with():
     measured = setup(demo) | {"settings": load_config(demo, ["learner.entropy_coef=0.01"]).model_dump(mode="json")}
     why = reuse_refusal(measured, setup(demo))
     assert why is not None and "learner.entropy_coef" in why and "generator" not in why
+    # a setting added to the code since the warm starts were measured is not a difference; one removed is
+    older = setup(demo)
+    del older["settings"]["recovery"]["interpreter_call_s"]
+    assert reuse_refusal(older, setup(demo)) is None
+    assert "recovery.interpreter_call_s" in reuse_refusal(setup(demo), older)
     assert "config" in reuse_refusal(setup(demo, settings=False), setup(str(ROOT / "configs" / "tiny_cpu.yaml")))
     assert "overrides" in reuse_refusal(setup(demo), setup(demo) | {"overrides": ["data.seed=3"]})
     assert "--eval-n 2, not 4" in reuse_refusal(setup(demo), setup(demo, eval_n=4))

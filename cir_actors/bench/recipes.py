@@ -66,10 +66,11 @@ def reuse_refusal(earlier: dict[str, Any], now: dict[str, Any]) -> str | None:
     as `now` (same keys: config, settings, overrides, eval_n), or None. The config is compared by
     what it loads to (`settings`, the base config with the overrides), not by how its path was
     written; a recipes.json from before `settings` was recorded is compared by its resolved path.
-    Pure; tested."""
+    A setting the code did not have when recipes.json was written is not compared (it did not
+    exist for those warm starts); one since removed is. Pure; tested."""
     if earlier.get("settings") is not None:
         old, new = _flat(earlier["settings"]), _flat(now["settings"])
-        changed = sorted(k.rstrip(".") for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changed = sorted(k.rstrip(".") for k in old.keys() if old[k] != new.get(k))
         if changed:
             return (f"the base config differs from the one its warm starts were measured with in "
                     f"{', '.join(changed[:5])}{' and more' if len(changed) > 5 else ''}")
