@@ -70,7 +70,7 @@ def reuse_refusal(earlier: dict[str, Any], now: dict[str, Any]) -> str | None:
     exist for those warm starts); one since removed is. Pure; tested."""
     if earlier.get("settings") is not None:
         old, new = _flat(earlier["settings"]), _flat(now["settings"])
-        changed = sorted(k.rstrip(".") for k in old.keys() if old[k] != new.get(k))
+        changed = sorted(k.rstrip(".") for k in old if old[k] != new.get(k))
         if changed:
             return (f"the base config differs from the one its warm starts were measured with in "
                     f"{', '.join(changed[:5])}{' and more' if len(changed) > 5 else ''}")
