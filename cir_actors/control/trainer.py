@@ -190,8 +190,6 @@ class Trainer:
         tasks = load_tasks(cfg, tokenizer, "train")
         log.info("%d training tasks; model %s", len(tasks), self.model_path)
 
-        self.learner = Learner(cfg, self.model_path)
-        self.learner.incarnation = self.incarnation
         self.scheduler = ray.remote(BudgetScheduler).options(**actor_options("scheduler", cfg)).remote(cfg, tasks)
         self.buffer = ray.remote(ReplayBuffer).options(**actor_options("buffer", cfg)).remote(
             cfg.scheduler.max_staleness,
@@ -211,9 +209,30 @@ class Trainer:
         ]
         probe_interpreters(self.interpreters)  # a broken sandbox or scorer: one sentence (ProbeFailed) here,
         probe_scorers(self.scorers)  # not "3 groups in a row failed" later
+        # A fresh run's generators start their engines (the slowest start) while the learner starts:
+        # they load nothing from it first. A resume's get the learner's restored weights first.
+        fresh = not (self.ckpt_dir / "latest").is_file() and not any(w is not None for w in self.kept or [])
+        if fresh:
+            self._initial_update = None
+            self._start_generators()
+        self.learner = Learner(cfg, self.model_path)
+        self.learner.incarnation = self.incarnation
         self.resumed_from = self._maybe_resume()
+        if not fresh:
+            self._start_generators()
+        if cfg.learner.publish == "shared_memory":  # who can read rank 0's region, who needs the object store
+            self.learner.receiver_nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=300)
+        for i, w in enumerate(self.workers):
+            self._get(self.scheduler.register_generator.remote(f"generator-{i}", w), "scheduler")
+        self._init_wandb()
+
+    def _start_generators(self) -> None:
+        """One generator per `generator.num_generators`: the one kept from the replaced run when it
+        attaches, else a new one; each loads `_initial_update` first (None: serves the model as is)."""
+        import ray
+
         self.workers = []
-        for i in range(cfg.generator.num_generators):
+        for i in range(self.cfg.generator.num_generators):
             w = self.kept[i] if self.kept else None
             if w is None:
                 self.workers.append(self._new_generator(i, self._initial_update))
@@ -227,11 +246,6 @@ class Trainer:
                 w = self._new_generator(i, self._initial_update)
             self.workers.append(w)
         self._starting = {i: time.monotonic() for i in range(len(self.workers))}
-        if cfg.learner.publish == "shared_memory":  # who can read rank 0's region, who needs the object store
-            self.learner.receiver_nodes = ray.get([w.node_id.remote() for w in self.workers], timeout=300)
-        for i, w in enumerate(self.workers):
-            self._get(self.scheduler.register_generator.remote(f"generator-{i}", w), "scheduler")
-        self._init_wandb()
 
     def _interpreters_for(self, i: int) -> list[Any]:
         """Generator i's interpreter pools: its own first, then the others (where retries go)."""

@@ -19,7 +19,8 @@ engine while the driver stays on the head; otherwise, both are local objects in 
 Ray needed). `use_ray=` forces either. The scorer is always local: a few worker processes here.
 Both settings are driven from one background event loop owned by `EvalRunner`, so `evaluate` is a
 plain blocking function, callable from scripts, Ray drivers and tests alike; an `EvalRunner` keeps
-its engine between runs (tools and no-tools on one engine start).
+its engine between runs (tools and no-tools on one engine start) and `EvalRunner.load` swaps in
+another checkpoint of the same model (several checkpoints on one engine start).
 
 The pure parts (`pass_at_k`, `aggregate`, `summarize`, `results_markdown`) need none of this.
 Not covered: training-time evaluation inside the trainer's loop, and greedy decoding as a special
@@ -221,6 +222,37 @@ def load_tokenizer(model_path: str | Path) -> Any:
         raise EvalError(f"model '{p}': its tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
 
 
+# Settings in config.json that say nothing about the weights' layout.
+_CONFIG_NOT_LAYOUT = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
+
+
+def _same_model_differences(served: Path, other: Path) -> str:
+    """Why `other`'s weights cannot be loaded into an engine built from `served` ("" if they can):
+    a config setting that shapes the model, or a tokenizer file, differs."""
+    a, b = (json.loads((d / "config.json").read_text()) for d in (served, other))
+    keys = sorted(k for k in (a.keys() | b.keys()) - _CONFIG_NOT_LAYOUT if a.get(k) != b.get(k))
+    if keys:
+        return "config.json differs in " + ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in keys[:3])
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model"):
+        fa, fb = served / name, other / name
+        if fa.is_file() != fb.is_file() or (fa.is_file() and fa.read_bytes() != fb.read_bytes()):
+            return f"its {name} differs"
+    return ""
+
+
+def _read_weights(path: Path) -> dict[str, Any]:
+    """{checkpoint name: tensor} from a model directory's safetensors files (sharded or not)."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise EvalError(f"model '{path}' has no *.safetensors weights")
+    weights: dict[str, Any] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
 class EvalRunner:
     """Generators, interpreter pools and a scorer kept up between evaluation runs.
 
@@ -244,6 +276,7 @@ class EvalRunner:
         self._local: list[Any] = []  # local objects to close
         self._gen_actors: list[Any] = []  # Ray actors to stop
         self._pool_actors: list[Any] = []
+        self._version = 0  # of the weights served: `load` counts up
         self.scorer = Scorer(cfg.scorer, name="eval-scorer")
         try:
             self._generators = self._call(self._start())
@@ -297,6 +330,40 @@ class EvalRunner:
             return lambda task, i, budget: gen.rollout.remote(task, i, budget)
 
         return [remote_rollout(g) for g in gens]
+
+    def load(self, model_path: str | Path) -> str:
+        """Serve another checkpoint of the same model on the running engines, without restarting
+        them (the demo's evaluations before and after RL, `evaluate.py --model A B ...`): its
+        weights are read here and loaded into every engine, each checking their fingerprint.
+        Refused (EvalError, the current weights still served) when its architecture or tokenizer
+        differs from the served model's. Returns the fingerprint."""
+        from cir_actors.learning.weight_sync import fingerprint
+        from cir_actors.types import PolicyUpdate
+
+        path = check_model_dir(model_path)
+        differs = _same_model_differences(Path(self.model_path), path)
+        if differs:
+            raise EvalError(f"model '{path}' cannot be loaded into engines serving '{self.model_path}': "
+                            f"{differs}; evaluate it with its own EvalRunner")
+        weights = _read_weights(path)
+        checksum = fingerprint(weights.items())
+        self._version += 1
+        if self.use_ray:
+            import ray
+
+            weights = ray.put(weights)  # once for every engine
+        served = self._call(self._update_engines(PolicyUpdate(self._version, 0, weights, checksum)))
+        wrong = [p.checksum for p in served if p.checksum != checksum]
+        if wrong:
+            raise EvalError(f"model '{path}': an engine reports weights {wrong[0]} after loading {checksum}")
+        log.info("evaluation engines now serve %s (fingerprint %s)", path, checksum)
+        self.model_path = str(path)
+        return checksum
+
+    async def _update_engines(self, update: Any) -> list[Any]:
+        if self.use_ray:
+            return await asyncio.gather(*(g.update_weights.remote(update) for g in self._gen_actors))
+        return await asyncio.gather(*(g.update_weights(update) for g in self._local if hasattr(g, "update_weights")))
 
     def run(
         self,

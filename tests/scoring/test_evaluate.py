@@ -258,6 +258,70 @@ def test_evaluate_tiny_model_without_tools(runner, benchmarks, tmp_path):
     assert "tools off" in (out / "results.md").read_text()
 
 
+def _perturbed_copy(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    """The model with noise added to every weight: another checkpoint of the same model."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    save_file({k: (v + 0.2 * torch.randn(v.shape, generator=g).to(v.dtype)).contiguous() for k, v in weights.items()},
+              str(out / "model.safetensors"), {"format": "pt"})
+    return out
+
+
+def _hf_logprobs(model_dir: Path, ids: list[int]) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t >= 1, by transformers' forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_load_serves_another_checkpoint_without_a_new_engine(runner, benchmarks, tiny_model_dir, tmp_path):
+    """`EvalRunner.load`: the engine then computes what transformers computes from the new
+    checkpoint's files (it did not before), and the results name it; a model of another shape is
+    refused in one sentence with the served weights untouched."""
+    from cir_actors.learning.weight_sync import fingerprint
+    from cir_actors.scoring.evaluation import EvalError, _read_weights
+
+    other = _perturbed_copy(tiny_model_dir, tmp_path / "other")
+    gen = next(o for o in runner._local if hasattr(o, "compute_logprobs"))
+    ids = list(benchmarks["probe"][0].prompt_token_ids)
+
+    def engine_logprobs() -> list[float]:
+        return [float(x) for x in runner._call(gen.compute_logprobs([ids]))[0][1:]]
+
+    def close(a: list[float], b: list[float]) -> bool:
+        return max(abs(x - y) for x, y in zip(a, b, strict=True)) < 2e-3
+
+    want = _hf_logprobs(other, ids)
+    assert close(engine_logprobs(), _hf_logprobs(tiny_model_dir, ids)) and not close(engine_logprobs(), want)
+    try:
+        checksum = runner.load(other)
+        assert checksum == fingerprint(_read_weights(other).items())
+        assert close(engine_logprobs(), want)
+        results = runner.run({"probe": benchmarks["probe"]}, n=2, tools=True, out_dir=tmp_path / "o", max_tool_calls=2)
+        assert results["settings"]["model"] == str(other)
+
+        bigger = tmp_path / "bigger"
+        bigger.mkdir()
+        config = json.loads((tiny_model_dir / "config.json").read_text())
+        (bigger / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+        with pytest.raises(EvalError, match="config.json differs in num_hidden_layers"):
+            runner.load(bigger)
+        assert close(engine_logprobs(), want)
+    finally:
+        runner.load(tiny_model_dir)  # the module's other tests evaluate the tiny model
+    assert close(engine_logprobs(), _hf_logprobs(tiny_model_dir, ids))
+
+
 def test_evaluate_through_ray_actors(ray_session, eval_cfg, tiny_model_dir, benchmarks, tmp_path):
     """The setting of `ray job submit` and of the demo: the engine and the sandbox as Ray actors
     (anonymous, so a training run's named actors can live beside them), gone after close()."""
@@ -268,6 +332,9 @@ def test_evaluate_through_ray_actors(ray_session, eval_cfg, tiny_model_dir, benc
         actors = runner._gen_actors + runner._pool_actors
         assert len(runner._gen_actors) == 1 and len(runner._pool_actors) == 1
         assert ray.get(runner._gen_actors[0].served_version.remote()) == 0
+        checksum = runner.load(_perturbed_copy(tiny_model_dir, tmp_path / "other"))  # through the object store
+        served = ray.get(runner._gen_actors[0].served_policy.remote())
+        assert (served.version, served.checksum) == (1, checksum)
     assert results["settings"]["ray"] is True
     samples = _samples(tmp_path)
     assert len(samples) == 2 and all(s["tool_calls"][0]["ok"] and "42" in s["tool_calls"][0]["output"] for s in samples)
