@@ -252,7 +252,15 @@ class LearnerConfig(Section):
     bf16: bool = False
     """Train in bf16 (fp32 master weights)."""
     lr: float = Field(1e-3, gt=0)
-    """Learning rate (constant)."""
+    """Learning rate (the peak, under a `lr_schedule` other than constant)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """How the RL learning rate moves over `scheduler.total_steps`: after `lr_warmup_steps` steps of
+    linear warm-up, constant at `lr`, or a cosine decay from `lr` to `lr * lr_min_ratio` at the last
+    step (the final weights then come from small steps). A function of the step: a resume continues it."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """RL steps of linear warm-up: step s < this trains at `lr * s / lr_warmup_steps` (s from 1)."""
+    lr_min_ratio: float = Field(0.0, ge=0, le=1)
+    """Under `lr_schedule: cosine`, the last step's learning rate as a fraction of `lr`."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     grad_clip: float = Field(1.0, gt=0)
@@ -477,6 +485,9 @@ class Config(Section):
             low, high = getattr(lrn, name)
             if not 0 < low <= 1 <= high:
                 raise ValueError(f"learner.{name} {[low, high]} must satisfy 0 < low <= 1 <= high")
+        if lrn.lr_warmup_steps >= sch.total_steps:
+            raise ValueError(f"learner.lr_warmup_steps ({lrn.lr_warmup_steps}) must be below scheduler.total_steps "
+                             f"({sch.total_steps})")
         steps = [s for s, _ in sch.budget_schedule]
         if not steps or steps[0] != 0 or steps != sorted(set(steps)):
             raise ValueError(

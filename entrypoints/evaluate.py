@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cir_actors.config import ConfigError, load_config
 from cir_actors.data.loaders import DataError
 from cir_actors.scoring.evaluation import EvalError, benchmark_tasks_for, evaluate, load_tokenizer
+from cir_actors.types import InfraFault
 
 
 def main(argv: list[str]) -> int:
@@ -60,6 +61,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except InfraFault as e:  # the interpreter pools stopped answering (retried first): nothing written
+        print(f"error: the evaluation stopped: {e}", file=sys.stderr)
+        return 1
     print((Path(out) / "results.md").read_text(), end="")
     return 0 if results["benchmarks"] else 1
 

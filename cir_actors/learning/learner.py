@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,20 @@ def _merge_rank_sums(parts: list[dict], extra_keys: tuple[str, ...] = ()) -> dic
             out[key] = max(p.get(key, 0.0) for p in parts)
     out["seq_tokens"] = sum(p.get("seq_tokens", 0.0) for p in parts)
     return out
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """The learning rate of RL step `step` (from 1) under `learner.lr_schedule` (config.py)."""
+    lcfg, total = cfg.learner, cfg.scheduler.total_steps
+    warmup = lcfg.lr_warmup_steps
+    if step < warmup:
+        return lcfg.lr * step / warmup
+    start = max(warmup, 1)  # the peak's step; the decay ends at the last step
+    if lcfg.lr_schedule == "constant" or total <= start:
+        return lcfg.lr
+    progress = min(1.0, (step - start) / (total - start))
+    low = lcfg.lr * lcfg.lr_min_ratio
+    return low + (lcfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Learner:
@@ -260,7 +275,8 @@ class Learner:
             shards[(g % mbp) % world].append((g, g // mbp, list(group)))
         t0 = time.perf_counter()
         quota = [record // world + (i < record % world) for i in range(world)]
-        parts = self._get([r.train_step.remote(s, q) for r, s, q in zip(self.ranks, shards, quota)], "train step")
+        lr = lr_at(self._step + 1, self.cfg)
+        parts = self._get([r.train_step.remote(s, q, lr) for r, s, q in zip(self.ranks, shards, quota)], "train step")
         elapsed = time.perf_counter() - t0
         self._step += 1
         out = _merge_rank_sums(parts)
@@ -282,6 +298,7 @@ class Learner:
             adv_abs_mean=parts[0]["adv_stats"]["adv_abs_mean"],
             # the slowest rank's time in each phase (ranks run in step)
             phases={k: max(p.get("phases", {}).get(k, 0.0) for p in parts) for k in parts[0].get("phases", {})},
+            lr=lr,
             time_s=elapsed,
             tokens_per_s=out["seq_tokens"] / elapsed if elapsed > 0 else 0.0,
             step=self._step,

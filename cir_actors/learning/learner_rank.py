@@ -360,15 +360,19 @@ class LearnerRank:
         return sums
 
     # ---------------------------------------------------------------- steps
-    def train_step(self, shard: list[tuple[int, int, list[Any]]], record: int = 0) -> dict:
+    def train_step(self, shard: list[tuple[int, int, list[Any]]], record: int = 0, lr: float | None = None) -> dict:
         """`shard`: (global group index, mini-batch index, the group's ScoredTrajectory or refs to
         them). Returns this rank's sums; the driver merges ranks (`Learner.train_step`).
         Also `turn_sums` (turn-indexed diagnostics of the trained tokens, `dumps.turn_sums`) and,
         with `record` > 0, `records`: up to `record` trajectories of the shard chosen by
         `dumps.select_stratified`, each a `dumps.build_record` with the log-probs of this step's
-        own forwards (the proximal values; the current ones from the loss forward)."""
+        own forwards (the proximal values; the current ones from the loss forward). `lr`: this
+        step's learning rate (`learner.lr_at`; None keeps the optimizer's)."""
         import ray
 
+        if lr is not None:
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
         t0 = time.perf_counter()
         groups: dict[int, tuple[int, list[ScoredTrajectory]]] = {}
         lost: list[int] = []  # groups whose objects are gone (node lost): every rank leaves them out

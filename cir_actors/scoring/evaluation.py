@@ -303,8 +303,8 @@ class EvalRunner:
 
         import ray
 
+        from cir_actors.control.failures import ReplicatedInterpreter
         from cir_actors.ops.cluster import Role, actor_options
-        from cir_actors.sandbox.pool import RayInterpreter
 
         def options(role: Role, i: int) -> dict[str, Any]:
             opts = actor_options(role, cfg, i)
@@ -317,10 +317,18 @@ class EvalRunner:
             for i in range(cfg.interpreter.num_pools)
         ]
         self._pool_actors += pools
+
+        def interpreter(i: int) -> ReplicatedInterpreter:
+            """Generator i's pool first, the others for retries; a call unanswered past its limit plus
+            recovery.interpreter_call_s is retried, as in training, then fails the evaluation saying so."""
+            k = i % len(pools)
+            return ReplicatedInterpreter(pools[k:] + pools[:k], retries=cfg.recovery.call_retries,
+                                         timeout_s=cfg.recovery.interpreter_call_s)
+
         gens = [
             ray.remote(Generator)
             .options(**options(Role.GENERATOR, i))
-            .remote(cfg, self.model_path, RayInterpreter(pools[i % len(pools)]), name=f"eval-generator-{i}")
+            .remote(cfg, self.model_path, interpreter(i), name=f"eval-generator-{i}")
             for i in range(cfg.generator.num_generators)
         ]
         self._gen_actors += gens

@@ -9,6 +9,7 @@ in another process, the shared-memory region and its cross-node fallback, checkp
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import time
@@ -467,6 +468,43 @@ def test_entropy_bonus_over_informative_groups_skips_zero_advantage(ray_session,
     assert first["zero_adv_groups"] == 2
     assert first["trained_trajectories"] == sum(len(r) for r in REWARDS) - 4
     assert first["update_losses"][0] == pytest.approx(-num / den - 0.01 * ent / den, rel=1e-5)
+
+
+def test_lr_schedule_values():
+    from cir_actors.learning.learner import lr_at
+
+    const = _cfg(**{"scheduler.total_steps": 10, "learner.lr_warmup_steps": 4})
+    assert [lr_at(s, const) for s in (1, 2, 4, 10)] == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3])
+    cos = _cfg(**{"scheduler.total_steps": 9, "learner.lr_warmup_steps": 1, "learner.lr_schedule": "cosine",
+                  "learner.lr_min_ratio": 0.1})
+    # step 1 of 1 warm-up step is already the peak; the cosine runs over steps 1..9 down to 0.1 x lr
+    assert [lr_at(s, cos) for s in (1, 5, 9)] == pytest.approx([1e-3, 0.55e-3, 1e-4])
+    with pytest.raises(Exception, match="lr_warmup_steps"):
+        _cfg(**{"scheduler.total_steps": 4, "learner.lr_warmup_steps": 4})
+
+
+def test_lr_schedule_reaches_the_optimizer(ray_session, tiny_model_dir, batches):
+    """Cosine to 0 over 3 steps: steps 1 and 2 move the weights, step 3 (learning rate 0) takes its
+    optimizer updates and leaves them exactly where they were."""
+    import ray
+
+    from cir_actors.learning.learner import Learner
+
+    over = {"scheduler.total_steps": 3, "learner.lr_schedule": "cosine"}
+    learner = Learner(_cfg(**over), tiny_model_dir, name="test-learner-lr-schedule")
+    try:
+        states, lrs, updates = [ray.get(learner.publish().weights)], [], []
+        for name in ("a", "b", "a"):
+            m = learner.train_step(batches[name])
+            lrs.append(m["lr"])
+            updates.append(m["updates"])
+            states.append(ray.get(learner.publish().weights))
+    finally:
+        learner.shutdown()
+    assert lrs == pytest.approx([1e-3, 5e-4, 0.0], abs=1e-12) and updates == [2, 2, 2]
+    for before, after in itertools.pairwise(states[:3]):
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(states[2][k], states[3][k]) for k in states[2])
 
 
 def test_step_without_signal_leaves_weights_alone(learner1, hf_init):
