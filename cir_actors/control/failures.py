@@ -88,6 +88,14 @@ def is_infra_error(e: BaseException) -> bool:
     )
 
 
+async def _health(handle: Any) -> str:
+    """A pool's `health()` answer for a warning, or why there is none (within 5 s)."""
+    try:
+        return str(await asyncio.wait_for(_await(handle.health.remote()), 5.0))
+    except Exception as e:  # noqa: BLE001 - a diagnostic: any failure is the answer
+        return f"no answer ({type(e).__name__})"
+
+
 class ReplicatedInterpreter:
     """The Interpreter protocol over several interpreter pool actors (the preferred one first).
 
@@ -127,7 +135,8 @@ class ReplicatedInterpreter:
                     raise
                 last = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 if isinstance(e, TimeoutError):
-                    last = f"no answer in {deadline:.3g} s (timeout + recovery.interpreter_call_s)"
+                    last = (f"no answer in {deadline:.3g} s (timeout + recovery.interpreter_call_s); "
+                            f"the pool's health then: {await _health(handle)}")
             else:
                 if result.error != INTERPRETER_CRASHED:
                     return result

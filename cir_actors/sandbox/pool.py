@@ -557,8 +557,13 @@ class InterpreterPool:
             await asyncio.wrap_future(self._submit({"op": "close_session", "session": str(session)}))
 
     def health(self) -> dict[str, int]:
-        """The process serving this pool (a new pid after Ray restarted it) and its zygote restarts."""
-        return {"pid": os.getpid(), "zygote_restarts": self.zygote_restarts}
+        """The process serving this pool (a new pid after Ray restarted it), its zygote restarts, the
+        calls in flight and how many of them the zygote has not answered (an unanswered call's
+        warning quotes these: whether the pool still holds it, and where)."""
+        with self._lock:
+            zygote, busy = self._zygote, self._busy
+        return {"pid": os.getpid(), "zygote_restarts": self.zygote_restarts, "calls_in_flight": busy,
+                "zygote_unanswered": len(zygote.pending), "zygote_alive": int(zygote.alive)}
 
     def isolation_report(self) -> dict[str, Any]:
         """Which layers are active ({"layers": {name: bool}, "off": [...]}) and how the host looked."""

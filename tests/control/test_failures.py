@@ -345,6 +345,10 @@ class _Pool:
         self.behaviour = behaviour  # list of "ok" | "crash" | "dead", consumed per call
         self.run_async = _Remote(self._run)
         self.score_async = _Remote(self._score)
+        self.health = _Remote(self._health)
+
+    async def _health(self):
+        return {"calls_in_flight": 1, "zygote_unanswered": 0}
 
     def _next(self):
         b = self.behaviour.pop(0) if self.behaviour else "ok"
@@ -399,7 +403,8 @@ def test_an_unanswered_interpreter_call_is_retried_at_its_deadline(caplog):
     with caplog.at_level("WARNING", logger="cir_actors.control.failures"):
         r = asyncio.run(interp.run_async("print(1+1)", timeout_s=0.1))
     assert r.ok and interp.faults == 1 and 0.4 <= time.monotonic() - t0 < 5
-    assert "no answer in 0.4 s (timeout + recovery.interpreter_call_s)" in caplog.text
+    assert "no answer in 0.4 s (timeout + recovery.interpreter_call_s); the pool's health then: " \
+        "{'calls_in_flight': 1, 'zygote_unanswered': 0}" in caplog.text
     with pytest.raises(InfraFault, match="session s1 lost its pool .no answer in"):
         asyncio.run(ReplicatedInterpreter([_Pool(["silent"]), _Pool([])], timeout_s=0.2).run_async("x", session="s1"))
 
@@ -440,12 +445,15 @@ def test_real_zygote_crash_mid_call_is_retried_not_shown_to_the_model():
             interp = ReplicatedInterpreter([_Local(pool, "run_async")], retries=2)
             call = asyncio.create_task(interp.run_async("import time; time.sleep(1.5); print('done')"))
             await asyncio.sleep(0.5)
+            running = pool.health()  # what an unanswered call's warning quotes: the call is on the zygote
+            assert (running["calls_in_flight"], running["zygote_unanswered"], running["zygote_alive"]) == (1, 1, 1)
             os.kill(pool._zygote.proc.pid, signal.SIGKILL)  # the zygote dies under the running call
             return await call, interp.faults
 
         result, faults = asyncio.run(go())
         assert result.ok and result.stdout == "done\n", result  # the retry ran it on a new zygote
         assert faults == 1 and pool.zygote_restarts == 1
+        assert pool.health()["calls_in_flight"] == 0 and pool.health()["zygote_unanswered"] == 0
 
 
 def test_real_checker_crash_is_retried_and_a_deadline_is_a_verdict():
