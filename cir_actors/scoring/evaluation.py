@@ -226,9 +226,10 @@ def load_tokenizer(model_path: str | Path) -> Any:
 _CONFIG_NOT_LAYOUT = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
 
 
-def _same_model_differences(served: Path, other: Path) -> str:
+def model_differences(served: str | Path, other: str | Path) -> str:
     """Why `other`'s weights cannot be loaded into an engine built from `served` ("" if they can):
     a config setting that shapes the model, or a tokenizer file, differs."""
+    served, other = Path(served), Path(other)
     a, b = (json.loads((d / "config.json").read_text()) for d in (served, other))
     keys = sorted(k for k in (a.keys() | b.keys()) - _CONFIG_NOT_LAYOUT if a.get(k) != b.get(k))
     if keys:
@@ -238,6 +239,17 @@ def _same_model_differences(served: Path, other: Path) -> str:
         if fa.is_file() != fb.is_file() or (fa.is_file() and fa.read_bytes() != fb.read_bytes()):
             return f"its {name} differs"
     return ""
+
+
+def comparison_markdown(results_by_model: dict[str, dict[str, Any]]) -> str:
+    """One table, a row per evaluated model: avg@n per benchmark and their mean (`evaluate.py` with
+    several --model)."""
+    names = list(next(iter(results_by_model.values()))["benchmarks"])
+    rows = ["| model | " + " | ".join(names) + " | mean |", "|---|" + "---|" * (len(names) + 1)]
+    for label, res in results_by_model.items():
+        cells = [_pct(res["benchmarks"][n]["avg_at_n"]) for n in names] + [_pct(res["mean"].get("avg_at_n"))]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "# avg@n by model\n\n" + "\n".join(rows) + "\n"
 
 
 def _read_weights(path: Path) -> dict[str, Any]:
@@ -349,7 +361,7 @@ class EvalRunner:
         from cir_actors.types import PolicyUpdate
 
         path = check_model_dir(model_path)
-        differs = _same_model_differences(Path(self.model_path), path)
+        differs = model_differences(Path(self.model_path), path)
         if differs:
             raise EvalError(f"model '{path}' cannot be loaded into engines serving '{self.model_path}': "
                             f"{differs}; evaluate it with its own EvalRunner")

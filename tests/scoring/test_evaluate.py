@@ -322,6 +322,35 @@ def test_load_serves_another_checkpoint_without_a_new_engine(runner, benchmarks,
     assert close(engine_logprobs(), _hf_logprobs(tiny_model_dir, ids))
 
 
+def test_entrypoint_evaluates_several_checkpoints_on_one_engine(tiny_model_dir, tmp_path, capsys):
+    """`evaluate.py --model A --model B`: B checked against A before anything starts (another shape: exit 2,
+    one sentence), then each evaluated into its own directory, named by its step for a run's
+    checkpoint, and comparison.md with a row per model."""
+    entry = _entrypoint()
+    other = _perturbed_copy(tiny_model_dir, tmp_path / "run" / "checkpoints" / "step-000002" / "learner" / "hf")
+    wider = tmp_path / "wider"
+    wider.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    data = str(BENCHMARKS / "amc23.jsonl")
+    assert entry.main(["--data", data, "--model", str(tiny_model_dir), "--model", str(wider)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --model") and "hidden_size" in err and len(err.splitlines()) == 1
+
+    out = tmp_path / "eval"
+    argv = ["--data", data, "--limit", "2", "--n", "1", "--max-tool-calls", "1", "--out", str(out),
+            "--model", str(tiny_model_dir), "--model", str(other),
+            "generator.max_prompt_tokens=512", "generator.max_response_tokens=32", "scorer.num_workers=1"]
+    assert entry.main(argv) == 0
+    first, second = tiny_model_dir.name, "step-000002"
+    for label, model in ((first, tiny_model_dir), (second, other)):
+        results = json.loads((out / label / "results.json").read_text())
+        assert results["settings"]["model"] == str(model) and results["benchmarks"]["amc23"]["samples"] == 2
+    table = (out / "comparison.md").read_text()
+    assert f"| {first} | " in table and f"| {second} | " in table and "| model | amc23 | mean |" in table
+    assert entry.checkpoint_labels(["/a/x", "/b/x", "/c/step-000010/learner/hf"]) == ["x", "x-2", "step-000010"]
+
+
 def test_evaluate_through_ray_actors(ray_session, eval_cfg, tiny_model_dir, benchmarks, tmp_path):
     """The setting of `ray job submit` and of the demo: the engine and the sandbox as Ray actors
     (anonymous, so a training run's named actors can live beside them), gone after close()."""
