@@ -62,4 +62,25 @@ def test_warm_starts_are_reused_only_under_the_config_they_were_measured_with():
     assert "recovery.interpreter_call_s" in reuse_refusal(setup(demo), older)
     assert "config" in reuse_refusal(setup(demo, settings=False), setup(str(ROOT / "configs" / "tiny_cpu.yaml")))
     assert "overrides" in reuse_refusal(setup(demo), setup(demo) | {"overrides": ["data.seed=3"]})
-    assert "--eval-n 2, not 4" in reuse_refusal(setup(demo), setup(demo, eval_n=4))
+    # how they are evaluated is no reason to refuse: the warm starts are evaluated again
+    assert reuse_refusal(setup(demo), setup(demo, eval_n=4)) is None
+    assert reuse_refusal(setup(demo, "data.num_eval=200"), setup(demo, "data.num_eval=500") | {"overrides": [
+        "data.num_eval=200"]}) is None
+
+
+def test_evaluation_of_and_the_gain_table():
+    from cir_actors.bench.recipes import evaluation_of, gain_table
+
+    now = {"eval_n": 4, "settings": {"data": {"num_eval": 500}}, "seeds": {}}
+    assert evaluation_of(now) == {"n": 4, "num_eval": 500}
+    assert evaluation_of(now, {"evaluation": {"n": 2, "num_eval": 200}}) == {"n": 2, "num_eval": 200}
+    assert evaluation_of(now, {"runs": {}}) == {"n": 4, "num_eval": 500}  # a row from before rows recorded it
+    here, there = {"n": 4, "num_eval": 500}, {"n": 2, "num_eval": 200}
+    now["seeds"] = {"2": {"before": 0.572, "sft_steps": 550, "runs": {
+        "a": {"gain": 0.134, "half_width_95": 0.03, "evaluation": here, "rl_s": 527.0},
+        "b": {"gain": 0.068, "evaluation": there, "rl_s": 533.0}}}}
+    table = gain_table(now, ["a", "b", "c"])
+    assert "| 2 | 57.2% (550 SFT) | +13.4 +-3.0 (527 s) | +6.8 * (533 s) | - |" in table, table
+    assert "500 problems x 4 samples" in table and "* measured under another evaluation" in table
+    now["seeds"]["2"]["runs"].pop("b")
+    assert "*" not in gain_table(now, ["a"])

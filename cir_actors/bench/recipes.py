@@ -10,8 +10,10 @@ evaluated the way the recipe generates: a recipe that changes what one response 
 evaluated again under them, since a model trained under one generation rule says nothing about
 itself under another. Every other generator setting (the temperature and the group size of the
 exploration during training, the engines' sizes) is the base config's in both evaluations (the
-demo's temperature 1.0, `--eval-n` samples). Results are written after every
-run to `<out>/recipes.json` (a run that stops midway keeps what it measured).
+demo's temperature 1.0, `--eval-n` samples of each of `data.num_eval` held-out problems). Each gain
+comes with its 95 % interval (`paired_difference`: per problem, after minus before; the spread over
+problems). Results are written after every run to `<out>/recipes.json` (a run that stops midway
+keeps what it measured).
 
     python entrypoints/bench.py recipes --seeds 0 1 2 \\
         --recipe default --recipe ds=buffer.dynamic_sampling=true --recipe icepop=learner.correction=icepop
@@ -26,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+EVALUATION_ONLY = ("data.num_eval",)
+"""Settings that change how a model is measured, not what is trained: warm starts measured under
+other values (or another --eval-n) are reused and evaluated again."""
 DEFAULT_RECIPES = ["default", "dynamic_sampling=buffer.dynamic_sampling=true", "icepop=learner.correction=icepop"]
 
 
@@ -67,10 +72,11 @@ def reuse_refusal(earlier: dict[str, Any], now: dict[str, Any]) -> str | None:
     what it loads to (`settings`, the base config with the overrides), not by how its path was
     written; a recipes.json from before `settings` was recorded is compared by its resolved path.
     A setting the code did not have when recipes.json was written is not compared (it did not
-    exist for those warm starts); one since removed is. Pure; tested."""
+    exist for those warm starts); one since removed is. How they are evaluated (--eval-n,
+    EVALUATION_ONLY) is not a reason: they are evaluated again. Pure; tested."""
     if earlier.get("settings") is not None:
         old, new = _flat(earlier["settings"]), _flat(now["settings"])
-        changed = sorted(k.rstrip(".") for k in old if old[k] != new.get(k))
+        changed = sorted(k.rstrip(".") for k in old if old[k] != new.get(k) and k.rstrip(".") not in EVALUATION_ONLY)
         if changed:
             return (f"the base config differs from the one its warm starts were measured with in "
                     f"{', '.join(changed[:5])}{' and more' if len(changed) > 5 else ''}")
@@ -78,9 +84,15 @@ def reuse_refusal(earlier: dict[str, Any], now: dict[str, Any]) -> str | None:
         return f"its warm starts were measured with config {earlier['config']}, not {now['config']}"
     if earlier.get("overrides") != now["overrides"]:
         return f"its warm starts were measured with overrides {earlier.get('overrides')}, not {now['overrides']}"
-    if earlier.get("eval_n") != now["eval_n"]:
-        return f"its warm starts were evaluated with --eval-n {earlier.get('eval_n')}, not {now['eval_n']}"
     return None
+
+
+def evaluation_of(recipes_json: dict[str, Any], row: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How a seed's warm start in a recipes.json was evaluated: {"n", "num_eval"} (a row written
+    before rows recorded it: the file's --eval-n and data.num_eval). Pure; tested."""
+    if row is not None and "evaluation" in row:
+        return row["evaluation"]
+    return {"n": recipes_json.get("eval_n"), "num_eval": (recipes_json.get("settings") or {}).get("data", {}).get("num_eval")}
 
 
 def held_out_accuracy(cfg: Any, model: Path, held_out: dict[str, Any], n: int, out_dir: Path) -> float:
@@ -111,7 +123,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                    help="name or name=key=value[,key=value...] (repeatable; default: "
                         + "; ".join(DEFAULT_RECIPES) + ")")
     p.add_argument("--out", default="runs/bench-recipes")
-    p.add_argument("--eval-n", type=int, default=2)
+    p.add_argument("--eval-n", type=int, default=4, help="samples per held-out problem (data.num_eval problems)")
     p.add_argument("--warm-target", type=float, default=DEMO_WARM_TARGET)
     p.add_argument("--kind-floor", type=float, default=DEMO_KIND_FLOOR)
     p.add_argument("--sft-steps", type=int, default=DEMO_SFT_STEPS)
@@ -139,6 +151,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     from cir_actors.control.trainer import Trainer, init_ray
     from cir_actors.data.tiny_model import build_tiny_model
     from cir_actors.learning.warm_start import warm_start
+    from cir_actors.scoring.evaluation import paired_difference
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +159,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {"config": args.config, "settings": base_cfg.model_dump(mode="json"),
                                "overrides": args.overrides, "eval_n": args.eval_n,
                                "recipes": dict(recipes), "seeds": {}}
+    evaluation = evaluation_of(results)
     earlier = json.loads((out / "recipes.json").read_text()) if (out / "recipes.json").is_file() else None
     if args.reuse_warm_start and earlier is not None:
         why = reuse_refusal(earlier, results)
@@ -154,6 +168,9 @@ def run(argv: list[str]) -> dict[str, Any]:
                              "(give another --out, or the same config)")
         results["recipes"] = {**earlier["recipes"], **results["recipes"]}
         results["seeds"] = earlier["seeds"]
+        for row in results["seeds"].values():  # files from before runs recorded how they were evaluated
+            for r in row["runs"].values():
+                r.setdefault("evaluation", evaluation_of(earlier, row))
 
     def save() -> None:
         (out / "recipes.json").write_text(json.dumps(results, indent=1))
@@ -169,12 +186,20 @@ def run(argv: list[str]) -> dict[str, Any]:
             if row is not None and "before" in row and (warm / "config.json").is_file():
                 print(f"[recipes] seed {seed}: warm start reused ({row['sft_steps']} SFT steps, "
                       f"held-out {row['before']:.1%})", flush=True)
+                if evaluation_of(earlier or results, row) != evaluation:  # measured another way: again
+                    row["before"] = held_out_accuracy(cfg, warm, _held_out(cfg, warm), args.eval_n,
+                                                      seed_dir / "eval_warm_start")
+                    row["before_by_generation"] = {}
+                    print(f"[recipes] seed {seed}: warm start evaluated again ({evaluation}): "
+                          f"held-out {row['before']:.1%}", flush=True)
+                row["evaluation"] = evaluation
+                save()
             else:
                 t = time.monotonic()
                 warm, sft = warm_start(cfg, base, seed_dir / "warm_start", steps=args.sft_steps, lr=args.sft_lr,
                                        target_accuracy=args.warm_target, kind_floor=args.kind_floor)
                 row = {"sft_steps": sft["steps"], "sft_s": time.monotonic() - t, "sft_estimate": sft["checks"][-1],
-                       "runs": {}}
+                       "runs": {}, "evaluation": evaluation}
                 results["seeds"][str(seed)] = row
                 row["before"] = held_out_accuracy(cfg, warm, _held_out(cfg, warm), args.eval_n,
                                                   seed_dir / "eval_warm_start")
@@ -200,27 +225,50 @@ def run(argv: list[str]) -> dict[str, Any]:
                     rl_s, steps, buffer = time.monotonic() - t, summary.get("final_version"), summary.get("buffer")
                 final = ckpts / (ckpts / "latest").read_text().strip() / "learner" / "hf"
                 eval_cfg, generation = evaluation_config(cfg, rl_cfg, extra)
-                before = row["before"]
+                before, before_dir = row["before"], seed_dir / "eval_warm_start"
                 if eval_cfg.generator != cfg.generator:  # the warm start, evaluated the way this recipe generates
                     befores = row.setdefault("before_by_generation", {})
+                    dirs = row.setdefault("before_dirs", {})
                     key = ",".join(generation)
-                    if key not in befores:
-                        befores[key] = held_out_accuracy(eval_cfg, warm, held_out, args.eval_n,
-                                                         seed_dir / f"eval_warm_start_{name}")
-                    before = befores[key]
+                    if key not in befores or key not in dirs:
+                        dirs[key] = str(seed_dir / f"eval_warm_start_{name}")
+                        befores[key] = held_out_accuracy(eval_cfg, warm, held_out, args.eval_n, Path(dirs[key]))
+                    before, before_dir = befores[key], Path(dirs[key])
                 after = held_out_accuracy(eval_cfg, final, held_out, args.eval_n, seed_dir / f"eval_{name}")
-                row["runs"][name] = {"before": before, "after": after, "gain": after - before, "rl_s": rl_s,
+                gain = paired_difference(before_dir / "samples.jsonl", seed_dir / f"eval_{name}" / "samples.jsonl")
+                row["runs"][name] = {"before": before, "after": after, "gain": after - before,
+                                     "half_width_95": gain["half_width_95"], "evaluation": evaluation, "rl_s": rl_s,
                                      "steps": steps, "buffer": buffer, "generation": generation}
                 print(f"[recipes] seed {seed} {name}: {before:.1%} -> {after:.1%} "
-                      f"({100 * (after - before):+.1f} points), RL {rl_s:.0f} s", flush=True)
+                      f"({100 * (after - before):+.1f} points, 95 % interval +-{100 * gain['half_width_95']:.1f}), "
+                      f"RL {rl_s:.0f} s", flush=True)
                 save()
     finally:
         ray.shutdown()
 
-    names = [n for n, _ in recipes]
-    lines = ["| seed | warm start | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-    for seed, row in results["seeds"].items():
-        cells = [f"{100 * r['gain']:+.1f} ({r['rl_s']:.0f} s)" if (r := row["runs"].get(n)) else "-" for n in names]
-        lines.append(f"| {seed} | {row.get('before', 0):.1%} ({row['sft_steps']} SFT) | " + " | ".join(cells) + " |")
-    print("\nheld-out gain with tools, points (RL wall time)\n" + "\n".join(lines), flush=True)
+    print("\n" + gain_table(results, [n for n, _ in recipes]), flush=True)
     return results
+
+
+def gain_table(results: dict[str, Any], names: list[str]) -> str:
+    """The seeds x recipes table of gains, each with its 95 % interval and RL time; a gain measured
+    under another evaluation than the file's current one is marked. Pure; tested."""
+    now = evaluation_of(results)
+    lines = ["| seed | warm start | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    marked = False
+    for seed, row in results["seeds"].items():
+        cells = []
+        for n in names:
+            r = row["runs"].get(n)
+            if r is None:
+                cells.append("-")
+                continue
+            other = r.get("evaluation") != now
+            marked |= other
+            interval = f" +-{100 * r['half_width_95']:.1f}" if "half_width_95" in r else ""
+            cells.append(f"{100 * r['gain']:+.1f}{interval}{' *' if other else ''} ({r['rl_s']:.0f} s)")
+        lines.append(f"| {seed} | {row.get('before', 0):.1%} ({row['sft_steps']} SFT) | " + " | ".join(cells) + " |")
+    note = ("\n* measured under another evaluation than " + f"{now['num_eval']} problems x {now['n']} samples "
+            "(--reevaluate measures it again)") if marked else ""
+    return (f"held-out gain with tools, points (95 % interval; RL wall time); {now['num_eval']} problems x "
+            f"{now['n']} samples\n" + "\n".join(lines) + note)

@@ -25,6 +25,7 @@ healing, automatic resume, the conservation check, the watchdog) is in control/t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 from enum import StrEnum
@@ -91,13 +92,14 @@ def is_infra_error(e: BaseException) -> bool:
 async def _health(handle: Any) -> str:
     """A pool's `health()` answer for a warning, or why there is none (within 5 s)."""
     try:
-        return str(await asyncio.wait_for(_await(handle.health.remote()), 5.0))
+        return str(await asyncio.wait_for(_invoke(handle, "health"), 5.0))
     except Exception as e:  # noqa: BLE001 - a diagnostic: any failure is the answer
         return f"no answer ({type(e).__name__})"
 
 
 class ReplicatedInterpreter:
-    """The Interpreter protocol over several interpreter pool actors (the preferred one first).
+    """The Interpreter protocol over several interpreter pool actors (the preferred one first), or
+    over local InterpreterPool objects (an evaluation without Ray): the same deadline and retries.
 
     A call that fails for infrastructure reasons (the pool actor died or is restarting, or the
     zygote crashed under the call) is retried on the next pool, up to `retries` times with a short
@@ -128,7 +130,7 @@ class ReplicatedInterpreter:
             handle = self._handles[(first + attempt) % len(self._handles)]
             try:
                 result = await asyncio.wait_for(
-                    _await(handle.run_async.remote(code, timeout_s=timeout_s, session=session)), deadline
+                    _invoke(handle, "run_async", code, timeout_s=timeout_s, session=session), deadline
                 )
             except Exception as e:
                 if not is_infra_error(e):
@@ -155,7 +157,7 @@ class ReplicatedInterpreter:
             return
         try:
             await asyncio.wait_for(
-                _await(self._handles[index % len(self._handles)].close_session_async.remote(session)), 30.0
+                _invoke(self._handles[index % len(self._handles)], "close_session_async", session), 30.0
             )
         except Exception as e:
             if not is_infra_error(e):
@@ -185,7 +187,7 @@ class ReplicatedScorer:
         for attempt in range(self._retries + 1):
             handle = self._handles[(first + attempt) % len(self._handles)]
             try:
-                return await asyncio.wait_for(_await(handle.score_async.remote(response, gold)), self._timeout_s)
+                return await asyncio.wait_for(_invoke(handle, "score_async", response, gold), self._timeout_s)
             except Exception as e:
                 if not is_infra_error(e):
                     raise
@@ -195,5 +197,12 @@ class ReplicatedScorer:
         raise InfraFault(f"no verdict after {self._retries + 1} attempts ({last})")
 
 
-async def _await(ref: Any) -> Any:
-    return await ref
+async def _invoke(target: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    """`target.method(*args, **kwargs)`'s result, whether `target` is a Ray actor handle or a local
+    object (an in-process InterpreterPool: an evaluation without Ray), so one adapter puts the same
+    deadline and retries on both."""
+    fn = getattr(target, method)
+    if hasattr(fn, "remote"):
+        return await fn.remote(*args, **kwargs)
+    result = fn(*args, **kwargs)
+    return await result if inspect.isawaitable(result) else result

@@ -22,7 +22,9 @@ plain blocking function, callable from scripts, Ray drivers and tests alike; an 
 its engine between runs (tools and no-tools on one engine start) and `EvalRunner.load` swaps in
 another checkpoint of the same model (several checkpoints on one engine start).
 
-The pure parts (`pass_at_k`, `aggregate`, `summarize`, `results_markdown`) need none of this.
+The pure parts (`pass_at_k`, `aggregate`, `summarize`, `results_markdown`, and `paired_difference`:
+how much one evaluation's samples score above another's on the same problems, with a 95 % interval)
+need none of this.
 Not covered: training-time evaluation inside the trainer's loop, and greedy decoding as a special
 case (use temperature=0 with n=1).
 """
@@ -252,6 +254,29 @@ def comparison_markdown(results_by_model: dict[str, dict[str, Any]]) -> str:
     return "# avg@n by model\n\n" + "\n".join(rows) + "\n"
 
 
+def paired_difference(before: str | Path, after: str | Path) -> dict[str, float]:
+    """How much `after` scores above `before` on the same problems, with its uncertainty: two
+    evaluations' samples.jsonl, each problem's accuracy the mean over its samples. The difference is
+    the mean over problems of (after - before); `half_width_95` is 1.96 standard errors of that mean
+    (the spread of the per-problem differences over sqrt(problems)), which counts both the sampling
+    of responses and the draw of problems. Only problems in both files count (EvalError if none)."""
+    acc = []
+    for path in (before, after):
+        per: dict[tuple[str, str], list[bool]] = {}
+        for line in Path(path).read_text().splitlines():
+            s = json.loads(line)
+            per.setdefault((s["benchmark"], s["task_id"]), []).append(bool(s["correct"]))
+        acc.append({k: sum(v) / len(v) for k, v in per.items()})
+    common = sorted(acc[0].keys() & acc[1].keys())
+    if not common:
+        raise EvalError(f"'{before}' and '{after}' share no problem")
+    diffs = [acc[1][k] - acc[0][k] for k in common]
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) if len(diffs) > 1 else 0.0
+    return {"difference": mean, "half_width_95": 1.96 * math.sqrt(var / len(diffs)), "problems": len(diffs),
+            "before": sum(acc[0][k] for k in common) / len(common), "after": sum(acc[1][k] for k in common) / len(common)}
+
+
 def _read_weights(path: Path) -> dict[str, Any]:
     """{checkpoint name: tensor} from a model directory's safetensors files (sharded or not)."""
     from safetensors.torch import load_file
@@ -286,6 +311,7 @@ class EvalRunner:
         self._thread = threading.Thread(target=self._loop.run_forever, name="eval-loop", daemon=True)
         self._thread.start()
         self._local: list[Any] = []  # local objects to close
+        self._local_gens: list[Any] = []  # of them, the generators (weights loaded by `load`)
         self._gen_actors: list[Any] = []  # Ray actors to stop
         self._pool_actors: list[Any] = []
         self._version = 0  # of the weights served: `load` counts up
@@ -303,19 +329,24 @@ class EvalRunner:
     async def _start(self) -> list[Any]:
         """Rollout callables `(task, sample_index, budget) -> awaitable Trajectory`, one per engine."""
         cfg = self.cfg
+        from cir_actors.control.failures import ReplicatedInterpreter
         from cir_actors.generation.generator import Generator
         from cir_actors.sandbox.pool import InterpreterPool
 
         if not self.use_ray:
+            # The pool in this process, called through the adapter training uses: a call unanswered
+            # past its limit plus recovery.interpreter_call_s is retried, then fails the evaluation.
             pool = InterpreterPool(cfg.interpreter)
             self._local.append(pool)
-            gen = Generator(cfg, self.model_path, pool, name="eval-generator-0")
+            calls = ReplicatedInterpreter([pool], retries=cfg.recovery.call_retries,
+                                          timeout_s=cfg.recovery.interpreter_call_s)
+            gen = Generator(cfg, self.model_path, calls, name="eval-generator-0")
             self._local.insert(0, gen)
+            self._local_gens.append(gen)
             return [gen.rollout]
 
         import ray
 
-        from cir_actors.control.failures import ReplicatedInterpreter
         from cir_actors.ops.cluster import Role, actor_options
 
         def options(role: Role, i: int) -> dict[str, Any]:
@@ -383,7 +414,7 @@ class EvalRunner:
     async def _update_engines(self, update: Any) -> list[Any]:
         if self.use_ray:
             return await asyncio.gather(*(g.update_weights.remote(update) for g in self._gen_actors))
-        return await asyncio.gather(*(g.update_weights(update) for g in self._local if hasattr(g, "update_weights")))
+        return await asyncio.gather(*(g.update_weights(update) for g in self._local_gens))
 
     def run(
         self,

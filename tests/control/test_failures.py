@@ -409,6 +409,30 @@ def test_an_unanswered_interpreter_call_is_retried_at_its_deadline(caplog):
         asyncio.run(ReplicatedInterpreter([_Pool(["silent"]), _Pool([])], timeout_s=0.2).run_async("x", session="s1"))
 
 
+class _SilentLocalPool:
+    """An in-process pool (plain methods, no `.remote`: an evaluation without Ray) whose call is never answered."""
+
+    async def run_async(self, code, timeout_s=None, session=None):
+        await asyncio.Event().wait()
+
+    def health(self):
+        return {"calls_in_flight": 1, "zygote_unanswered": 1, "zygote_alive": 1}
+
+
+def test_a_local_pool_gets_the_same_deadline(caplog):
+    """Without Ray (the demo's and evaluate.py's local evaluation) the pool object itself is called
+    through the adapter: an unanswered call is retried at its deadline, then fails in one sentence."""
+    import time
+
+    interp = ReplicatedInterpreter([_SilentLocalPool()], retries=1, timeout_s=0.2)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="cir_actors.control.failures"), \
+            pytest.raises(InfraFault, match="failed 2 times for infrastructure reasons .no answer in 0.3 s"):
+        asyncio.run(interp.run_async("print(1)", timeout_s=0.1))
+    assert interp.faults == 2 and 0.6 <= time.monotonic() - t0 < 5
+    assert "the pool's health then: {'calls_in_flight': 1, 'zygote_unanswered': 1, 'zygote_alive': 1}" in caplog.text
+
+
 def test_scorer_faults_are_retried_then_raised():
     s = ReplicatedScorer([_Pool(["dead"]), _Pool(["crash"]), _Pool([])], retries=2)
     assert asyncio.run(s.score("\\boxed{2}", "2")).correct and s.faults == 2
@@ -425,13 +449,6 @@ def test_restart_policy_per_role():
         assert restart_options(role, cfg) == {"max_restarts": 0, "max_task_retries": 0}
 
 
-class _Local:
-    """An InterpreterPool or Scorer object behind the `.method.remote(...)` call shape of an actor handle."""
-
-    def __init__(self, obj, method):
-        setattr(self, method, _Remote(getattr(obj, method)))
-
-
 def test_real_zygote_crash_mid_call_is_retried_not_shown_to_the_model():
     import os
     import signal
@@ -442,7 +459,7 @@ def test_real_zygote_crash_mid_call_is_retried_not_shown_to_the_model():
         assert pool.run("print(1)").ok  # warm
 
         async def go():
-            interp = ReplicatedInterpreter([_Local(pool, "run_async")], retries=2)
+            interp = ReplicatedInterpreter([pool], retries=2)  # the local object, as an evaluation without Ray
             call = asyncio.create_task(interp.run_async("import time; time.sleep(1.5); print('done')"))
             await asyncio.sleep(0.5)
             running = pool.health()  # what an unanswered call's warning quotes: the call is on the zygote

@@ -13,12 +13,14 @@ import pytest
 
 from cir_actors.config import load_config
 from cir_actors.scoring.evaluation import (
+    EvalError,
     EvalRunner,
     SampleRecord,
     aggregate,
     benchmark_tasks_for,
     ks_for,
     load_tokenizer,
+    paired_difference,
     pass_at_k,
     results_markdown,
     summarize,
@@ -94,6 +96,32 @@ def test_aggregate_hand_computed():
     assert m["interp_error_rate"] == pytest.approx(3 / 5)
     assert m["verdicts"] == {"correct": 1, "no_box": 1, "wrong": 2}
     assert aggregate([_rec("a", True)])["interp_error_rate"] is None  # nothing executed: no rate
+
+
+def _samples_file(path, rows):
+    path.write_text("".join(json.dumps({"benchmark": b, "task_id": t, "correct": c}) + "\n" for b, t, c in rows))
+    return path
+
+
+def test_paired_difference_hand_computed(tmp_path):
+    """Per problem: the mean over its samples; the difference and its 95 % interval over problems,
+    only problems both evaluations have."""
+    before = _samples_file(tmp_path / "a.jsonl", [("B", "p1", False), ("B", "p1", True), ("B", "p2", False),
+                                             ("B", "p2", False), ("B", "p3", True), ("B", "p3", True),
+                                             ("B", "only-before", True)])
+    after = _samples_file(tmp_path / "b.jsonl", [("B", "p1", True), ("B", "p1", True), ("B", "p2", True),
+                                            ("B", "p2", False), ("B", "p3", True), ("B", "p3", True),
+                                            ("C", "p1", False)])  # another benchmark's p1: not the same problem
+    d = paired_difference(before, after)
+    diffs = [0.5, 0.5, 0.0]  # p1 0.5 -> 1, p2 0 -> 0.5, p3 1 -> 1
+    sd = math.sqrt(sum((x - 1 / 3) ** 2 for x in diffs) / 2)
+    assert d["problems"] == 3 and d["difference"] == pytest.approx(1 / 3)
+    assert d["half_width_95"] == pytest.approx(1.96 * sd / math.sqrt(3))
+    assert (d["before"], d["after"]) == (pytest.approx(0.5), pytest.approx(5 / 6))
+    same = paired_difference(before, before)
+    assert same["difference"] == 0 and same["half_width_95"] == 0
+    with pytest.raises(EvalError, match="share no problem"):
+        paired_difference(before, _samples_file(tmp_path / "c.jsonl", [("B", "other", True)]))
 
 
 def test_summarize_subjects_mean_and_markdown():
