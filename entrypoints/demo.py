@@ -29,7 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cir_actors.config import ConfigError, load_config
 from cir_actors.data.loaders import DataError
 from cir_actors.data.preflight import InputError, check_inputs
-from cir_actors.learning.warm_start import DEMO_KIND_FLOOR, DEMO_SFT_LR, DEMO_SFT_STEPS, DEMO_WARM_TARGET
+from cir_actors.learning.warm_start import (
+    DEMO_KIND_FLOOR,
+    DEMO_SFT_LR,
+    DEMO_SFT_STEPS,
+    DEMO_WARM_TARGET,
+    warm_start_refusal,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +63,9 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_inputs(cfg)  # model, every data row, every gold answer: before Ray or any engine starts
+        why = warm_start_refusal(cfg, target_accuracy=args.warm_target, kind_floor=args.kind_floor)
+        if why is not None:
+            raise ConfigError(why)
     except (ConfigError, DataError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -113,7 +113,13 @@ def _held_out(cfg: Any, model: Path) -> dict[str, Any]:
 
 
 def run(argv: list[str]) -> dict[str, Any]:
-    from cir_actors.learning.warm_start import DEMO_KIND_FLOOR, DEMO_SFT_LR, DEMO_SFT_STEPS, DEMO_WARM_TARGET
+    from cir_actors.learning.warm_start import (
+        DEMO_KIND_FLOOR,
+        DEMO_SFT_LR,
+        DEMO_SFT_STEPS,
+        DEMO_WARM_TARGET,
+        warm_start_refusal,
+    )
 
     p = argparse.ArgumentParser(prog="bench.py recipes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +151,10 @@ def run(argv: list[str]) -> dict[str, Any]:
 
     for _, extra in recipes:  # every recipe's config refused before anything starts
         check_inputs(load_config(args.config, args.overrides + extra))
+    why = warm_start_refusal(load_config(args.config, args.overrides), target_accuracy=args.warm_target,
+                             kind_floor=args.kind_floor)
+    if why is not None:
+        p.error(why)
 
     import ray
 

@@ -39,6 +39,20 @@ DEMO_WARM_TARGET = 0.55
 DEMO_KIND_FLOOR = 0.5
 
 
+def warm_start_refusal(cfg: Config, *, target_accuracy: float | None, kind_floor: float = 0.0,
+                       check_size: int = 128) -> str | None:
+    """Why `warm_start` cannot run with these settings, in one sentence, or None: the demo and
+    `bench.py recipes` ask before anything starts. Pure."""
+    if kind_floor > 0 and target_accuracy is None:
+        return "kind_floor is a condition of the stop at target_accuracy; give target_accuracy too"
+    if cfg.data.source != "synthetic":
+        return "the warm start needs data.source 'synthetic' (its demonstrations come from the task generator)"
+    if target_accuracy is not None and cfg.data.num_train < 2 * check_size:
+        return (f"the warm start's stop rule needs data.num_train >= {2 * check_size} (it estimates accuracy on "
+                f"{check_size} of them), got {cfg.data.num_train}")
+    return None
+
+
 def warm_start(cfg: Config, base_model: str | Path, out_dir: str | Path, *, steps: int, batch_size: int = 32,
                lr: float | None = None, target_accuracy: float | None = None, kind_floor: float = 0.0,
                check_every: int = 10, check_size: int = 128) -> tuple[Path, dict[str, Any]]:
@@ -52,10 +66,9 @@ def warm_start(cfg: Config, base_model: str | Path, out_dir: str | Path, *, step
     from cir_actors.data.tasks import demonstration_trajectory
     from cir_actors.learning.learner import Learner
 
-    if kind_floor > 0 and target_accuracy is None:
-        raise ValueError("kind_floor is a condition of the stop at target_accuracy; give target_accuracy too")
-    if cfg.data.source != "synthetic":
-        raise ValueError("warm_start needs data.source 'synthetic' (its demonstrations come from the task generator)")
+    why = warm_start_refusal(cfg, target_accuracy=target_accuracy, kind_floor=kind_floor, check_size=check_size)
+    if why is not None:
+        raise ValueError(why)
     sft_cfg = cfg.model_copy(deep=True)
     if lr is not None:
         sft_cfg.learner.lr = lr

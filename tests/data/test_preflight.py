@@ -101,6 +101,15 @@ def test_good_inputs_pass_the_checks(tmp_path, tiny_model_dir):
         check_inputs(load_config(None, [f"model.path={tmp_path / 'broken'}"]))
 
 
+def test_the_demo_refuses_a_warm_start_it_cannot_run_before_ray(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "entrypoints" / "demo.py"), "data.num_train=64"],
+                          env=env, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
+    _assert_one_sentence_before_ray(proc, time.monotonic() - t0, "data.num_train >= 256", "got 64")
+
+
 @pytest.mark.parametrize("entrypoint", ["demo", "bench"])
 def test_demo_and_bench_check_the_model_before_ray(tmp_path, entrypoint):
     path = tmp_path / "nowhere"

@@ -143,7 +143,7 @@ def test_stopping_rule_needs_the_target_and_every_kinds_floor():
 def test_warm_start_needs_enough_problems_for_its_check(ray_session, tiny_model_dir, tmp_path):
     from cir_actors.learning.warm_start import warm_start
 
-    with pytest.raises(ValueError, match="at least 256 training problems"):
+    with pytest.raises(ValueError, match="needs data.num_train >= 256 .it estimates accuracy on 128 of them., got 100"):
         warm_start(_cfg("data.num_train=100"), tiny_model_dir, tmp_path, steps=1, target_accuracy=0.5)
     with pytest.raises(ValueError, match="kind_floor is a condition of the stop at target_accuracy"):
         warm_start(_cfg(), tiny_model_dir, tmp_path, steps=1, kind_floor=0.25)
